@@ -1,0 +1,207 @@
+"""The leader's index of kvbm's tiers (G2 host, G3 disk): which blocks exist where, and every slot decision.
+
+Operations (two-step plans, blocks pinned in between, as in vLLM's kv_offload manager):
+  match(hashes)                        leading blocks stored in G2 or G3 (no side effects)
+  prepare_onboard / complete_onboard   pin the matched blocks for a load; release them, dropping failed ones
+  prepare_offload / complete_offload   G2 slots for new blocks, with G2 evictions cascading to G3 through the
+                                       disk offload filter; commit or abort when the bytes have moved
+  record_hits(hashes)                  cache hits the engine served itself (feed the disk offload filter)
+  stats                                counters since start
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+from kvbm.policy.filter import AdmitAll, FrequencyFilter
+from kvbm.policy.pool import BlockPool
+from kvbm.policy.types import BlockHash, Location, Tier
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """A block evicted from G2 that goes to G3: copy host slot -> disk slot before the host slot is reused."""
+
+    block_hash: BlockHash
+    host_slot: int
+    disk_slot: int
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """What one offload moves. Execute `cascades` first, then `stores` (engine block -> host slot)."""
+
+    stores: tuple[Location, ...]
+    cascades: tuple[Cascade, ...]
+    num_skipped_present: int = 0
+    num_skipped_full: int = 0
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing needs to move."""
+        return not self.stores and not self.cascades
+
+
+@dataclass
+class PolicyStats:
+    """Counters of the leader's decisions since start (blocks)."""
+
+    offloaded_to_host: int = 0      # G1 -> G2 stores committed
+    offloaded_to_disk: int = 0      # G2 -> G3 cascades committed
+    offload_failed: int = 0
+    skipped_full: int = 0           # host pool had no evictable slot ("target pool full")
+    dropped_by_filter: int = 0      # evicted from G2, not admitted to G3
+    dropped_no_disk: int = 0        # evicted from G2 with no disk tier
+    evicted_from_disk: int = 0
+    onboarded_from_host: int = 0
+    onboarded_from_disk: int = 0
+    onboard_failed: int = 0
+    lookups: int = 0
+    lookup_blocks: int = 0
+    matched_blocks: int = 0
+    matched_host: int = 0
+    matched_disk: int = 0
+
+
+@dataclass
+class _Inflight:
+    pins: list[Location] = field(default_factory=list)
+
+
+class TierManager:
+    """Index of G2 and G3 for one engine. Lives in the leader (vLLM's scheduler process)."""
+
+    def __init__(self, host_slots: int, disk_slots: int = 0, disk_filter: FrequencyFilter | AdmitAll | None = None):
+        self.host = BlockPool(Tier.G2, host_slots)
+        self.disk = BlockPool(Tier.G3, disk_slots) if disk_slots > 0 else None
+        self.filter = disk_filter if disk_filter is not None else FrequencyFilter()
+        self.stats = PolicyStats()
+
+    # ---- lookups -------------------------------------------------------------------------------------------
+
+    def locate(self, block_hash: BlockHash) -> Location | None:
+        """Where a ready block lives, preferring host memory; None when in neither tier."""
+        slot = self.host.lookup(block_hash)
+        if slot is not None:
+            return Location(block_hash, Tier.G2, slot)
+        if self.disk is not None:
+            slot = self.disk.lookup(block_hash)
+            if slot is not None:
+                return Location(block_hash, Tier.G3, slot)
+        return None
+
+    def match(self, hashes: Sequence[BlockHash]) -> list[Location]:
+        """The longest leading run of `hashes` stored (ready) in G2 or G3, with each block's location."""
+        found = []
+        for h in hashes:
+            loc = self.locate(h)
+            if loc is None:
+                break
+            found.append(loc)
+        return found
+
+    # ---- onboarding ----------------------------------------------------------------------------------------
+
+    def prepare_onboard(self, hashes: Sequence[BlockHash]) -> list[Location]:
+        """Pin the leading stored blocks of `hashes` for a load; counts them as hits. Returns their locations."""
+        locs = self.match(hashes)
+        self.stats.lookups += 1
+        self.stats.lookup_blocks += len(hashes)
+        self.stats.matched_blocks += len(locs)
+        for loc in locs:
+            pool = self.host if loc.tier is Tier.G2 else self.disk
+            pool.pin(loc.block_hash)
+            pool.touch(loc.block_hash)
+            self.filter.record_hit(loc.block_hash)
+            if loc.tier is Tier.G2:
+                self.stats.matched_host += 1
+            else:
+                self.stats.matched_disk += 1
+        return locs
+
+    def complete_onboard(self, locations: Iterable[Location], failed: Iterable[BlockHash] = ()) -> None:
+        """Unpin loaded blocks; blocks whose load failed (e.g. corrupt on disk) are dropped from their tier."""
+        failed = set(failed)
+        for loc in locations:
+            pool = self.host if loc.tier is Tier.G2 else self.disk
+            pool.unpin(loc.block_hash)
+            if loc.block_hash in failed:
+                pool.remove(loc.block_hash)
+                self.stats.onboard_failed += 1
+            elif loc.tier is Tier.G2:
+                self.stats.onboarded_from_host += 1
+            else:
+                self.stats.onboarded_from_disk += 1
+
+    # ---- offloading ----------------------------------------------------------------------------------------
+
+    def prepare_offload(self, hashes: Sequence[BlockHash]) -> OffloadPlan:
+        """Host slots for the blocks of `hashes` not yet in G2 (pending and pinned until complete_offload)."""
+        stores: list[Location] = []
+        cascades: list[Cascade] = []
+        present = full = 0
+        for h in hashes:
+            if self.host.holds(h):
+                self.host.touch(h)
+                present += 1
+                continue
+            if not self.host.can_allocate():
+                full += 1
+                continue
+            alloc = self.host.allocate(h)
+            stores.append(Location(h, Tier.G2, alloc.slot))
+            if alloc.evicted is not None:
+                cascade = self._cascade(alloc.evicted, alloc.slot)
+                if cascade is not None:
+                    cascades.append(cascade)
+        self.stats.skipped_full += full
+        return OffloadPlan(tuple(stores), tuple(cascades), present, full)
+
+    def _cascade(self, evicted: BlockHash, host_slot: int) -> Cascade | None:
+        disk = self.disk
+        if disk is None:
+            self.stats.dropped_no_disk += 1
+            return None
+        if disk.holds(evicted):
+            disk.touch(evicted)
+            return None
+        if not self.filter.admits(evicted):
+            self.stats.dropped_by_filter += 1
+            return None
+        if not disk.can_allocate():
+            return None
+        alloc = disk.allocate(evicted)
+        if alloc.evicted is not None:
+            self.stats.evicted_from_disk += 1
+        return Cascade(evicted, host_slot, alloc.slot)
+
+    def complete_offload(self, plan: OffloadPlan, failed: Iterable[BlockHash] = ()) -> None:
+        """Commit the plan's blocks whose bytes arrived; abort (free) those in `failed`."""
+        failed = set(failed)
+        for c in plan.cascades:
+            if c.block_hash in failed:
+                self.disk.abort(c.block_hash)
+                self.stats.offload_failed += 1
+            else:
+                self.disk.commit(c.block_hash)
+                self.stats.offloaded_to_disk += 1
+        for loc in plan.stores:
+            if loc.block_hash in failed:
+                self.host.abort(loc.block_hash)
+                self.stats.offload_failed += 1
+            else:
+                self.host.commit(loc.block_hash)
+                self.stats.offloaded_to_host += 1
+
+    def record_hits(self, hashes: Iterable[BlockHash]) -> None:
+        """Hits the engine served from its own cache: they raise the blocks' disk-filter frequency."""
+        for h in hashes:
+            self.filter.record_hit(h)
+
+    def usage(self) -> dict[Tier, tuple[int, int]]:
+        """(blocks held, slots) per kvbm tier."""
+        out = {Tier.G2: (len(self.host), self.host.num_slots)}
+        if self.disk is not None:
+            out[Tier.G3] = (len(self.disk), self.disk.num_slots)
+        return out
