@@ -179,7 +179,8 @@ class PosixDiskIO:
 
     name = "posix"
 
-    def __init__(self, num_threads: int = 4):
+    def __init__(self, num_threads: int = 4, chunk_bytes: int = 8 << 20):
+        self.chunk_bytes = chunk_bytes  # large runs are split so several requests are in flight at once
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="kvbm-disk")
 
     def write(self, fd: int, items: Sequence[SlotIO]) -> None:
@@ -193,7 +194,12 @@ class PosixDiskIO:
     def _run(self, fd: int, items: Sequence[SlotIO], write: bool) -> None:
         if not items:
             return
-        futures = [self._pool.submit(_pwrite_all if write else _pread_all, fd, buf, off) for off, buf in items]
+        fn = _pwrite_all if write else _pread_all
+        futures = []
+        for off, buf in items:
+            flat = buf.reshape(-1)
+            for start in range(0, len(flat), self.chunk_bytes):
+                futures.append(self._pool.submit(fn, fd, flat[start:start + self.chunk_bytes], off + start))
         errors = [f.exception() for f in futures]
         for exc in errors:
             if exc is not None:

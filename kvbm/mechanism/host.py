@@ -1,0 +1,50 @@
+"""The host memory tier (G2): one preallocated tensor of slots, pinned when CUDA is present.
+
+Slots are laid out segment-major, (num_segments, num_slots, segment_words), so that a run of consecutive
+slots of one segment is one contiguous piece: the engine's scattered pages gather into it, and scatter
+back out of it, in a single copy per run.
+
+Operations: HostTier(layout-like geometry, num_slots), segment(s), slot_view(slot), nbytes
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvbm.errors import StorageError
+
+
+class HostTier:
+    """G2 storage. Lives in each worker process (each rank holds its own shard's bytes)."""
+
+    def __init__(self, num_slots: int, num_segments: int, segment_words: int, word: torch.dtype = torch.int64,
+                 pin: bool | None = None):
+        if num_slots <= 0:
+            raise StorageError("the host tier needs at least one slot; raise DYN_KVBM_CPU_CACHE_GB")
+        pin = torch.cuda.is_available() if pin is None else pin
+        nbytes = num_slots * num_segments * segment_words * word.itemsize
+        try:
+            self.tensor = torch.empty((num_segments, num_slots, segment_words), dtype=word, pin_memory=pin)
+        except RuntimeError as exc:
+            raise StorageError(
+                f"cannot allocate {nbytes / 1e9:.2f} GB of {'pinned ' if pin else ''}host memory for the CPU "
+                f"cache ({str(exc).splitlines()[0]}); lower DYN_KVBM_CPU_CACHE_GB"
+            ) from None
+        self.num_slots = num_slots
+        self.num_segments = num_segments
+        self.segment_words = segment_words
+        self.word = word
+        self.pinned = pin
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the tier."""
+        return self.tensor.numel() * self.tensor.element_size()
+
+    def segment(self, index: int) -> torch.Tensor:
+        """(num_slots, segment_words) view of one segment across all slots."""
+        return self.tensor[index]
+
+    def read_slot(self, slot: int) -> torch.Tensor:
+        """A copy of one slot's bytes, (num_segments, segment_words) (tests and diagnostics)."""
+        return self.tensor[:, slot].clone()
