@@ -230,3 +230,40 @@ def _pread_all(fd: int, buf: np.ndarray, offset: int) -> None:
         if n <= 0:
             raise StorageError(f"short read at offset {offset + done} (file truncated?)")
         done += n
+
+
+def filesystem_of(directory: Path) -> tuple[str, str, str]:
+    """(filesystem type, source device, mount point) of the mount holding `directory`, from mountinfo."""
+    target = os.path.realpath(directory)
+    best = ("unknown", "unknown", "/")
+    best_len = -1
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return best
+    for line in lines:
+        fields = line.split(" ")
+        if " - " not in line or len(fields) < 5:
+            continue
+        mount_point = fields[4].replace("\\040", " ")
+        after = line.split(" - ", 1)[1].split(" ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) >= best_len:
+            best, best_len = (after[0], after[1] if len(after) > 1 else "", mount_point), len(mount_point)
+    return best
+
+
+def is_rotational(directory: Path) -> bool | None:
+    """Whether the block device under `directory` spins (True), is solid state (False), or None when unknown
+    (memory or network filesystems, overlay, no sysfs)."""
+    st_dev = os.stat(directory).st_dev
+    device = Path(f"/sys/dev/block/{os.major(st_dev)}:{os.minor(st_dev)}")
+    if not device.exists():
+        return None
+    device = device.resolve()
+    for candidate in (device / "queue" / "rotational", device.parent / "queue" / "rotational"):
+        try:
+            return candidate.read_text().strip() == "1"
+        except OSError:
+            continue
+    return None
