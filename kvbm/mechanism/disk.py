@@ -8,8 +8,8 @@ never be served; a checksum or identity mismatch is a load failure (the engine r
 Operations:
   DiskTier.create(dir, num_slots, block_bytes, fingerprint, rank, direct, zerofill, io)
   staging(n)                 an aligned (n, slot_words) buffer for whole slots
-  write(slots, hashes, buf)  fill trailers and write the slots (StorageError on failure)
-  read(slots, hashes, buf)   read the slots; returns the indices whose trailer and checksum verify
+  seal / write_sealed / write   fill trailers, write the slots (StorageError on failure)
+  read_raw / verify / read      read the slots; the indices whose trailer and checksum verify
   close()                    close and remove the file
 """
 
@@ -92,17 +92,28 @@ class DiskTier:
         checksum = xxhash.xxh3_64_intdigest(data)
         return TRAILER.pack(MAGIC, VERSION, checksum, block_identity(block_hash), self.fingerprint)
 
-    def write(self, slots: Sequence[int], hashes: Sequence[Hashable], buf: np.ndarray) -> None:
-        """Write rows of `buf` (data in the first block_bytes of each) to `slots`, trailers filled here."""
+    def seal(self, hashes: Sequence[Hashable], buf: np.ndarray) -> None:
+        """Fill the trailer of each row of `buf` (data in its first block_bytes) for the block hashes."""
         for i, h in enumerate(hashes):
             row = buf[i]
             row[self.block_bytes:self.block_bytes + TRAILER.size] = np.frombuffer(
                 self._trailer(row[:self.block_bytes], h), dtype=np.uint8)
+
+    def write_sealed(self, slots: Sequence[int], buf: np.ndarray) -> None:
+        """Write sealed rows of `buf` to `slots` (StorageError on failure)."""
         self.io.write(self.fd, self._items(slots, buf))
 
-    def read(self, slots: Sequence[int], hashes: Sequence[Hashable], buf: np.ndarray) -> list[int]:
-        """Read `slots` into rows of `buf`; returns the row indices that verify (others must be recomputed)."""
+    def write(self, slots: Sequence[int], hashes: Sequence[Hashable], buf: np.ndarray) -> None:
+        """Seal and write rows of `buf` to `slots`."""
+        self.seal(hashes, buf)
+        self.write_sealed(slots, buf)
+
+    def read_raw(self, slots: Sequence[int], buf: np.ndarray) -> None:
+        """Read `slots` into rows of `buf`, unverified (StorageError on failure)."""
         self.io.read(self.fd, self._items(slots, buf))
+
+    def verify(self, slots: Sequence[int], hashes: Sequence[Hashable], buf: np.ndarray) -> list[int]:
+        """Row indices of `buf` whose trailer, identity, fingerprint and checksum match; others are dropped."""
         good = []
         for i, h in enumerate(hashes):
             row = buf[i]
@@ -116,6 +127,11 @@ class DiskTier:
             else:
                 good.append(i)
         return good
+
+    def read(self, slots: Sequence[int], hashes: Sequence[Hashable], buf: np.ndarray) -> list[int]:
+        """Read and verify `slots` into rows of `buf`; returns the row indices that verify."""
+        self.read_raw(slots, buf)
+        return self.verify(slots, hashes, buf)
 
     def _items(self, slots: Sequence[int], buf: np.ndarray) -> list[tuple[int, np.ndarray]]:
         """(offset, buffer) per run of consecutive slots, so a run is one I/O."""

@@ -2,7 +2,7 @@
 
 Copies are batched: the engine's scattered pages move in one call per segment and per run of consecutive
 host slots (index_select / index_copy_ over word-sized views run at memcpy speed). Disk moves go through an
-aligned staging buffer, a bounded chunk at a time. Jobs run asynchronously on two threads (loads, stores),
+aligned staging buffers, a bounded chunk at a time, double-buffered so staging overlaps the I/O. Jobs run asynchronously on two threads (loads, stores),
 so an onboard never waits behind an offload, and completion is reported per job, never assumed.
 
 Operations:
@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Hashable, Iterator, Sequence
 
@@ -121,55 +122,66 @@ def copy_g2_to_g1(layout: KVLayout, host: HostTier, block_ids: Sequence[int], sl
             seg.index_copy_(0, idx, host.tensor[seg_index, s0:s0 + len(ids)])
 
 
-def _staging_words(disk: DiskTier, buf: np.ndarray, host: HostTier) -> torch.Tensor:
+def _staging_words(disk: DiskTier, buf: np.ndarray, word: torch.dtype, num_segments: int) -> torch.Tensor:
     """(n, num_segments, segment_words) word view of the data part of staging rows."""
     rows = torch.from_numpy(buf)[:, :disk.block_bytes]
-    return rows.view(host.word).view(buf.shape[0], host.num_segments, host.segment_words)
+    return rows.view(word).view(buf.shape[0], num_segments, -1)
 
 
-def copy_g2_to_g3(host: HostTier, disk: DiskTier, copies: Sequence[SlotCopy], buf: np.ndarray) -> None:
-    """Write host slots to disk slots through staging `buf` (at least len(copies) rows)."""
-    copies = sorted(copies, key=lambda c: c.disk_slot)
-    n = len(copies)
-    staged = _staging_words(disk, buf[:n], host)
+def stage_g2(host: HostTier, disk: DiskTier, copies: Sequence[SlotCopy], buf: np.ndarray) -> None:
+    """Gather host slots of `copies` into rows of staging `buf` and seal them (trailer with checksum)."""
+    staged = _staging_words(disk, buf[:len(copies)], host.word, host.num_segments)
     pairs = [(c.host_slot, row) for row, c in enumerate(copies)]
     for r0, s0, rows in _runs(pairs):  # rows of a run are consecutive: pairs are in row order
         k = len(rows)
         staged[r0:r0 + k].copy_(host.tensor[:, s0:s0 + k].transpose(0, 1))
-    disk.write([c.disk_slot for c in copies], [c.block_hash for c in copies], buf[:n])
+    disk.seal([c.block_hash for c in copies], buf[:len(copies)])
 
 
-def copy_g3_to_g1(layout: KVLayout, host_word: torch.dtype, disk: DiskTier, loads: Sequence[BlockMove],
-                  buf: np.ndarray) -> list[BlockMove]:
-    """Read disk slots into engine pages through staging `buf`; returns the loads that failed to verify."""
-    loads = sorted(loads, key=lambda m: m.slot)
+def unstage_g1(layout: KVLayout, disk: DiskTier, loads: Sequence[BlockMove], buf: np.ndarray) -> list[BlockMove]:
+    """Verify staged rows of `loads` and scatter the good ones into engine pages; returns the failed loads."""
     n = len(loads)
-    good = disk.read([m.slot for m in loads], [m.block_hash for m in loads], buf[:n])
+    good = disk.verify([m.slot for m in loads], [m.block_hash for m in loads], buf[:n])
     good_set = set(good)
     failed = [m for i, m in enumerate(loads) if i not in good_set]
     if not good:
         return failed
-    staged = torch.from_numpy(buf[:n])[:, :disk.block_bytes].view(host_word).view(
-        n, layout.num_segments, layout.segment_words)
+    staged = _staging_words(disk, buf[:n], layout.word, layout.num_segments)
     if len(good) < n:
         staged = staged[torch.tensor(good, dtype=torch.long)]
     idx = _index([loads[i].block_id for i in good], layout.device)
     for seg_index, seg in enumerate(layout.segments):
-        seg.index_copy_(0, idx, staged[:, seg_index].to(seg.device, non_blocking=False))
+        seg.index_copy_(0, idx, staged[:, seg_index])
     return failed
+
+
+def copy_g2_to_g3(host: HostTier, disk: DiskTier, copies: Sequence[SlotCopy], buf: np.ndarray) -> None:
+    """Write host slots to disk slots through staging `buf` (at least len(copies) rows), synchronously."""
+    copies = sorted(copies, key=lambda c: c.disk_slot)
+    stage_g2(host, disk, copies, buf)
+    disk.write_sealed([c.disk_slot for c in copies], buf[:len(copies)])
+
+
+def copy_g3_to_g1(layout: KVLayout, disk: DiskTier, loads: Sequence[BlockMove], buf: np.ndarray) -> list[BlockMove]:
+    """Read disk slots into engine pages through staging `buf`, synchronously; returns the failed loads."""
+    loads = sorted(loads, key=lambda m: m.slot)
+    disk.read_raw([m.slot for m in loads], buf[:len(loads)])
+    return unstage_g1(layout, disk, loads, buf)
 
 
 class TransferEngine:
     """Executes offload and onboard jobs asynchronously. Lives in each worker process (one per rank)."""
 
     def __init__(self, layout: KVLayout, host: HostTier | None, disk: DiskTier | None = None,
-                 max_staging_bytes: int = 64 << 20):
+                 staging_chunk_bytes: int = 16 << 20):
         if layout.device.type != "cpu":
             raise KvbmError(f"this transfer engine moves CPU engine caches; got {layout.device}")
         self.layout = layout
         self.host = host
         self.disk = disk
-        self._chunk = max(1, max_staging_bytes // disk.slot_bytes) if disk is not None else 0
+        self._chunk = max(1, staging_chunk_bytes // disk.slot_bytes) if disk is not None else 0
+        self._staging: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # two pre-touched buffers per thread
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvbm-io")  # disk I/O beside staging
         self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
         self._queues = {"onboard": queue.SimpleQueue(), "offload": queue.SimpleQueue()}
         self._pending = 0
@@ -214,6 +226,7 @@ class TransferEngine:
             q.put(None)
         for t in self._threads:
             t.join()
+        self._io.shutdown(wait=True)
         if self.disk is not None:
             self.disk.close()
 
@@ -243,6 +256,14 @@ class TransferEngine:
                 self._pending -= 1
                 self._lock.notify_all()
 
+    def _buffers(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        bufs = self._staging.get(kind)
+        if bufs is None:
+            bufs = self._staging[kind] = (self.disk.staging(self._chunk), self.disk.staging(self._chunk))
+            for buf in bufs:
+                buf.fill(0)  # fault the pages in now, not inside a transfer
+        return bufs
+
     @staticmethod
     def _failed(kind: str, job, exc: Exception) -> JobResult:
         moves = list(getattr(job, "stores", ())) + list(getattr(job, "loads", ()))
@@ -250,6 +271,60 @@ class TransferEngine:
                          failed_hashes=frozenset([m.block_hash for m in moves] +
                                                  [c.block_hash for c in getattr(job, "cascades", ())]),
                          failed_block_ids=frozenset(m.block_id for m in moves))
+
+    def _chunks(self, items: list, key) -> list[list]:
+        items = sorted(items, key=key)
+        return [items[i:i + self._chunk] for i in range(0, len(items), self._chunk)]
+
+    def _write_to_disk(self, cascades: list[SlotCopy]) -> tuple[set, str | None]:
+        """Pipelined G2->G3: stage and seal chunk k+1 while chunk k is being written."""
+        failed: set = set()
+        error = None
+        bufs = self._buffers("offload")
+        inflight: list[tuple[Future, list[SlotCopy]]] = []
+
+        def collect(fut: Future, chunk: list[SlotCopy]) -> None:
+            nonlocal error
+            try:
+                fut.result()
+            except KvbmError as exc:
+                error = str(exc)
+                log.warning("kvbm: %d blocks not written to disk: %s", len(chunk), exc)
+                failed.update(c.block_hash for c in chunk)
+
+        for k, chunk in enumerate(self._chunks(cascades, key=lambda c: c.disk_slot)):
+            if len(inflight) == 2:
+                collect(*inflight.pop(0))
+            buf = bufs[k % 2]
+            stage_g2(self.host, self.disk, chunk, buf)
+            fut = self._io.submit(self.disk.write_sealed, [c.disk_slot for c in chunk], buf[:len(chunk)])
+            inflight.append((fut, chunk))
+        for item in inflight:
+            collect(*item)
+        return failed, error
+
+    def _read_from_disk(self, loads: list[BlockMove]) -> tuple[list[BlockMove], str | None]:
+        """Pipelined G3->G1: read chunk k+1 while chunk k is verified and scattered into the engine."""
+        failed: list[BlockMove] = []
+        error = None
+        bufs = self._buffers("onboard")
+        chunks = self._chunks(loads, key=lambda m: m.slot)
+
+        def start(k: int) -> Future:
+            return self._io.submit(self.disk.read_raw, [m.slot for m in chunks[k]], bufs[k % 2][:len(chunks[k])])
+
+        fut = start(0)
+        for k, chunk in enumerate(chunks):
+            nxt = start(k + 1) if k + 1 < len(chunks) else None
+            try:
+                fut.result()
+                failed.extend(unstage_g1(self.layout, self.disk, chunk, bufs[k % 2]))
+            except KvbmError as exc:
+                error = str(exc)
+                log.warning("kvbm: %d blocks not read from disk: %s", len(chunk), exc)
+                failed.extend(chunk)
+            fut = nxt
+        return failed, error
 
     def run_offload(self, job: OffloadJob) -> JobResult:
         """Execute an offload synchronously (the store thread calls this)."""
@@ -261,22 +336,13 @@ class TransferEngine:
             if self.disk is None:
                 failed.update(c.block_hash for c in cascades)
             else:
-                buf = self.disk.staging(min(self._chunk, len(cascades)))
-                for i in range(0, len(cascades), self._chunk):
-                    chunk = cascades[i:i + self._chunk]
-                    try:
-                        copy_g2_to_g3(self.host, self.disk, chunk, buf)
-                    except KvbmError as exc:
-                        error = str(exc)
-                        log.warning("kvbm: %d blocks not written to disk: %s", len(chunk), exc)
-                        failed.update(c.block_hash for c in chunk)
+                failed, error = self._write_to_disk(cascades)
         stores = list(job.stores)
         if stores:
             copy_g1_to_g2(self.layout, self.host, [m.block_id for m in stores], [m.slot for m in stores])
-        block_bytes = self.layout.block_bytes
         n_disk = len(cascades) - len(failed)
         return JobResult(job.job_id, "offload", {"g1_g2": len(stores), "g2_g3": n_disk},
-                         (len(stores) + n_disk) * block_bytes, time.perf_counter() - start,
+                         (len(stores) + n_disk) * self.layout.block_bytes, time.perf_counter() - start,
                          failed_hashes=frozenset(failed), error=error)
 
     def run_onboard(self, job: OnboardJob) -> JobResult:
@@ -290,17 +356,9 @@ class TransferEngine:
             copy_g2_to_g1(self.layout, self.host, [m.block_id for m in from_host], [m.slot for m in from_host])
         if from_disk:
             if self.disk is None:
-                failed.extend(from_disk)
+                failed = list(from_disk)
             else:
-                buf = self.disk.staging(min(self._chunk, len(from_disk)))
-                for i in range(0, len(from_disk), self._chunk):
-                    chunk = from_disk[i:i + self._chunk]
-                    try:
-                        failed.extend(copy_g3_to_g1(self.layout, self.layout.word, self.disk, chunk, buf))
-                    except KvbmError as exc:
-                        error = str(exc)
-                        log.warning("kvbm: %d blocks not read from disk: %s", len(chunk), exc)
-                        failed.extend(chunk)
+                failed, error = self._read_from_disk(from_disk)
         n_disk = len(from_disk) - len(failed)
         return JobResult(job.job_id, "onboard", {"g2_g1": len(from_host), "g3_g1": n_disk},
                          (len(from_host) + n_disk) * self.layout.block_bytes, time.perf_counter() - start,
