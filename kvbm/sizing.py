@@ -244,7 +244,15 @@ def break_even_tokens(model: ModelGeometry, bytes_per_token: int, bytes_per_s: f
     c = bytes_per_token / bytes_per_s
     if c < a:
         return 1
-    n = math.floor((c - a) / b) + 1 if b > 0 else None
-    if n is None or (max_tokens is not None and n > max_tokens):
+    if b <= 0:
         return None
-    return n
+    n = max(1, math.floor((c - a) / b) + 1)
+
+    def wins(k: int) -> bool:  # settle floating-point ties at the boundary with the same formulas
+        return onboard_seconds(k, bytes_per_token, bytes_per_s) < recompute_seconds(model, k, flops_per_s)
+
+    while not wins(n):
+        n += 1
+    while n > 1 and wins(n - 1):
+        n -= 1
+    return None if max_tokens is not None and n > max_tokens else n
