@@ -164,7 +164,10 @@ def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_b
 
     usage = shutil.disk_usage(directory)
     facts.update(free_bytes=usage.free, total_bytes=usage.total)
-    if config.disk_cache_gb:
+    if not usage.total:
+        checks.append(Check("free space", "warn", f"{fs_type} reports no size: it grows into RAM until RAM runs out",
+                            "use a directory on a disk"))
+    elif config.disk_cache_gb:
         need = int(config.disk_cache_gb * BYTES_PER_GB) * workers
         ok = usage.free >= need
         checks.append(Check("free space", "ok" if ok else "fail",
@@ -222,8 +225,9 @@ def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_b
     if size_bytes <= 0:
         checks.append(Check("throughput", "info", "skipped (--size 0)"))
         return checks, facts
-    size_bytes = min(size_bytes, fileio.round_up(usage.free // 2 - (8 << 20), 8 << 20))
-    if size_bytes < (8 << 20):
+    if usage.total:  # ramfs reports no size at all: it is bounded by RAM only
+        size_bytes = min(size_bytes, usage.free // 2 // (1 << 20) * (1 << 20))  # never fill the disk
+    if size_bytes < (1 << 20):
         checks.append(Check("throughput", "warn", "skipped: too little free space for a scratch file"))
         return checks, facts
     mode = "O_DIRECT" if direct else "buffered"
