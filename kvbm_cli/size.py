@@ -28,7 +28,7 @@ DEFAULT_MFU = 0.44
 # Disk read bandwidth when neither given nor measured: the H100 machine's disk with O_DIRECT (DESIGN.md 4).
 DEFAULT_DISK_READ_GBPS = 1.8
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Local model dir or config.json, HF id in the local HF cache, or a built-in (e.g. Qwen/Qwen3-4B).")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Local model dir or config.json, HF id in the local HF cache, or a built-in (e.g. Qwen/Qwen3-4B); default: the embedded tiny model.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for tools instead of tables.")]
 
 
@@ -42,6 +42,17 @@ def read_doctor_json(path: Path) -> float:
         raise CliError(f"{path} is not `kvbm doctor disk --json` output with a throughput measurement; "
                        "run `kvbm doctor disk --dir DIR --json > disk.json` and pass --doctor-json disk.json") from None
     return float(value)
+
+
+def _default_model() -> Path:
+    """The embedded default model's directory (made once by `kvbm model tiny`)."""
+    try:
+        from kvbm_cli.tiny_model import default_model_dir
+    except ModuleNotFoundError as exc:
+        if exc.name != "kvbm_cli.tiny_model":
+            raise
+        raise CliError("no embedded default model in this install; pass --model (e.g. --model Qwen/Qwen3-4B)") from None
+    return default_model_dir()
 
 
 def _tier(name: str, total_bytes: int, num_blocks: int, block_size: int, prefix_len: int, setting: str) -> dict[str, Any]:
@@ -212,7 +223,7 @@ def _render(r: dict[str, Any]) -> None:
 
 @app.command("size")
 def size(
-    model: ModelOpt,
+    model: ModelOpt = None,
     dtype: Annotated[str, typer.Option(help="KV cache dtype: auto (the model's), bf16, fp16, fp32, fp8.")] = "auto",
     block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
     tp: Annotated[int, typer.Option(help="Tensor-parallel GPUs; KV heads are split across them.")] = 1,
@@ -241,6 +252,8 @@ def size(
             raise CliError(f"{name} {value} must not be negative")
     if not 0 < mfu <= 1:
         raise CliError(f"--mfu {mfu} must be in (0, 1]")
+    if model is None:
+        model = str(_default_model())
     env = KvbmConfig.from_env(check_paths=False)
     given = {"cpu_cache_gb": cpu_gb, "cpu_cache_override_num_blocks": cpu_blocks,
              "disk_cache_gb": disk_gb, "disk_cache_override_num_blocks": disk_blocks}

@@ -133,3 +133,10 @@ def test_bad_dyn_kvbm_variable_is_a_configuration_error():
     result = run_kvbm("size", "--model", "Qwen/Qwen3-4B", env={"DYN_KVBM_CPU_CACHE_GB": "lots"})
     assert result.exit_code == 2
     assert "DYN_KVBM_CPU_CACHE_GB='lots' is not a number" in result.stderr
+
+
+def test_without_model_uses_the_embedded_tiny_model(tmp_path):
+    tiny = pytest.importorskip("kvbm_cli.tiny_model", reason="the embedded default model is not in this checkout")
+    r = size_json(env={"KVBM_CACHE_DIR": str(tmp_path)})
+    assert r["model"]["name"].startswith(tiny.TINY_MODEL_NAME)
+    assert r["kv_bytes_per_token"] == 2 * tiny.NUM_LAYERS * tiny.NUM_KV_HEADS * tiny.HEAD_DIM * 2
