@@ -3,14 +3,20 @@
 Operations:
   out() / err()          rich consoles for stdout and stderr (120 columns when not a terminal)
   progress(disable)      a byte-counting progress bar on stderr, shown only on a terminal
+  JsonOpt                the shared --json option
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Annotated
+
+import typer
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for tools instead of tables.")]
 
 
 def out() -> Console:

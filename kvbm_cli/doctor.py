@@ -33,7 +33,7 @@ from rich.table import Table
 from kvbm.config import BYTES_PER_GB, ENV_VARS, KvbmConfig, check_disk_dir
 from kvbm.errors import ConfigError, StorageError
 from kvbm.mechanism import fileio
-from kvbm_cli._console import err, out, progress
+from kvbm_cli._console import JsonOpt, out, progress
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli.app import app
 
@@ -41,7 +41,6 @@ doctor_app = typer.Typer(help="Check this machine and a disk-cache directory for
                          invoke_without_command=True)
 app.add_typer(doctor_app, name="doctor")
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for tools instead of tables.")]
 DEFAULT_BLOCK_BYTES = 147456 * 16  # Qwen3-4B bf16, 16-token blocks: 2.25 MiB
 
 
@@ -383,7 +382,7 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
                             "" if why is None else f"stop what listens there or set DYN_KVBM_METRICS_PORT={config.metrics_port + 1}"))
     why = _port_free("0.0.0.0", serve_port)
     checks.append(Check("serve port", "ok" if why is None else "warn", f"{serve_port} " + ("free" if why is None else f"in use ({why})"),
-                        "" if why is None else f"stop what listens there or serve on another --port"))
+                        "" if why is None else "stop what listens there or serve on another --port"))
     if config and config.disk_requested:
         try:
             check_disk_dir(config.disk_cache_dir)

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from kvbm import sizing
 from kvbm.config import BYTES_PER_GB, KvbmConfig
-from kvbm_cli._console import err, out
+from kvbm_cli._console import JsonOpt, err, out
 from kvbm_cli._errors import CliError
 from kvbm_cli._models import load_model_config
 from kvbm_cli.app import app
@@ -29,7 +29,6 @@ DEFAULT_MFU = 0.44
 DEFAULT_DISK_READ_GBPS = 1.8
 
 ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Local model dir or config.json, HF id in the local HF cache, or a built-in (e.g. Qwen/Qwen3-4B); default: the embedded tiny model.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for tools instead of tables.")]
 
 
 def read_doctor_json(path: Path) -> float:
