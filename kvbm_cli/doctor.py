@@ -252,7 +252,7 @@ def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_b
 
 @doctor_app.command("disk")
 def disk(
-    dir: Annotated[Optional[Path], typer.Option("--dir", help="Directory to check (default: DYN_KVBM_DISK_CACHE_DIR, else /tmp/).")] = None,
+    target: Annotated[Optional[Path], typer.Option("--dir", help="Directory to check (default: DYN_KVBM_DISK_CACHE_DIR, else /tmp/).")] = None,
     disk_gb: Annotated[Optional[float], typer.Option(help="Disk cache GB to check free space for (default: DYN_KVBM_DISK_CACHE_GB).")] = None,
     workers: Annotated[int, typer.Option(help="Workers (TP ranks) that each create a cache file of that size.")] = 1,
     size: Annotated[int, typer.Option("--size", help="MiB written and read in the throughput test (0 skips it).")] = 1024,
@@ -269,7 +269,7 @@ def disk(
         if disk_gb < 0:
             raise CliError(f"--disk-gb {disk_gb} must not be negative")
         config = config.model_copy(update={"disk_cache_gb": disk_gb})
-    directory = (dir or config.disk_cache_dir).expanduser()
+    directory = (target or config.disk_cache_dir).expanduser()
     checks, facts = disk_checks(directory, config, size_bytes=size << 20, block_bytes=block_bytes,
                                 num_random=random_reads, workers=workers, remove_stale=remove_stale,
                                 show_progress=not as_json)
