@@ -8,8 +8,9 @@ never be served; a checksum or identity mismatch is a load failure (the engine r
 Operations:
   DiskTier.create(dir, num_slots, block_bytes, fingerprint, rank, direct, zerofill, io)
   staging(n)                 an aligned (n, slot_words) buffer for whole slots
-  seal / write_sealed / write   fill trailers, write the slots (StorageError on failure)
-  read_raw / verify / read      read the slots; the indices whose trailer and checksum verify
+  accepts(pieces)            whether buffers can be used in place (O_DIRECT alignment)
+  write_blocks(slots, hashes, pieces)  write each block from its pieces (pwritev), trailer sealed here
+  read_blocks(slots, hashes, pieces)   read each slot into its pieces; the indices that verify
   close()                    close and remove the file
 """
 
@@ -88,63 +89,136 @@ class DiskTier:
         """An aligned uint8 buffer of `n` whole slots, shape (n, slot_bytes)."""
         return fileio.aligned_empty(n * self.slot_bytes).reshape(n, self.slot_bytes)
 
-    def _trailer(self, data: np.ndarray, block_hash: Hashable) -> bytes:
-        checksum = xxhash.xxh3_64_intdigest(data)
-        return TRAILER.pack(MAGIC, VERSION, checksum, block_identity(block_hash), self.fingerprint)
+    @property
+    def tail_bytes(self) -> int:
+        """Bytes after a block's data in its slot: the trailer and its padding."""
+        return self.slot_bytes - self.block_bytes
 
-    def seal(self, hashes: Sequence[Hashable], buf: np.ndarray) -> None:
-        """Fill the trailer of each row of `buf` (data in its first block_bytes) for the block hashes."""
-        for i, h in enumerate(hashes):
-            row = buf[i]
-            row[self.block_bytes:self.block_bytes + TRAILER.size] = np.frombuffer(
-                self._trailer(row[:self.block_bytes], h), dtype=np.uint8)
+    def accepts(self, pieces: Sequence) -> bool:
+        """True when these buffers can be read or written in place (always, unless O_DIRECT needs alignment)."""
+        if not self.direct:
+            return True
+        if self.block_bytes % fileio.ALIGN:
+            return False
+        for piece in pieces:
+            arr = np.asarray(piece)
+            if arr.ctypes.data % fileio.ALIGN or arr.nbytes % fileio.ALIGN:
+                return False
+        return True
 
-    def write_sealed(self, slots: Sequence[int], buf: np.ndarray) -> None:
-        """Write sealed rows of `buf` to `slots` (StorageError on failure)."""
-        self.io.write(self.fd, self._items(slots, buf))
+    def _trailer(self, pieces: Sequence, block_hash: Hashable) -> np.ndarray:
+        packed = TRAILER.pack(MAGIC, VERSION, self._checksum(pieces), block_identity(block_hash), self.fingerprint)
+        return np.frombuffer(packed, dtype=np.uint8)
 
-    def write(self, slots: Sequence[int], hashes: Sequence[Hashable], buf: np.ndarray) -> None:
-        """Seal and write rows of `buf` to `slots`."""
-        self.seal(hashes, buf)
-        self.write_sealed(slots, buf)
+    def _runs(self, slots: Sequence[int]) -> list[tuple[int, int]]:
+        """[i, j) index ranges of consecutive slots."""
+        runs, i, n = [], 0, len(slots)
+        while i < n:
+            j = i + 1
+            while j < n and slots[j] == slots[j - 1] + 1:
+                j += 1
+            runs.append((i, j))
+            i = j
+        return runs
 
-    def read_raw(self, slots: Sequence[int], buf: np.ndarray) -> None:
-        """Read `slots` into rows of `buf`, unverified (StorageError on failure)."""
-        self.io.read(self.fd, self._items(slots, buf))
+    def write_blocks(self, slots: Sequence[int], hashes: Sequence[Hashable], pieces: Sequence[Sequence],
+                     in_place: bool | None = None) -> None:
+        """Write each block (its pieces back to back, block_bytes in all) to its slot, with a sealed trailer.
 
-    def verify(self, slots: Sequence[int], hashes: Sequence[Hashable], buf: np.ndarray) -> list[int]:
-        """Row indices of `buf` whose trailer, identity, fingerprint and checksum match; others are dropped."""
+        In place (pwritev straight from the pieces) when allowed, else through an aligned staging copy;
+        `in_place` skips the alignment check when the caller knows the answer.
+        """
+        n = len(slots)
+        if in_place is None:
+            in_place = all(self.accepts(p) for p in pieces)
+        if in_place:
+            tails = fileio.aligned_empty(n * self.tail_bytes).reshape(n, self.tail_bytes)
+            tails[:, TRAILER.size:] = 0
+            for i, h in enumerate(hashes):
+                tails[i, :TRAILER.size] = self._trailer(pieces[i], h)
+            items = []
+            for i, j in self._runs(slots):
+                bufs = []
+                for k in range(i, j):
+                    bufs.extend(pieces[k])
+                    bufs.append(tails[k])
+                items.append((slots[i] * self.slot_bytes, bufs))
+        else:
+            stage = self.staging(n)
+            for i, h in enumerate(hashes):
+                off = 0
+                for piece in pieces[i]:
+                    data = np.frombuffer(piece, dtype=np.uint8)
+                    stage[i, off:off + data.size] = data
+                    off += data.size
+                stage[i, self.block_bytes:self.block_bytes + TRAILER.size] = self._trailer(pieces[i], h)
+                stage[i, self.block_bytes + TRAILER.size:] = 0
+            items = [(slots[i] * self.slot_bytes, stage[i:j].reshape(-1)) for i, j in self._runs(slots)]
+        self.io.write(self.fd, items)
+
+    def read_slots(self, slots: Sequence[int], buf: np.ndarray) -> None:
+        """Read whole slots into rows of the aligned staging `buf`, unverified (StorageError on failure)."""
+        self.io.read(self.fd, [(slots[i] * self.slot_bytes, buf[i:j].reshape(-1)) for i, j in self._runs(slots)])
+
+    def verify(self, slots: Sequence[int], hashes: Sequence[Hashable], data: Sequence[Sequence],
+               tails: np.ndarray) -> list[int]:
+        """Indices whose trailer (in `tails` rows), identity, fingerprint and checksum over `data` match."""
         good = []
         for i, h in enumerate(hashes):
-            row = buf[i]
-            magic, version, checksum, ident, fp = TRAILER.unpack_from(row, self.block_bytes)
+            magic, version, checksum, ident, fp = TRAILER.unpack_from(tails[i], 0)
             if magic != MAGIC or version != VERSION:
                 log.warning("disk block in slot %d has no valid trailer; dropping it", slots[i])
             elif fp != self.fingerprint or ident != block_identity(h):
                 log.warning("disk block in slot %d belongs to another block or model; dropping it", slots[i])
-            elif xxhash.xxh3_64_intdigest(row[:self.block_bytes]) != checksum:
+            elif self._checksum(data[i]) != checksum:
                 log.warning("disk block in slot %d failed its checksum; dropping it (will be recomputed)", slots[i])
             else:
                 good.append(i)
         return good
 
-    def read(self, slots: Sequence[int], hashes: Sequence[Hashable], buf: np.ndarray) -> list[int]:
-        """Read and verify `slots` into rows of `buf`; returns the row indices that verify."""
-        self.read_raw(slots, buf)
-        return self.verify(slots, hashes, buf)
-
-    def _items(self, slots: Sequence[int], buf: np.ndarray) -> list[tuple[int, np.ndarray]]:
-        """(offset, buffer) per run of consecutive slots, so a run is one I/O."""
-        items = []
-        i = 0
+    def read_verified(self, slots: Sequence[int], hashes: Sequence[Hashable], buf: np.ndarray) -> list[int]:
+        """Read slots into staging rows of `buf` and verify them; returns the rows that verify."""
+        self.read_slots(slots, buf)
         n = len(slots)
-        while i < n:
-            j = i + 1
-            while j < n and slots[j] == slots[j - 1] + 1:
-                j += 1
-            items.append((slots[i] * self.slot_bytes, buf[i:j].reshape(-1)))
-            i = j
-        return items
+        return self.verify(slots, hashes, [[buf[i, :self.block_bytes]] for i in range(n)], buf[:n, self.block_bytes:])
+
+    def read_blocks(self, slots: Sequence[int], hashes: Sequence[Hashable], pieces: Sequence[Sequence],
+                    in_place: bool | None = None) -> list[int]:
+        """Read each slot into its block's pieces; returns the indices whose trailer and checksum verify.
+
+        Read in place, the pieces of a block that fails verification hold unverified bytes that the caller
+        must never use; through staging (unaligned pieces), failed blocks leave their pieces untouched.
+        """
+        n = len(slots)
+        if in_place is None:
+            in_place = all(self.accepts(p) for p in pieces)
+        if not in_place:
+            stage = self.staging(n)
+            good = self.read_verified(slots, hashes, stage)
+            for i in good:
+                off = 0
+                for piece in pieces[i]:
+                    dst = np.frombuffer(piece, dtype=np.uint8)
+                    dst[:] = stage[i, off:off + dst.size]
+                    off += dst.size
+            return good
+        tails = fileio.aligned_empty(n * self.tail_bytes).reshape(n, self.tail_bytes)
+        items = []
+        for i, j in self._runs(slots):
+            bufs = []
+            for k in range(i, j):
+                bufs.extend(pieces[k])
+                bufs.append(tails[k])
+            items.append((slots[i] * self.slot_bytes, bufs))
+        self.io.read(self.fd, items)
+        return self.verify(slots, hashes, pieces, tails)
+
+    @staticmethod
+    def _checksum(pieces: Sequence) -> int:
+        digest = xxhash.xxh3_64()
+        for piece in pieces:
+            digest.update(piece)
+        return digest.intdigest()
 
     def close(self) -> None:
         """Close and remove the cache file (clean shutdown)."""

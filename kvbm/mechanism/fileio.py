@@ -171,35 +171,46 @@ def probe_fallocate(directory: Path) -> str | None:
         path.unlink(missing_ok=True)
 
 
-class PosixDiskIO:
-    """Positional reads and writes of whole slots, spread over a small thread pool (lives in a worker).
+IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
-    Buffers must be ALIGN-aligned in address and length when the file was opened with O_DIRECT.
+
+class PosixDiskIO:
+    """Positional, vectored reads and writes spread over a small thread pool (lives in a worker).
+
+    An item is (file offset, buffers): one uint8 array, or a list of buffers written/read back to back
+    (pwritev/preadv, so pieces scattered in memory need no staging copy). With O_DIRECT every buffer must
+    be ALIGN-aligned in address and length.
     """
 
     name = "posix"
 
     def __init__(self, num_threads: int = 4, chunk_bytes: int = 8 << 20):
-        self.chunk_bytes = chunk_bytes  # large runs are split so several requests are in flight at once
+        self.chunk_bytes = chunk_bytes  # a large single buffer is split so several requests are in flight
         self._pool = ThreadPoolExecutor(max_workers=num_threads, thread_name_prefix="kvbm-disk")
 
     def write(self, fd: int, items: Sequence[SlotIO]) -> None:
-        """Write every (offset, buffer) of `items`; raises StorageError naming the first failure."""
+        """Write every item; raises StorageError naming the first failure."""
         self._run(fd, items, write=True)
 
     def read(self, fd: int, items: Sequence[SlotIO]) -> None:
-        """Read into every (offset, buffer) of `items`; raises StorageError naming the first failure."""
+        """Read into every item; raises StorageError naming the first failure."""
         self._run(fd, items, write=False)
 
     def _run(self, fd: int, items: Sequence[SlotIO], write: bool) -> None:
         if not items:
             return
-        fn = _pwrite_all if write else _pread_all
+        fn = _pwritev_all if write else _preadv_all
         futures = []
-        for off, buf in items:
-            flat = buf.reshape(-1)
-            for start in range(0, len(flat), self.chunk_bytes):
-                futures.append(self._pool.submit(fn, fd, flat[start:start + self.chunk_bytes], off + start))
+        for off, bufs in items:
+            if isinstance(bufs, np.ndarray):
+                flat = bufs.reshape(-1)
+                for start in range(0, len(flat), self.chunk_bytes):
+                    futures.append(self._pool.submit(fn, fd, [flat[start:start + self.chunk_bytes]], off + start))
+            else:
+                for start in range(0, len(bufs), IOV_MAX):
+                    part = bufs[start:start + IOV_MAX]
+                    futures.append(self._pool.submit(fn, fd, part, off))
+                    off += sum(memoryview(b).nbytes for b in part)
         errors = [f.exception() for f in futures]
         for exc in errors:
             if exc is not None:
@@ -212,24 +223,34 @@ class PosixDiskIO:
         self._pool.shutdown(wait=True)
 
 
-def _pwrite_all(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            raise StorageError(f"short write at offset {offset + done}")
-        done += n
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """The part of `views` left after the first `n` bytes."""
+    while views and n >= views[0].nbytes:
+        n -= views[0].nbytes
+        views = views[1:]
+    if views and n:
+        views = [views[0][n:]] + views[1:]
+    return views
 
 
-def _pread_all(fd: int, buf: np.ndarray, offset: int) -> None:
-    view = memoryview(buf).cast("B")
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
+def _pwritev_all(fd: int, bufs: Sequence, offset: int) -> None:
+    views = [memoryview(b).cast("B") for b in bufs]
+    while views:
+        n = os.pwritev(fd, views, offset)
         if n <= 0:
-            raise StorageError(f"short read at offset {offset + done} (file truncated?)")
-        done += n
+            raise StorageError(f"short write at offset {offset}")
+        offset += n
+        views = _advance(views, n)
+
+
+def _preadv_all(fd: int, bufs: Sequence, offset: int) -> None:
+    views = [memoryview(b).cast("B") for b in bufs]
+    while views:
+        n = os.preadv(fd, views, offset)
+        if n <= 0:
+            raise StorageError(f"short read at offset {offset} (file truncated?)")
+        offset += n
+        views = _advance(views, n)
 
 
 def filesystem_of(directory: Path) -> tuple[str, str, str]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kvbm.errors import StorageError
+from kvbm.mechanism.fileio import aligned_empty
 
 
 class HostTier:
@@ -23,9 +24,13 @@ class HostTier:
             raise StorageError("the host tier needs at least one slot; raise DYN_KVBM_CPU_CACHE_GB")
         pin = torch.cuda.is_available() if pin is None else pin
         nbytes = num_slots * num_segments * segment_words * word.itemsize
+        shape = (num_segments, num_slots, segment_words)
         try:
-            self.tensor = torch.empty((num_segments, num_slots, segment_words), dtype=word, pin_memory=pin)
-        except RuntimeError as exc:
+            if pin:
+                self.tensor = torch.empty(shape, dtype=word, pin_memory=True)  # page-aligned by CUDA
+            else:  # page-aligned, so disk I/O can read and write slots in place with O_DIRECT
+                self.tensor = torch.from_numpy(aligned_empty(nbytes)).view(word).view(shape)
+        except (RuntimeError, MemoryError) as exc:
             raise StorageError(
                 f"cannot allocate {nbytes / 1e9:.2f} GB of {'pinned ' if pin else ''}host memory for the CPU "
                 f"cache ({str(exc).splitlines()[0]}); lower DYN_KVBM_CPU_CACHE_GB"

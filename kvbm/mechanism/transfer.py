@@ -1,19 +1,20 @@
 """Moving the bytes the leader decided: batched copies between G1 (engine cache), G2 (host) and G3 (disk).
 
 Copies are batched: the engine's scattered pages move in one call per segment and per run of consecutive
-host slots (index_select / index_copy_ over word-sized views run at memcpy speed). Disk moves go through an
-aligned staging buffers, a bounded chunk at a time, double-buffered so staging overlaps the I/O. Jobs run asynchronously on two threads (loads, stores),
-so an onboard never waits behind an offload, and completion is reported per job, never assumed.
+host slots (index_select / index_copy_ over word-sized views run at memcpy speed). Disk moves are vectored
+I/O straight from host slots and into engine pages (no staging copy when O_DIRECT alignment holds), a
+bounded chunk per request, several in flight. Jobs run asynchronously on two threads (loads, stores), so an
+onboard never waits behind an offload, and completion is reported per job, never assumed.
 
 Operations:
   copy_g1_to_g2 / copy_g2_to_g1   engine pages <-> host slots
-  copy_g2_to_g3                   host slots -> disk slots (the G2 eviction cascade)
-  copy_g3_to_g1                   disk slots -> engine pages, verified; returns the moves that failed
+  BlockPieces                     byte views of host slots and engine pages for in-place disk I/O
   TransferEngine                  submit_offload / submit_onboard / get_finished / wait / close
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from kvbm.errors import KvbmError
+from kvbm.mechanism import fileio
 from kvbm.mechanism.disk import DiskTier
 from kvbm.mechanism.host import HostTier
 from kvbm.mechanism.layout import KVLayout
@@ -122,65 +124,54 @@ def copy_g2_to_g1(layout: KVLayout, host: HostTier, block_ids: Sequence[int], sl
             seg.index_copy_(0, idx, host.tensor[seg_index, s0:s0 + len(ids)])
 
 
-def _staging_words(disk: DiskTier, buf: np.ndarray, word: torch.dtype, num_segments: int) -> torch.Tensor:
-    """(n, num_segments, segment_words) word view of the data part of staging rows."""
-    rows = torch.from_numpy(buf)[:, :disk.block_bytes]
-    return rows.view(word).view(buf.shape[0], num_segments, -1)
+class BlockPieces:
+    """Byte views of each block's segments in the host tier and the engine cache: what disk I/O reads and
+    writes in place (pwritev/preadv), with no staging copy. Lives in each worker process."""
 
+    def __init__(self, layout: KVLayout, host: HostTier | None):
+        self.segment_bytes = seg_bytes = layout.segment_bytes
+        self.num_segments = layout.num_segments
+        self._host = None
+        self.host_aligned = False
+        if host is not None:
+            self._host = memoryview(host.tensor.numpy()).cast("B")
+            self._host_slots = host.num_slots
+            self.host_aligned = host.tensor.data_ptr() % fileio.ALIGN == 0 and seg_bytes % fileio.ALIGN == 0
+        self._engine: list[tuple[memoryview, int]] = []
+        self.engine_aligned = layout.device.type == "cpu" and seg_bytes % fileio.ALIGN == 0
+        if layout.device.type == "cpu":
+            for seg in layout.segments:
+                row = seg.stride(0) * seg.element_size()
+                span = (seg.shape[0] - 1) * row + seg_bytes
+                region = (ctypes.c_ubyte * span).from_address(seg.data_ptr())
+                self._engine.append((memoryview(region).cast("B"), row))
+                self.engine_aligned &= seg.data_ptr() % fileio.ALIGN == 0 and row % fileio.ALIGN == 0
+        self._keep = layout  # the views point into these tensors' memory
 
-def stage_g2(host: HostTier, disk: DiskTier, copies: Sequence[SlotCopy], buf: np.ndarray) -> None:
-    """Gather host slots of `copies` into rows of staging `buf` and seal them (trailer with checksum)."""
-    staged = _staging_words(disk, buf[:len(copies)], host.word, host.num_segments)
-    pairs = [(c.host_slot, row) for row, c in enumerate(copies)]
-    for r0, s0, rows in _runs(pairs):  # rows of a run are consecutive: pairs are in row order
-        k = len(rows)
-        staged[r0:r0 + k].copy_(host.tensor[:, s0:s0 + k].transpose(0, 1))
-    disk.seal([c.block_hash for c in copies], buf[:len(copies)])
+    def host(self, slot: int) -> list[memoryview]:
+        """The segments of host slot `slot`."""
+        sb, n = self.segment_bytes, self._host_slots
+        return [self._host[(s * n + slot) * sb:(s * n + slot + 1) * sb] for s in range(self.num_segments)]
 
-
-def unstage_g1(layout: KVLayout, disk: DiskTier, loads: Sequence[BlockMove], buf: np.ndarray) -> list[BlockMove]:
-    """Verify staged rows of `loads` and scatter the good ones into engine pages; returns the failed loads."""
-    n = len(loads)
-    good = disk.verify([m.slot for m in loads], [m.block_hash for m in loads], buf[:n])
-    good_set = set(good)
-    failed = [m for i, m in enumerate(loads) if i not in good_set]
-    if not good:
-        return failed
-    staged = _staging_words(disk, buf[:n], layout.word, layout.num_segments)
-    if len(good) < n:
-        staged = staged[torch.tensor(good, dtype=torch.long)]
-    idx = _index([loads[i].block_id for i in good], layout.device)
-    for seg_index, seg in enumerate(layout.segments):
-        seg.index_copy_(0, idx, staged[:, seg_index])
-    return failed
-
-
-def copy_g2_to_g3(host: HostTier, disk: DiskTier, copies: Sequence[SlotCopy], buf: np.ndarray) -> None:
-    """Write host slots to disk slots through staging `buf` (at least len(copies) rows), synchronously."""
-    copies = sorted(copies, key=lambda c: c.disk_slot)
-    stage_g2(host, disk, copies, buf)
-    disk.write_sealed([c.disk_slot for c in copies], buf[:len(copies)])
-
-
-def copy_g3_to_g1(layout: KVLayout, disk: DiskTier, loads: Sequence[BlockMove], buf: np.ndarray) -> list[BlockMove]:
-    """Read disk slots into engine pages through staging `buf`, synchronously; returns the failed loads."""
-    loads = sorted(loads, key=lambda m: m.slot)
-    disk.read_raw([m.slot for m in loads], buf[:len(loads)])
-    return unstage_g1(layout, disk, loads, buf)
+    def engine(self, block_id: int) -> list[memoryview]:
+        """The segments of engine block `block_id` (CPU engine caches only)."""
+        sb = self.segment_bytes
+        return [view[block_id * row:block_id * row + sb] for view, row in self._engine]
 
 
 class TransferEngine:
     """Executes offload and onboard jobs asynchronously. Lives in each worker process (one per rank)."""
 
     def __init__(self, layout: KVLayout, host: HostTier | None, disk: DiskTier | None = None,
-                 staging_chunk_bytes: int = 16 << 20):
+                 chunk_bytes: int = 16 << 20):
         if layout.device.type != "cpu":
             raise KvbmError(f"this transfer engine moves CPU engine caches; got {layout.device}")
         self.layout = layout
         self.host = host
         self.disk = disk
-        self._chunk = max(1, staging_chunk_bytes // disk.slot_bytes) if disk is not None else 0
-        self._staging: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # two pre-touched buffers per thread
+        self._chunk = max(1, chunk_bytes // disk.slot_bytes) if disk is not None else 0
+        self.pieces = BlockPieces(layout, host)
+        self._staging: tuple[np.ndarray, np.ndarray] | None = None  # onboard staging, when engine pages are unaligned
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvbm-io")  # disk I/O beside staging
         self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
         self._queues = {"onboard": queue.SimpleQueue(), "offload": queue.SimpleQueue()}
@@ -256,14 +247,6 @@ class TransferEngine:
                 self._pending -= 1
                 self._lock.notify_all()
 
-    def _buffers(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
-        bufs = self._staging.get(kind)
-        if bufs is None:
-            bufs = self._staging[kind] = (self.disk.staging(self._chunk), self.disk.staging(self._chunk))
-            for buf in bufs:
-                buf.fill(0)  # fault the pages in now, not inside a transfer
-        return bufs
-
     @staticmethod
     def _failed(kind: str, job, exc: Exception) -> JobResult:
         moves = list(getattr(job, "stores", ())) + list(getattr(job, "loads", ()))
@@ -277,54 +260,80 @@ class TransferEngine:
         return [items[i:i + self._chunk] for i in range(0, len(items), self._chunk)]
 
     def _write_to_disk(self, cascades: list[SlotCopy]) -> tuple[set, str | None]:
-        """Pipelined G2->G3: stage and seal chunk k+1 while chunk k is being written."""
+        """G2->G3 straight from the host slots, chunks in flight concurrently; returns failed hashes."""
         failed: set = set()
         error = None
-        bufs = self._buffers("offload")
-        inflight: list[tuple[Future, list[SlotCopy]]] = []
-
-        def collect(fut: Future, chunk: list[SlotCopy]) -> None:
-            nonlocal error
+        chunks = self._chunks(cascades, key=lambda c: c.disk_slot)
+        futures = [self._io.submit(self.disk.write_blocks, [c.disk_slot for c in chunk],
+                                   [c.block_hash for c in chunk], [self.pieces.host(c.host_slot) for c in chunk],
+                                   self.pieces.host_aligned or None)
+                   for chunk in chunks]
+        for fut, chunk in zip(futures, chunks):
             try:
                 fut.result()
             except KvbmError as exc:
                 error = str(exc)
                 log.warning("kvbm: %d blocks not written to disk: %s", len(chunk), exc)
                 failed.update(c.block_hash for c in chunk)
-
-        for k, chunk in enumerate(self._chunks(cascades, key=lambda c: c.disk_slot)):
-            if len(inflight) == 2:
-                collect(*inflight.pop(0))
-            buf = bufs[k % 2]
-            stage_g2(self.host, self.disk, chunk, buf)
-            fut = self._io.submit(self.disk.write_sealed, [c.disk_slot for c in chunk], buf[:len(chunk)])
-            inflight.append((fut, chunk))
-        for item in inflight:
-            collect(*item)
         return failed, error
 
     def _read_from_disk(self, loads: list[BlockMove]) -> tuple[list[BlockMove], str | None]:
-        """Pipelined G3->G1: read chunk k+1 while chunk k is verified and scattered into the engine."""
+        """G3->G1, verified. In place into engine pages when O_DIRECT alignment allows; else through two
+        staging buffers, reading and verifying chunk k+1 while chunk k is scattered into the engine."""
         failed: list[BlockMove] = []
         error = None
-        bufs = self._buffers("onboard")
         chunks = self._chunks(loads, key=lambda m: m.slot)
+        in_place = self.pieces.engine_aligned or not self.disk.direct
+        if in_place:
+            futures = [self._io.submit(self.disk.read_blocks, [m.slot for m in c], [m.block_hash for m in c],
+                                       [self.pieces.engine(m.block_id) for m in c], True) for c in chunks]
+        else:
+            bufs = self._staging_pair()
 
-        def start(k: int) -> Future:
-            return self._io.submit(self.disk.read_raw, [m.slot for m in chunks[k]], bufs[k % 2][:len(chunks[k])])
+            def start(k: int) -> Future:
+                c = chunks[k]
+                return self._io.submit(self.disk.read_verified, [m.slot for m in c], [m.block_hash for m in c],
+                                       bufs[k % 2][:len(c)])
 
-        fut = start(0)
+            futures = [start(0)] + [None] * (len(chunks) - 1)
         for k, chunk in enumerate(chunks):
-            nxt = start(k + 1) if k + 1 < len(chunks) else None
+            if not in_place and k + 1 < len(chunks):
+                futures[k + 1] = start(k + 1)  # its buffer held chunk k-1, already scattered
             try:
-                fut.result()
-                failed.extend(unstage_g1(self.layout, self.disk, chunk, bufs[k % 2]))
+                good = futures[k].result()
             except KvbmError as exc:
                 error = str(exc)
                 log.warning("kvbm: %d blocks not read from disk: %s", len(chunk), exc)
-                failed.extend(chunk)
-            fut = nxt
+                good = []
+            if not in_place and good:
+                self._scatter_staged(chunk, good, bufs[k % 2])
+            good_set = set(good)
+            bad = [m for i, m in enumerate(chunk) if i not in good_set]
+            if bad:
+                if in_place:  # never leave unverified bytes in engine pages
+                    idx = _index([m.block_id for m in bad], self.layout.device)
+                    for seg in self.layout.segments:
+                        seg.index_fill_(0, idx, 0)
+                failed.extend(bad)
         return failed, error
+
+    def _staging_pair(self) -> tuple[np.ndarray, np.ndarray]:
+        if self._staging is None:
+            self._staging = (self.disk.staging(self._chunk), self.disk.staging(self._chunk))
+            for buf in self._staging:
+                buf.fill(0)  # fault the pages in now, not inside a transfer
+        return self._staging
+
+    def _scatter_staged(self, chunk: list[BlockMove], good: list[int], buf: np.ndarray) -> None:
+        """Copy verified staging rows into their engine pages: one index_copy_ per segment."""
+        n = len(chunk)
+        rows = torch.from_numpy(buf[:n])[:, :self.disk.block_bytes].view(self.layout.word)
+        staged = rows.view(n, self.layout.num_segments, self.layout.segment_words)
+        if len(good) < n:
+            staged = staged[torch.tensor(good, dtype=torch.long)]
+        idx = _index([chunk[i].block_id for i in good], self.layout.device)
+        for seg_index, seg in enumerate(self.layout.segments):
+            seg.index_copy_(0, idx, staged[:, seg_index])
 
     def run_offload(self, job: OffloadJob) -> JobResult:
         """Execute an offload synchronously (the store thread calls this)."""
