@@ -163,7 +163,7 @@ class TransferEngine:
     """Executes offload and onboard jobs asynchronously. Lives in each worker process (one per rank)."""
 
     def __init__(self, layout: KVLayout, host: HostTier | None, disk: DiskTier | None = None,
-                 chunk_bytes: int = 16 << 20):
+                 chunk_bytes: int = 32 << 20):
         if layout.device.type != "cpu":
             raise KvbmError(f"this transfer engine moves CPU engine caches; got {layout.device}")
         self.layout = layout
