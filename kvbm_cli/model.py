@@ -1,0 +1,33 @@
+"""`kvbm model`: the embedded default model.
+
+Operations:
+  kvbm model tiny --out DIR   write the tiny Qwen3-shaped model (config + locally trained tokenizer) to DIR
+  kvbm model tiny             without --out: make (once) and print the cached default used when --model is absent
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kvbm_cli._console import out
+from kvbm_cli.app import app
+from kvbm_cli.tiny_model import default_model_dir, make_tiny_model
+
+model_app = typer.Typer(help="The embedded default model: a tiny Qwen3-shaped model vLLM's CPU build serves.",
+                        no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("tiny")
+def tiny(
+    out_dir: Annotated[Optional[Path], typer.Option(
+        "--out", "-o", help="Directory to write (created if missing). Default: the cached copy other commands use.",
+        file_okay=False)] = None,
+) -> None:
+    """Write the tiny Qwen3-shaped model (no weights: serve with --load-format dummy) and print its path."""
+    path = make_tiny_model(out_dir) if out_dir is not None else default_model_dir()
+    out().print(str(path), soft_wrap=True)
+    # Serve it: python -m vllm.entrypoints.openai.api_server --model PATH --load-format dummy --enforce-eager
