@@ -1,0 +1,1 @@
+"""Engine integrations. Only kvbm.integrations.vllm imports vllm."""

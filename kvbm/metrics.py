@@ -1,0 +1,103 @@
+"""KVBM's Prometheus metrics, served by the leader (vLLM's scheduler process) on DYN_KVBM_METRICS_PORT.
+
+Values are read from the leader's counters at scrape time: the serving path pays nothing for metrics.
+Dynamo KVBM's metric names are exported exactly as Dynamo names them (counters without a _total suffix),
+so existing dashboards work; kvbm's own metrics follow Prometheus conventions.
+
+Operations: KvbmCollector(leader).collect(), serve_metrics(leader, host, port) -> server with shutdown()
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from kvbm.policy import Tier
+
+log = logging.getLogger("kvbm.metrics")
+
+# Dynamo-compatible counters: (name, help, value getter)
+_DYNAMO_COUNTERS = (
+    ("kvbm_matched_tokens", "Tokens matched in KVBM's tiers and loaded", lambda l, p: l.stats.matched_tokens),
+    ("kvbm_offload_blocks_d2h", "Blocks offloaded from device (G1) to host (G2)", lambda l, p: p.offloaded_to_host),
+    ("kvbm_offload_blocks_h2d", "Blocks offloaded from host (G2) to disk (G3)", lambda l, p: p.offloaded_to_disk),
+    ("kvbm_offload_blocks_d2d", "Blocks offloaded from device (G1) straight to disk (G3)", lambda l, p: 0),
+    ("kvbm_onboard_blocks_h2d", "Blocks onboarded from host (G2) to device (G1)", lambda l, p: p.onboarded_from_host),
+    ("kvbm_onboard_blocks_d2d", "Blocks onboarded from disk (G3) to device (G1)", lambda l, p: p.onboarded_from_disk),
+    ("kvbm_disk_bytes_read", "Bytes read from the disk tier", lambda l, p: l.stats.disk_bytes_read),
+    ("kvbm_disk_bytes_written", "Bytes written to the disk tier", lambda l, p: l.stats.disk_bytes_written),
+    ("kvbm_cache_evictions", "Blocks evicted from host or disk without a lower tier to keep them",
+     lambda l, p: p.dropped_by_filter + p.dropped_no_disk + p.evicted_from_disk),
+)
+
+
+def _exact_counter(name: str, doc: str, value: float) -> Metric:
+    metric = Metric(name, doc, "unknown")  # "counter" would force a _total suffix on the name
+    metric.add_sample(name, {}, value)
+    return metric
+
+
+class KvbmCollector:
+    """Prometheus collector over one leader's counters. Lives in the scheduler process."""
+
+    def __init__(self, leader):
+        self.leader = leader
+
+    def _hit_rates(self) -> tuple[float, float]:
+        window = list(self.leader.stats.window)
+        looked = sum(w[0] for w in window)
+        if not looked:
+            return 0.0, 0.0
+        return sum(w[1] for w in window) / looked, sum(w[2] for w in window) / looked
+
+    def collect(self):
+        """Yield every metric family (called by prometheus_client on each scrape)."""
+        leader, policy = self.leader, self.leader.manager.stats
+        for name, doc, get in _DYNAMO_COUNTERS:
+            yield _exact_counter(name, doc, get(leader, policy))
+        host_rate, disk_rate = self._hit_rates()
+        yield GaugeMetricFamily("kvbm_host_cache_hit_rate", "Share of looked-up blocks found in host memory "
+                                "(last 256 admissions)", value=host_rate)
+        yield GaugeMetricFamily("kvbm_disk_cache_hit_rate", "Share of looked-up blocks found on disk "
+                                "(last 256 admissions)", value=disk_rate)
+        yield CounterMetricFamily("kvbm_offload_bytes", "Bytes offloaded device -> host", value=leader.stats.offload_bytes)
+        yield CounterMetricFamily("kvbm_onboard_bytes", "Bytes onboarded host/disk -> device", value=leader.stats.onboard_bytes)
+        yield CounterMetricFamily("kvbm_load_failures", "Blocks whose load failed (recomputed)", value=policy.onboard_failed)
+        skipped = CounterMetricFamily("kvbm_offload_skipped_blocks", "Blocks not offloaded", labels=["reason"])
+        skipped.add_metric(["host_full"], policy.skipped_full)
+        skipped.add_metric(["disk_filter"], policy.dropped_by_filter)
+        yield skipped
+        usage = GaugeMetricFamily("kvbm_tier_usage_blocks", "Blocks held per tier", labels=["tier"])
+        capacity = GaugeMetricFamily("kvbm_tier_capacity_blocks", "Slots per tier", labels=["tier"])
+        for tier, (held, slots) in leader.manager.usage().items():
+            usage.add_metric([tier.label], held)
+            capacity.add_metric([tier.label], slots)
+        yield usage
+        yield capacity
+        latency = GaugeMetricFamily("kvbm_transfer_seconds", "Job latency quantiles over the last 1024 jobs",
+                                    labels=["kind", "quantile"])
+        samples = list(leader.stats.transfer_seconds)
+        for kind in ("load", "store"):
+            values = sorted(s for k, s in samples if k == kind)
+            if len(values) >= 2:
+                cuts = statistics.quantiles(values, n=100, method="inclusive")
+                for q, idx in (("0.5", 49), ("0.9", 89), ("0.99", 98)):
+                    latency.add_metric([kind, q], cuts[idx])
+        yield latency
+
+
+def serve_metrics(leader, host: str, port: int):
+    """Serve the leader's metrics on http://host:port/metrics; returns the server (None when the port is taken)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(KvbmCollector(leader))
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        log.warning("kvbm: metrics endpoint not started on %s:%d (%s); set DYN_KVBM_METRICS_PORT to a free port",
+                    host, port, exc.strerror or exc)
+        return None
+    log.info("kvbm metrics on http://%s:%d/metrics", host, port)
+    return server
