@@ -6,11 +6,14 @@ Operations:
   use_recompute_on_load_failure(vllm_config) make a failed load cost a recompute, never a failed request
   model_identity(vllm_config)                what computed the KV (model, dtype, revision) for disk blocks
   cache_hit_sources(host_tokens, disk_tokens)  vLLM's CacheHitSource split, when this vLLM has it
+  setup_logging()                            kvbm's log lines beside vLLM's (level from DYN_LOG, default info)
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from dataclasses import dataclass
 
 log = logging.getLogger("kvbm.vllm")
@@ -77,3 +80,16 @@ def cache_hit_sources(host_tokens: int, disk_tokens: int) -> dict:
     if disk_tokens:
         out[CacheHitSource.DISK] = disk_tokens
     return out
+
+
+def setup_logging() -> None:
+    """Give the "kvbm" logger a handler in vLLM's processes (vLLM configures only its own logger)."""
+    logger = logging.getLogger("kvbm")
+    if logger.handlers:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [kvbm pid=%(process)d] %(message)s", "%m-%d %H:%M:%S"))
+    logger.addHandler(handler)
+    level = os.environ.get("DYN_LOG", "info").split(",")[0].upper()
+    logger.setLevel(level if level in ("DEBUG", "INFO", "WARNING", "WARN", "ERROR") else "INFO")
+    logger.propagate = False

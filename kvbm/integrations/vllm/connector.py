@@ -62,6 +62,7 @@ class KvbmConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
+        compat.setup_logging()
         self.config = KvbmConfig.from_env(check_paths=False)
         compat.use_recompute_on_load_failure(vllm_config)
         self.geometry = compat.kv_geometry(vllm_config, kv_cache_config)

