@@ -1,0 +1,192 @@
+"""Result files of a benchmark run: the fixed schema shared by `kvbm bench`, `kvbm report` and `kvbm gate`.
+
+Layout of an artifact dir:
+  requests.jsonl   one `RequestRecord` per line (warm-up requests included, marked `warmup: true`)
+  summary.json     one `Summary` (statistics over the non-warm-up requests only)
+  metrics.csv      the engine's metrics time series (written by the metrics collector, not here)
+
+Operations:
+  RequestRecord, Stats, Summary       pydantic models of the two files
+  stats_of(values)                    mean/p50/p90/p99/min/max of a list (None fields when empty)
+  summarize(records, ...)             a Summary from request records
+  write_requests / read_requests      requests.jsonl
+  append_request(path, record)        one line, flushed (a run that dies keeps what it measured)
+  write_summary / read_summary        summary.json
+  write_run / read_run                both files of one artifact dir
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+REQUESTS_FILE = "requests.jsonl"
+SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.csv"
+
+Workload = Literal["prefix-reuse", "multi-round"]
+Driver = Literal["native", "aiperf", "genai-perf"]
+
+
+class RequestRecord(BaseModel):
+    """One request as measured by the client (times in seconds; `start_s` is unix time)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str
+    run: str
+    workload: Workload
+    start_s: float
+    ttft_s: Optional[float] = None
+    itl_s: list[float] = Field(default_factory=list)
+    e2e_s: Optional[float] = None
+    input_tokens: int
+    output_tokens: int
+    prefix_id: Optional[int] = None
+    user_id: Optional[int] = None
+    round: Optional[int] = None
+    warmup: bool = False
+    error: Optional[str] = None
+
+
+class Stats(BaseModel):
+    """Distribution of one latency (seconds); all None when there were no values."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: Optional[float] = None
+    p50: Optional[float] = None
+    p90: Optional[float] = None
+    p99: Optional[float] = None
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+
+class Summary(BaseModel):
+    """A run's summary; statistics exclude warm-up requests and failed requests' latencies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    run: str
+    workload: Workload
+    url: str
+    model: str
+    driver: Driver = "native"
+    started_at: str
+    duration_s: float
+    config: dict[str, Any] = Field(default_factory=dict)
+    engine: Optional[dict[str, Any]] = None
+    num_requests: int
+    num_errors: int
+    ttft_s: Stats
+    itl_s: Stats
+    e2e_s: Stats
+    output_tokens_per_s: float
+    input_tokens_per_s: float
+    requests_per_s: float
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default method) of an ascending list."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = (len(sorted_values) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def stats_of(values: Iterable[float | None]) -> Stats:
+    """mean, p50, p90, p99, min, max of the non-None values."""
+    vals = sorted(float(v) for v in values if v is not None)
+    if not vals:
+        return Stats()
+    return Stats(mean=sum(vals) / len(vals), p50=_percentile(vals, 50), p90=_percentile(vals, 90),
+                 p99=_percentile(vals, 99), min=vals[0], max=vals[-1])
+
+
+def iso_now() -> str:
+    """The current UTC time as an ISO 8601 string."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def summarize(records: Iterable[RequestRecord], *, run: str, workload: Workload, url: str, model: str,
+              driver: Driver = "native", started_at: str | None = None, duration_s: float | None = None,
+              config: dict[str, Any] | None = None, engine: dict[str, Any] | None = None) -> Summary:
+    """Summary of `records` (warm-up excluded). `duration_s` defaults to first start .. last finish.
+
+    Throughputs are over `duration_s`; tokens and requests count successful requests only.
+    """
+    measured = [r for r in records if not r.warmup]
+    ok = [r for r in measured if r.error is None]
+    if duration_s is None:
+        if measured:
+            first = min(r.start_s for r in measured)
+            last = max(r.start_s + (r.e2e_s or 0.0) for r in measured)
+            duration_s = max(last - first, 0.0)
+        else:
+            duration_s = 0.0
+    per_s = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: 0.0)
+    return Summary(
+        run=run, workload=workload, url=url, model=model, driver=driver,
+        started_at=started_at or iso_now(), duration_s=duration_s, config=config or {}, engine=engine,
+        num_requests=len(measured), num_errors=len(measured) - len(ok),
+        ttft_s=stats_of(r.ttft_s for r in ok), itl_s=stats_of(x for r in ok for x in r.itl_s),
+        e2e_s=stats_of(r.e2e_s for r in ok),
+        output_tokens_per_s=per_s(sum(r.output_tokens for r in ok)),
+        input_tokens_per_s=per_s(sum(r.input_tokens for r in ok)),
+        requests_per_s=per_s(len(ok)),
+    )
+
+
+def write_requests(path: str | Path, records: Iterable[RequestRecord]) -> None:
+    """Write `records` as JSON lines (replacing the file)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(r.model_dump_json() + "\n")
+
+
+def append_request(path: str | Path, record: RequestRecord) -> None:
+    """Append one record as a line and flush it."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(record.model_dump_json() + "\n")
+
+
+def read_requests(path: str | Path) -> list[RequestRecord]:
+    """Records of a requests.jsonl (blank lines ignored); a bad line raises pydantic's ValidationError."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                out.append(RequestRecord.model_validate_json(line))
+    return out
+
+
+def write_summary(path: str | Path, summary: Summary) -> None:
+    """Write summary.json (indented, stable key order)."""
+    Path(path).write_text(json.dumps(summary.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
+
+
+def read_summary(path: str | Path) -> Summary:
+    """Parse a summary.json."""
+    return Summary.model_validate_json(Path(path).read_text(encoding="utf-8"))
+
+
+def write_run(artifact_dir: str | Path, records: Iterable[RequestRecord], summary: Summary) -> None:
+    """Write requests.jsonl and summary.json into `artifact_dir` (created if missing)."""
+    d = Path(artifact_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    write_requests(d / REQUESTS_FILE, records)
+    write_summary(d / SUMMARY_FILE, summary)
+
+
+def read_run(artifact_dir: str | Path) -> tuple[list[RequestRecord], Summary]:
+    """Both files of one artifact dir."""
+    d = Path(artifact_dir)
+    return read_requests(d / REQUESTS_FILE), read_summary(d / SUMMARY_FILE)
