@@ -67,7 +67,8 @@ def scrape(url: str) -> dict[str, float]:
     for line in text.splitlines():
         if line and not line.startswith("#"):
             key, _, value = line.rpartition(" ")
-            values[re.sub(r'\{engine="0",model_name="[^"]*"\}', "", key)] = float(value)
+            key = re.sub(r'engine="0",model_name="[^"]*",?', "", key).replace("{}", "")
+            values[key] = float(value)
     return values
 
 
