@@ -23,7 +23,8 @@ def _register() -> None:
     """Import the command modules; each adds its commands to `app` or `bench_app`."""
     from kvbm_cli import bench_transfer  # noqa: F401
 
-    for optional in ("kvbm_cli.model", "kvbm_cli.size", "kvbm_cli.doctor"):
+    for optional in ("kvbm_cli.model", "kvbm_cli.size", "kvbm_cli.doctor", "kvbm_cli.metrics", "kvbm_cli.report",
+                     "kvbm_cli.gate"):
         try:
             __import__(optional)
         except ModuleNotFoundError as exc:

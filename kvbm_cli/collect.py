@@ -1,0 +1,236 @@
+"""Sample Prometheus /metrics endpoints (vLLM's API server, KVBM's exporter) into a long-format CSV.
+
+The file, `<run-dir>/metrics.csv`, has one row per sample: t (unix seconds), source (the URL scraped), name
+(the sample name, e.g. vllm:prefix_cache_hits_total, kvbm_offload_blocks_d2h), labels (k=v pairs sorted by
+key, joined with ';'), value. pandas reads it with `pd.read_csv`; `kvbm report` plots it.
+
+Operations:
+  metrics_url(url)                               base URL or host:port -> .../metrics
+  scrape(client, url, match)                     one scrape: [(name, labels, value)] of matching samples
+  collect(urls, out_csv, should_stop, ...)       scrape every `interval_s` until should_stop(); one last scrape
+  collect_during(urls, out_csv, stop_event, ...) the same until a threading.Event is set (for `kvbm bench`)
+  background(urls, out_csv, ...)                 context manager: collect in a thread while the body runs
+  query_prometheus(url, out_csv, start, end, ...) the same series from a Prometheus server (/api/v1/query_range)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+COLUMNS = ("t", "source", "name", "labels", "value")
+# vLLM's metrics and KVBM's; python_*/process_* of either process are left out unless --match asks for them.
+DEFAULT_MATCH = r"^(vllm:|kvbm_)"
+
+
+def metrics_url(url: str) -> str:
+    """'http://h:8000' or 'h:8000' -> 'http://h:8000/metrics'; a URL with a path is kept as given."""
+    if "://" not in url:
+        url = "http://" + url
+    scheme, rest = url.split("://", 1)
+    host, _, path = rest.partition("/")
+    return f"{scheme}://{host}/{path or 'metrics'}"
+
+
+def format_labels(labels: dict[str, str]) -> str:
+    """Labels as 'k=v;k2=v2', sorted by key (';' and '\\' inside values are escaped with '\\')."""
+    return ";".join(f"{k}={str(v).replace(chr(92), chr(92) * 2).replace(';', chr(92) + ';')}"
+                    for k, v in sorted(labels.items()))
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """Inverse of format_labels."""
+    if not isinstance(text, str) or not text:
+        return {}
+    labels, key, buf, escaped = {}, None, [], False
+    for ch in text + ";":
+        if escaped:
+            buf.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == "=" and key is None:
+            key, buf = "".join(buf), []
+        elif ch == ";":
+            if key is not None:
+                labels[key] = "".join(buf)
+            key, buf = None, []
+        else:
+            buf.append(ch)
+    return labels
+
+
+def scrape(client: httpx.Client, url: str, match: str = DEFAULT_MATCH) -> list[tuple[str, str, float]]:
+    """Fetch `url` once; the samples whose name matches `match` (re.search), without `_created` series."""
+    resp = client.get(url)
+    resp.raise_for_status()
+    pattern = re.compile(match)
+    rows = []
+    for family in text_string_to_metric_families(resp.text):
+        for sample in family.samples:
+            if sample.name.endswith("_created") or not pattern.search(sample.name):
+                continue
+            rows.append((sample.name, format_labels(sample.labels), float(sample.value)))
+    return rows
+
+
+@dataclass
+class CollectResult:
+    """What a collection wrote: samples per source, failed scrapes per source and the last error."""
+
+    out_csv: Path
+    rows: int = 0
+    scrapes: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)
+    last_error: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def empty_sources(self) -> list[str]:
+        return [url for url, n in self.scrapes.items() if n == 0]
+
+
+def _open_csv(out_csv: Path):
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    new = not out_csv.exists() or out_csv.stat().st_size == 0
+    f = open(out_csv, "a", newline="")
+    writer = csv.writer(f)
+    if new:
+        writer.writerow(COLUMNS)
+    return f, writer
+
+
+def _fmt_value(value: float) -> str:
+    return repr(value) if math.isfinite(value) else ("NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf"))
+
+
+def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: Callable[[], bool], *,
+            interval_s: float = 1.0, match: str = DEFAULT_MATCH, wait: Callable[[float], object] = time.sleep,
+            on_error: Callable[[str, str], None] | None = None) -> CollectResult:
+    """Scrape each URL every `interval_s` into `out_csv` (appending) until `should_stop()`; then once more.
+
+    A source that cannot be reached is retried on the next tick (the server may still be starting);
+    `on_error(url, message)` is called the first time each source fails.
+    """
+    if interval_s <= 0:
+        raise ValueError("interval_s must be positive")
+    urls = [metrics_url(u) for u in urls]
+    result = CollectResult(Path(out_csv), scrapes={u: 0 for u in urls}, failures={u: 0 for u in urls})
+    existed = result.out_csv.exists()
+    f, writer = _open_csv(result.out_csv)
+    try:
+        with httpx.Client(timeout=max(1.0, min(5.0, interval_s * 2))) as client:
+            last = False
+            while True:
+                last = last or should_stop()
+                tick = time.monotonic()
+                for url in urls:
+                    t = round(time.time(), 3)
+                    try:
+                        rows = scrape(client, url, match)
+                    except (httpx.HTTPError, ValueError) as exc:
+                        result.failures[url] += 1
+                        message = f"{type(exc).__name__}: {exc}"
+                        if on_error and url not in result.last_error:
+                            on_error(url, message)
+                        result.last_error[url] = message
+                        continue
+                    writer.writerows((t, url, name, labels, _fmt_value(value)) for name, labels, value in rows)
+                    result.rows += len(rows)
+                    result.scrapes[url] += 1
+                f.flush()
+                if last:
+                    break
+                remaining = interval_s - (time.monotonic() - tick)
+                if remaining > 0:
+                    wait(remaining)
+    finally:
+        f.close()
+        if result.rows == 0 and not existed:
+            result.out_csv.unlink(missing_ok=True)  # no header-only file when nothing answered
+    return result
+
+
+def collect_during(urls: Sequence[str], out_csv: str | os.PathLike[str], stop_event: threading.Event, *,
+                   interval_s: float = 1.0, match: str = DEFAULT_MATCH,
+                   on_error: Callable[[str, str], None] | None = None) -> CollectResult:
+    """`collect` until `stop_event` is set (run it in a thread beside a workload); ends with a final scrape."""
+    return collect(urls, out_csv, stop_event.is_set, interval_s=interval_s, match=match, wait=stop_event.wait,
+                   on_error=on_error)
+
+
+@contextlib.contextmanager
+def background(urls: Sequence[str], out_csv: str | os.PathLike[str], *, interval_s: float = 1.0,
+               match: str = DEFAULT_MATCH) -> Iterator[dict[str, CollectResult]]:
+    """Collect in a daemon thread while the body runs; the yielded dict gets "result" when the body ends."""
+    stop = threading.Event()
+    box: dict[str, CollectResult] = {}
+    thread = threading.Thread(target=lambda: box.__setitem__("result", collect_during(
+        urls, out_csv, stop, interval_s=interval_s, match=match)), name="kvbm-metrics-collect", daemon=True)
+    thread.start()
+    try:
+        yield box
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def promql_name_selector(match: str) -> str:
+    """A PromQL selector for the names `match` (a Python re.search pattern, RE2-compatible) finds."""
+    escaped = match.replace("\\", "\\\\").replace('"', '\\"')
+    return '{__name__=~".*(?:' + escaped + ').*"}'
+
+
+def query_prometheus(prom_url: str, out_csv: str | os.PathLike[str], start: float, end: float, *,
+                     step_s: float = 1.0, match: str = DEFAULT_MATCH, timeout_s: float = 60.0) -> CollectResult:
+    """Read the matching series from a Prometheus server over [start, end] into `out_csv` (same columns).
+
+    `source` is the series' scrape target as a URL (http://<instance>/metrics), the labels drop `job` and
+    `instance`. The step grows when needed to stay under Prometheus's 11,000 points per series.
+    """
+    if end <= start:
+        raise ValueError(f"empty time range: start {start} >= end {end}")
+    step = max(step_s, (end - start) / 10_000)
+    base = prom_url.rstrip("/")
+    if "://" not in base:
+        base = "http://" + base
+    with httpx.Client(timeout=timeout_s) as client:
+        resp = client.get(base + "/api/v1/query_range", params={
+            "query": promql_name_selector(match), "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"})
+        try:
+            body = resp.json()
+        except ValueError:
+            resp.raise_for_status()
+            raise
+        if body.get("status") != "success":
+            raise ValueError(f"Prometheus answered {resp.status_code}: {body.get('error', body)}")
+    pattern = re.compile(match)
+    result = CollectResult(Path(out_csv))
+    f, writer = _open_csv(result.out_csv)
+    try:
+        for series in body["data"]["result"]:
+            labels = dict(series["metric"])
+            name = labels.pop("__name__", "")
+            if name.endswith("_created") or not pattern.search(name):
+                continue
+            instance = labels.pop("instance", "")
+            labels.pop("job", None)
+            source = f"http://{instance}/metrics" if instance else base
+            result.scrapes[source] = result.scrapes.get(source, 0) + 1
+            text = format_labels(labels)
+            for t, value in series["values"]:
+                writer.writerow((round(float(t), 3), source, name, text, _fmt_value(float(value))))
+                result.rows += 1
+    finally:
+        f.close()
+    return result

@@ -1,0 +1,310 @@
+"""`kvbm gate`: fail CI when a candidate run is slower than a baseline run beyond a tolerance, not on noise.
+
+Operations:
+  METRICS / metric_spec(name)     gateable metrics: ttft|itl|e2e|tpot|tps _p50|_p90|_p99|_mean, output_tokens_per_s
+  load_requests(run)              a run's measured requests (requests.jsonl; warm-up and failed ones left out)
+  samples(requests, spec)         the per-request sample a metric is computed on
+  compare(base, cand, spec, max_regression, ...) -> Verdict    the statistical decision for one metric
+  gate(baseline, candidate, metrics, ...) -> list[Verdict]      every metric of two runs
+  load_thresholds(path)           per-metric tolerance and direction from a YAML/JSON file
+  markdown_table(verdicts)        the table for a CI step summary
+  gate_cmd                        the command: table on stdout, --summary-md / $GITHUB_STEP_SUMMARY, exit 1 on regression
+
+Decision, per metric: r = stat(candidate) / stat(baseline), turned so that r > 1 is worse (baseline /
+candidate for higher-is-better metrics). Quantiles are Harrell-Davis estimates (kvbm_cli.stats), the interval
+a seeded percentile bootstrap that resamples each run's requests independently. A metric regresses when
+  r > 1 + max_regression   (worse than the tolerance)   and   the interval's lower end > 1   (not noise).
+Operating characteristic (tests/test_gate.py, n=30 requests per run, 5% tolerance, lognormal per-request
+noise, 500 seeds): at 8% coefficient of variation A/A passes 98.6% and a 10% regression fails 97.4%; at
+10% CV 97.4% and 87.4%; at 12% CV 97.2% and 74%; beyond that a 10% change needs more requests (the power grows with n): the table shows n and the interval
+so a reader sees when a run was too short to judge.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import numpy as np
+import typer
+
+from kvbm_cli._console import JsonOpt, err, out
+from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli.app import app
+from kvbm_cli.stats import Statistic, bootstrap_ratio
+
+LOWER, HIGHER = "lower", "higher"
+# field of requests.jsonl (or derived) -> (description, unit, better direction)
+_BASES = {
+    "ttft": ("time to first token", "s", LOWER),
+    "itl": ("mean inter-token latency of a request", "s", LOWER),
+    "e2e": ("end-to-end request latency", "s", LOWER),
+    "tpot": ("time per output token after the first", "s", LOWER),
+    "tps": ("output tokens per second of a request", "tok/s", HIGHER),
+}
+_STATS = {"p50": Statistic("quantile", 0.5), "p90": Statistic("quantile", 0.9), "p99": Statistic("quantile", 0.99),
+          "mean": Statistic("mean")}
+DEFAULT_METRICS = ("ttft_p50", "ttft_p90", "itl_p50", "output_tokens_per_s")
+MIN_SAMPLES = 5
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """A gateable metric: which per-request values, which statistic, which direction is better."""
+
+    name: str
+    base: str
+    statistic: Statistic
+    direction: str
+    unit: str
+    description: str
+
+
+def metric_spec(name: str, direction: str | None = None) -> MetricSpec:
+    """The spec for `name` (e.g. ttft_p50, e2e_mean, output_tokens_per_s); `direction` overrides the default."""
+    if direction not in (None, LOWER, HIGHER):
+        raise CliError(f"direction {direction!r} for {name}: use 'lower' or 'higher' (which way is better)")
+    if name == "output_tokens_per_s":
+        return MetricSpec(name, "throughput", Statistic("ratio_of_sums"), direction or HIGHER, "tok/s",
+                          "output tokens / request seconds, over all requests")
+    match = re.fullmatch(r"(ttft|itl|e2e|tpot|tps)_(p50|p90|p99|mean)", name)
+    if not match:
+        raise CliError(f"unknown metric {name!r}: use ttft|itl|e2e|tpot|tps with _p50|_p90|_p99|_mean, "
+                       "or output_tokens_per_s (e.g. --metric ttft_p50)")
+    base, stat = match.groups()
+    description, unit, better = _BASES[base]
+    return MetricSpec(name, base, _STATS[stat], direction or better, unit, f"{stat} of {description}")
+
+
+METRICS = tuple(f"{b}_{s}" for b in _BASES for s in _STATS) + ("output_tokens_per_s",)
+
+
+def load_requests(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """Measured requests of a run directory (or a requests.jsonl path): no warm-up, no errors."""
+    path = Path(run)
+    if path.is_dir():
+        path = path / "requests.jsonl"
+    if not path.is_file():
+        raise CliError(f"{run}: no requests.jsonl (pass a `kvbm bench ... --artifact-dir` directory)")
+    rows = []
+    with open(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                raise CliError(f"{path}:{lineno}: not a JSON line") from None
+            if row.get("warmup") or row.get("error"):
+                continue
+            rows.append(row)
+    return rows
+
+
+def _num(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
+
+
+def samples(requests: list[dict[str, Any]], spec: MetricSpec) -> np.ndarray:
+    """The per-request values `spec` is computed on (finite ones only); (n, 2) pairs for output_tokens_per_s."""
+    if spec.base == "throughput":
+        pairs = np.array([(_num(r.get("output_tokens")), _num(r.get("e2e_s"))) for r in requests], dtype=float)
+        pairs = pairs.reshape(-1, 2)
+        return pairs[np.isfinite(pairs).all(axis=1) & (pairs[:, 1] > 0)]
+    values = []
+    for r in requests:
+        ttft, e2e, n_out, itl = _num(r.get("ttft_s")), _num(r.get("e2e_s")), _num(r.get("output_tokens")), r.get("itl_s") or []
+        if spec.base == "ttft":
+            values.append(ttft)
+        elif spec.base == "e2e":
+            values.append(e2e)
+        elif spec.base == "itl":
+            values.append(float(np.mean(itl)) if len(itl) else float("nan"))
+        elif spec.base == "tpot":
+            values.append((e2e - ttft) / (n_out - 1) if n_out > 1 else float("nan"))
+        elif spec.base == "tps":
+            values.append(n_out / e2e if e2e > 0 else float("nan"))
+    arr = np.asarray(values, dtype=float)
+    return arr[np.isfinite(arr)]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One metric's comparison. `worse_ratio` > 1 means the candidate is worse; `status` pass|regression."""
+
+    metric: str
+    direction: str
+    baseline: float
+    candidate: float
+    change: float          # candidate / baseline - 1 (signed, in the metric's own terms)
+    worse_ratio: float     # > 1: worse
+    ci_low: float          # interval of worse_ratio
+    ci_high: float
+    max_regression: float
+    n_baseline: int
+    n_candidate: int
+    status: str
+    unit: str
+    confidence: float = 0.95
+
+    @property
+    def regressed(self) -> bool:
+        return self.status == "regression"
+
+
+def compare(baseline, candidate, spec: MetricSpec, max_regression: float, *, confidence: float = 0.95,
+            n_boot: int = 2000, seed: int = 0) -> Verdict:
+    """Decide whether `candidate` regressed against `baseline` on one metric (samples from `samples()`)."""
+    if len(baseline) < MIN_SAMPLES or len(candidate) < MIN_SAMPLES:
+        raise CliError(f"{spec.name}: {len(baseline)} baseline and {len(candidate)} candidate requests with a "
+                       f"value; the gate needs at least {MIN_SAMPLES} on each side (run more requests)")
+    ci = bootstrap_ratio(baseline, candidate, spec.statistic, n_boot=n_boot, confidence=confidence, seed=seed)
+    if spec.direction == LOWER:
+        worse, low, high = ci.ratio, ci.low, ci.high
+    else:
+        worse, low, high = 1.0 / ci.ratio, 1.0 / ci.high, 1.0 / ci.low
+    regressed = worse > 1.0 + max_regression and low > 1.0
+    return Verdict(spec.name, spec.direction, ci.stat_a, ci.stat_b, ci.ratio - 1.0, worse, low, high,
+                   max_regression, ci.n_a, ci.n_b, "regression" if regressed else "pass", spec.unit, confidence)
+
+
+def parse_fraction(text: str | float) -> float:
+    """'5%' -> 0.05, '0.05' -> 0.05, 5 -> 0.05 (a bare number above 1 is taken as percent)."""
+    raw = str(text).strip()
+    try:
+        value = float(raw[:-1]) / 100.0 if raw.endswith("%") else float(raw)
+    except ValueError:
+        raise CliError(f"max regression {text!r}: use a percentage such as 5% or a fraction such as 0.05") from None
+    if not raw.endswith("%") and value > 1.0:
+        value /= 100.0
+    if not 0.0 <= value < 10.0 or not math.isfinite(value):
+        raise CliError(f"max regression {text!r} is out of range (0% to 1000%)")
+    return value
+
+
+def load_thresholds(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """{metric: {"max_regression": fraction, "direction": lower|higher|None}} from a YAML or JSON file.
+
+    Format: `metrics: {ttft_p50: 5%, output_tokens_per_s: {max_regression: 3%, direction: higher}}`
+    (the top-level `metrics:` key is optional).
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except yaml.YAMLError as exc:
+        raise CliError(f"{path}: not YAML/JSON ({str(exc).splitlines()[0]})") from None
+    if isinstance(data, dict) and isinstance(data.get("metrics"), dict):
+        data = data["metrics"]
+    if not isinstance(data, dict) or not data:
+        raise CliError(f"{path}: expected a mapping of metric -> max regression, e.g. 'ttft_p50: 5%'")
+    result = {}
+    for name, value in data.items():
+        if isinstance(value, dict):
+            unknown = set(value) - {"max_regression", "direction"}
+            if unknown:
+                raise CliError(f"{path}: {name}: unknown keys {sorted(unknown)} (use max_regression, direction)")
+            entry = {"max_regression": parse_fraction(value["max_regression"]) if "max_regression" in value else None,
+                     "direction": value.get("direction")}
+        else:
+            entry = {"max_regression": parse_fraction(value), "direction": None}
+        metric_spec(str(name), entry["direction"])  # validate now: one clear line, before any work
+        result[str(name)] = entry
+    return result
+
+
+def gate(baseline: str | os.PathLike[str], candidate: str | os.PathLike[str], metrics: dict[str, dict[str, Any]],
+         *, default_max_regression: float = 0.05, confidence: float = 0.95, n_boot: int = 2000,
+         seed: int = 0) -> list[Verdict]:
+    """Compare two runs on each metric ({name: {"max_regression", "direction"}}; None values take defaults)."""
+    base_rows, cand_rows = load_requests(baseline), load_requests(candidate)
+    verdicts = []
+    for name, entry in metrics.items():
+        spec = metric_spec(name, entry.get("direction"))
+        tolerance = entry.get("max_regression")
+        verdicts.append(compare(samples(base_rows, spec), samples(cand_rows, spec), spec,
+                                default_max_regression if tolerance is None else tolerance,
+                                confidence=confidence, n_boot=n_boot, seed=seed))
+    return verdicts
+
+
+def _fmt(value: float, unit: str) -> str:
+    if not math.isfinite(value):
+        return "n/a"
+    if unit == "s":
+        return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.2f} s"
+    return f"{value:,.1f} {unit}"
+
+
+def markdown_table(verdicts: list[Verdict], *, title: str | None = None) -> str:
+    """A GitHub-flavoured Markdown table of the verdicts (for $GITHUB_STEP_SUMMARY)."""
+    lines = [f"### {title}", ""] if title else []
+    level = f"{verdicts[0].confidence * 100:.0f}% " if verdicts else ""
+    lines += [f"| metric | better | baseline | candidate | change | worse-ratio {level}CI | tolerance | n (base/cand) | result |",
+              "|---|---|---:|---:|---:|---|---:|---:|---|"]
+    for v in verdicts:
+        result = "**REGRESSION**" if v.regressed else "pass"
+        lines.append(f"| {v.metric} | {v.direction} | {_fmt(v.baseline, v.unit)} | {_fmt(v.candidate, v.unit)} | "
+                     f"{v.change * 100:+.1f}% | {v.worse_ratio:.3f} [{v.ci_low:.3f}, {v.ci_high:.3f}] | "
+                     f"{v.max_regression * 100:.1f}% | {v.n_baseline}/{v.n_candidate} | {result} |")
+    lines.append("")
+    lines.append("worse-ratio > 1 means the candidate is worse; a metric regresses when the ratio exceeds "
+                 "1 + tolerance and its bootstrap interval lies above 1.")
+    return "\n".join(lines) + "\n"
+
+
+MetricOpt = Annotated[Optional[list[str]], typer.Option(
+    "--metric", "-m", help="Metric to gate, repeatable: ttft|itl|e2e|tpot|tps with _p50|_p90|_p99|_mean, or "
+    f"output_tokens_per_s; NAME=5% sets its own tolerance. Default: {', '.join(DEFAULT_METRICS)}.")]
+
+
+@app.command("gate")
+def gate_cmd(
+    baseline: Annotated[Path, typer.Option("--baseline", "-b", help="Baseline run directory (requests.jsonl).")],
+    candidate: Annotated[Path, typer.Option("--candidate", "-c", help="Candidate run directory (requests.jsonl).")],
+    metric: MetricOpt = None,
+    max_regression: Annotated[str, typer.Option("--max-regression", help="Tolerated worsening, e.g. 5% (default for every metric).")] = "5%",
+    thresholds: Annotated[Optional[Path], typer.Option("--thresholds", help="YAML/JSON: metric -> tolerance or {max_regression, direction}.")] = None,
+    confidence: Annotated[float, typer.Option("--confidence", help="Bootstrap interval level.")] = 0.95,
+    n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")] = 2000,
+    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed (same inputs, same result).")] = 0,
+    summary_md: Annotated[Optional[Path], typer.Option("--summary-md", help="Append the Markdown table to this file ($GITHUB_STEP_SUMMARY is used too when set).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare a candidate run with a baseline: exit 1 when a metric regressed beyond its tolerance."""
+    if not 0.5 <= confidence < 1.0:
+        raise CliError(f"--confidence {confidence}: use a level between 0.5 and 1 (e.g. 0.95)")
+    if n_boot < 100:
+        raise CliError(f"--n-boot {n_boot}: use at least 100 resamples")
+    default = parse_fraction(max_regression)
+    chosen: dict[str, dict[str, Any]] = load_thresholds(thresholds) if thresholds else {}
+    for item in metric or ([] if chosen else list(DEFAULT_METRICS)):
+        name, _, tol = item.partition("=")
+        metric_spec(name.strip())
+        entry = chosen.get(name.strip(), {"max_regression": None, "direction": None})
+        if tol:
+            entry = {**entry, "max_regression": parse_fraction(tol)}
+        chosen[name.strip()] = entry
+    verdicts = gate(baseline, candidate, chosen, default_max_regression=default, confidence=confidence,
+                    n_boot=n_boot, seed=seed)
+    table = markdown_table(verdicts, title=f"kvbm gate: {candidate} vs {baseline}")
+    for target in filter(None, (summary_md, os.environ.get("GITHUB_STEP_SUMMARY"))):
+        with open(target, "a") as f:
+            f.write(table + "\n")
+    if json_out:
+        out().print_json(json.dumps({"baseline": str(baseline), "candidate": str(candidate),
+                                     "passed": not any(v.regressed for v in verdicts),
+                                     "verdicts": [asdict(v) for v in verdicts]}))
+    else:
+        out().print(table, markup=False, soft_wrap=True)
+    bad = [v for v in verdicts if v.regressed]
+    if bad:
+        worst = ", ".join(f"{v.metric} {v.change * 100:+.1f}% (worse-ratio CI [{v.ci_low:.3f}, {v.ci_high:.3f}], "
+                          f"tolerance {v.max_regression * 100:.0f}%)" for v in bad)
+        raise CheckFailed(f"regression: {worst}")
+    err().print(f"gate passed: {len(verdicts)} metric(s) within tolerance", markup=False)
