@@ -60,15 +60,17 @@ def run_round(url: str, model: str, rnd: int, rounds: int = 3) -> list[dict]:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """Prometheus text -> {name{labels}: value} (labels kept verbatim)."""
+    """Prometheus text -> {'name{k="v",...}': value}, without vLLM's engine/model_name labels."""
     with urllib.request.urlopen(url, timeout=10) as resp:
         text = resp.read().decode()
     values = {}
     for line in text.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            key = re.sub(r'engine="0",model_name="[^"]*",?', "", key).replace("{}", "")
-            values[key] = float(value)
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        name, _, labels = key.partition("{")
+        pairs = [p for p in re.findall(r'(\w+="[^"]*")', labels) if not p.startswith(("engine=", "model_name="))]
+        values[name + ("{" + ",".join(pairs) + "}" if pairs else "")] = float(value)
     return values
 
 
@@ -125,6 +127,9 @@ def test_evicted_prefixes_come_back_from_host_memory(kvbm_g2):
     assert vllm["vllm:external_prefix_cache_hits_total"] == kvbm["kvbm_matched_tokens"]
     assert vllm['vllm:prompt_tokens_cached_by_source_total{source="host"}'] == kvbm["kvbm_matched_tokens"]
     assert kvbm["kvbm_load_failures_total"] == 0 and kvbm["kvbm_host_cache_hit_rate"] > 0.5
+    # The same numbers through vLLM's own stats channel, on vLLM's /metrics.
+    assert vllm['vllm:kvbm_transfer_blocks_total{direction="g2_g1"}'] == kvbm["kvbm_onboard_blocks_h2d"]
+    assert vllm['vllm:kvbm_transfer_blocks_total{direction="g1_g2"}'] == kvbm["kvbm_offload_blocks_d2h"]
 
 
 def test_evicted_prefix_ttft_is_far_below_recompute(baseline, kvbm_g2):

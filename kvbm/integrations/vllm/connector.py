@@ -29,6 +29,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvbm.config import KvbmConfig
 from kvbm.integrations.vllm import compat
+from kvbm.integrations.vllm.stats import KvbmPromMetrics, KvbmStats
 from kvbm.leader import KvbmLeader
 from kvbm.mechanism import KVLayout
 from kvbm.policy import AdmitAll, FrequencyFilter, TierManager
@@ -75,6 +76,7 @@ class KvbmConnector(KVConnectorBase_V1):
         self._hit_sources: dict[str, tuple[int, int]] = {}
         self._poll_errors: set[int] = set()
         self._poll_report: WorkerReport | None = None
+        self._stats = KvbmStats()
         if not self.host_slots:
             log.warning("kvbm: no CPU cache configured (set DYN_KVBM_CPU_CACHE_GB, e.g. DYN_KVBM_CPU_CACHE_GB=8): "
                         "KVBM passes every request through")
@@ -210,6 +212,7 @@ class KvbmConnector(KVConnectorBase_V1):
         result = self.worker.poll(finished_req_ids)
         self._poll_errors |= result.failed_block_ids
         if result.report is not None:
+            self._stats.aggregate(KvbmStats.from_report(result.report, self.worker.rank))
             self._poll_report = result.report if self._poll_report is None else self._poll_report.aggregate(result.report)
         return result.finished_sending or None, result.finished_recving or None
 
@@ -222,6 +225,23 @@ class KvbmConnector(KVConnectorBase_V1):
         """This step's finished jobs, for the leader."""
         report, self._poll_report = self._poll_report, None
         return KvbmWorkerMetadata(report) if report is not None else None
+
+    def get_kv_connector_stats(self) -> KvbmStats | None:
+        """What this worker moved since the last call (vLLM logs and exports it)."""
+        if self._stats.is_empty():
+            return None
+        stats, self._stats = self._stats, KvbmStats()
+        return stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvbmStats | None:
+        """Rebuild stats from their dict form (API server process)."""
+        return KvbmStats(data=data) if data is not None else KvbmStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues) -> KvbmPromMetrics:
+        """`vllm:kvbm_*` metrics on vLLM's own /metrics endpoint."""
+        return KvbmPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         """Finish in-flight jobs, remove the disk cache file, stop the metrics endpoint."""
