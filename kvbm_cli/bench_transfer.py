@@ -1,9 +1,12 @@
 """`kvbm bench transfer`: offload/onboard throughput of each tier path against the raw copy, in one run.
 
 Paths and their raw references (same bytes, measured interleaved so machine noise hits both alike):
-  G1->G2 offload, G2->G1 onboard    against one contiguous memcpy (torch copy_) of the same bytes
+  G1->G2 offload, G2->G1 onboard    CPU: one contiguous memcpy (torch copy_) of the same bytes;
+                                    --device cuda: one pinned D2H / H2D cudaMemcpy of the same bytes
   G2->G3 offload, G3->G1 onboard    against plain sequential O_DIRECT pwrite/pread of the same bytes
-Engine pages are scattered (a random permutation of a larger cache), as in a serving engine.
+Engine pages are scattered (a random permutation of a larger cache), as in a serving engine. The engine
+cache is laid out as vLLM lays it out: CPU, per layer (blocks, 2, block_size, heads*head_dim); CUDA,
+FlashAttention's per-layer (2, blocks, block_size, heads, head_dim); one strided view per layer over one buffer.
 """
 
 from __future__ import annotations
@@ -52,33 +55,72 @@ def _interleaved(ours: Callable[[], None], raw: Callable[[], None], repeats: int
     return statistics.median(t_ours), statistics.median(t_raw)
 
 
+def engine_cache(layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int, device: str,
+                 dtype: str = "bfloat16"):
+    """Random KV in vLLM's layout for `device`: (per-layer views over one buffer, block_dim)."""
+    import torch
+
+    numel = layers * num_blocks * 2 * block_size * kv_heads * head_dim
+    buf = torch.empty(numel, dtype=getattr(torch, dtype), device=device)
+    buf.view(torch.uint8).random_()
+    if device == "cpu":
+        per_layer = buf.view(layers, num_blocks, 2, block_size, kv_heads * head_dim)
+        return [per_layer[i] for i in range(layers)], 0
+    per_layer = buf.view(layers, 2, num_blocks, block_size, kv_heads, head_dim)  # FlashAttention
+    return [per_layer[i] for i in range(layers)], 1
+
+
 def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
-                       directory: Path | None, direct: bool, repeats: int, dtype: str = "bfloat16",
+                       directory: Path | None, direct: bool, repeats: int, dtype: str = "bfloat16", io: str = "posix",
+                       device: str = "cpu", gpu_chunk_bytes: int = 64 << 20, copy_2d: bool | None = None,
+                       scattered_slots: bool = False, disk_repeats: int | None = None,
                        progress: Callable[[str], None] = lambda msg: None) -> list[PathResult]:
-    """Measure every path on a vLLM-CPU-shaped cache of `layers` x (blocks, 2, block_size, kv_heads*head_dim)."""
+    """Measure every path on a cache of `layers` in vLLM's layout for `device` (see the module docstring).
+
+    CUDA only: `gpu_chunk_bytes` (staging per chunk), `copy_2d=False` (one copy per segment instead of one
+    2D copy per host-slot run). `scattered_slots` puts the blocks in random, non-consecutive host slots.
+    """
     import torch
 
     from kvbm.mechanism import BlockMove, DiskTier, HostTier, KVLayout, OffloadJob, OnboardJob, SlotCopy, TransferEngine
     from kvbm.mechanism import fileio
     from kvbm.policy import Tier
 
-    torch_dtype = getattr(torch, dtype)
+    cuda = device.startswith("cuda")
     cache_blocks = num_blocks * 2
-    buf = torch.empty(layers * cache_blocks * 2 * block_size * kv_heads * head_dim, dtype=torch_dtype)
-    buf.view(torch.uint8).random_()
-    per_layer = buf.view(layers, cache_blocks, 2, block_size, kv_heads * head_dim)
-    layout = KVLayout.from_layers([per_layer[i] for i in range(layers)], block_dim=0)
-    host = HostTier(num_blocks, layout.num_segments, layout.segment_words, layout.word)
+    caches, block_dim = engine_cache(layers, kv_heads, head_dim, block_size, cache_blocks, device, dtype)
+    layout = KVLayout.from_layers(caches, block_dim=block_dim)
+    host_slots = num_blocks * 2 if scattered_slots else num_blocks
+    host = HostTier(host_slots, layout.num_segments, layout.segment_words, layout.word)
     block_ids = torch.randperm(cache_blocks)[:num_blocks].tolist()
+    slots = torch.randperm(host_slots)[:num_blocks].tolist() if scattered_slots else list(range(num_blocks))
     nbytes = num_blocks * layout.block_bytes
     results: list[PathResult] = []
 
-    # G1 <-> G2 against one memcpy of the same bytes.
-    src = torch.empty(nbytes, dtype=torch.uint8)
-    src.random_()
-    dst = torch.empty_like(src)
-    engine = TransferEngine(layout, host, None)
-    stores = [BlockMove(i, b, i) for i, b in enumerate(block_ids)]
+    # G1 <-> G2 against one memcpy of the same bytes (CUDA: pinned host <-> device).
+    if cuda:
+        gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        gpu.random_()
+        pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        stream = torch.cuda.current_stream(device)
+
+        def raw_d2h():
+            pinned.copy_(gpu, non_blocking=True)
+            stream.synchronize()
+
+        def raw_h2d():
+            gpu.copy_(pinned, non_blocking=True)
+            stream.synchronize()
+        references = ("pinned D2H", raw_d2h), ("pinned H2D", raw_h2d)
+    else:
+        src = torch.empty(nbytes, dtype=torch.uint8)
+        src.random_()
+        dst = torch.empty_like(src)
+        references = ("memcpy", lambda: dst.copy_(src)), ("memcpy", lambda: dst.copy_(src))
+    engine = TransferEngine(layout, host, None, gpu_chunk_bytes=gpu_chunk_bytes)
+    if cuda and copy_2d is False:
+        engine.cuda.copy_per_segment()  # measure the fallback: one copy per segment per host-slot run
+    stores = [BlockMove(i, b, s) for i, (b, s) in enumerate(zip(block_ids, slots))]
 
     def offload():
         engine.submit_offload(OffloadJob("bench", stores=stores))
@@ -89,22 +131,25 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
         engine.wait()
 
     progress("G1->G2 offload")
-    ours, raw = _interleaved(offload, lambda: dst.copy_(src), repeats)
-    results.append(PathResult("G1->G2 offload", "memcpy", nbytes, nbytes / ours / 1e9, nbytes / raw / 1e9))
+    ours, raw = _interleaved(offload, references[0][1], repeats)
+    results.append(PathResult("G1->G2 offload", references[0][0], nbytes, nbytes / ours / 1e9, nbytes / raw / 1e9))
     progress("G2->G1 onboard")
-    ours, raw = _interleaved(onboard, lambda: dst.copy_(src), repeats)
-    results.append(PathResult("G2->G1 onboard", "memcpy", nbytes, nbytes / ours / 1e9, nbytes / raw / 1e9))
+    ours, raw = _interleaved(onboard, references[1][1], repeats)
+    results.append(PathResult("G2->G1 onboard", references[1][0], nbytes, nbytes / ours / 1e9, nbytes / raw / 1e9))
+    failed = [r for r in engine.get_finished() if not r.ok]
     engine.close()
+    if failed:
+        raise CliError(f"benchmark transfers failed: {failed[0].error or failed[0].failed_hashes}", 1)
 
     if directory is not None:
         with tempfile.TemporaryDirectory(dir=directory, prefix="kvbm-bench-") as tmp:
             tmp = Path(tmp)
             disk = DiskTier.create(tmp, num_blocks, layout.block_bytes, layout.fingerprint(model="bench"),
-                                   direct=direct)
-            engine = TransferEngine(layout, host, disk)
+                                   direct=direct, io=_disk_io(io))
+            engine = TransferEngine(layout, host, disk, gpu_chunk_bytes=gpu_chunk_bytes)
             engine.submit_offload(OffloadJob("fill", stores=stores))
             engine.wait()
-            cascades = [SlotCopy(i, i, i) for i in range(num_blocks)]
+            cascades = [SlotCopy(i, s, i) for i, s in enumerate(slots)]
             disk_loads = [BlockMove(i, b, i, Tier.G3) for i, b in enumerate(block_ids)]
             raw_bytes = num_blocks * disk.slot_bytes  # the raw reference moves the same on-disk bytes
             raw_buf = fileio.aligned_empty(raw_bytes)
@@ -129,12 +174,13 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
                 engine.submit_onboard(OnboardJob("bench", loads=disk_loads))
                 engine.wait()
 
+            disk_repeats = disk_repeats or repeats
             progress("G2->G3 offload")
-            ours, raw = _interleaved(cascade, raw_write, repeats)
+            ours, raw = _interleaved(cascade, raw_write, disk_repeats)
             results.append(PathResult("G2->G3 offload", "O_DIRECT write" if direct else "pwrite", nbytes,
                                       nbytes / ours / 1e9, nbytes / raw / 1e9))
             progress("G3->G1 onboard")
-            ours, raw = _interleaved(disk_onboard, raw_read, repeats)
+            ours, raw = _interleaved(disk_onboard, raw_read, disk_repeats)
             results.append(PathResult("G3->G1 onboard", "O_DIRECT read" if direct else "pread", nbytes,
                                       nbytes / ours / 1e9, nbytes / raw / 1e9))
             failed = [r for r in engine.get_finished() if not r.ok]
@@ -143,6 +189,19 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
             os.close(raw_fd)
             engine.close()
     return results
+
+
+def _disk_io(name: str):
+    """The disk I/O backend named `name`: posix (threads) or nixl (NIXL's POSIX backend)."""
+    from kvbm.mechanism.fileio import PosixDiskIO
+
+    if name == "posix":
+        return PosixDiskIO()
+    from kvbm.mechanism.nixl_io import NixlDiskIO, nixl_available
+
+    if not nixl_available():
+        raise CliError("--io nixl: the nixl package is not installed; `pip install nixl-cu13` or use --io posix")
+    return NixlDiskIO()
 
 
 @bench_app.command("transfer")
@@ -156,6 +215,9 @@ def transfer(
     no_disk: Annotated[bool, typer.Option("--no-disk", help="Measure only G1<->G2.")] = False,
     buffered: Annotated[bool, typer.Option("--buffered", help="Buffered I/O instead of O_DIRECT (as DYN_KVBM_DISK_DISABLE_O_DIRECT=true).")] = False,
     repeats: Annotated[int, typer.Option(min=1, help="Measurements per path (median reported).")] = 5,
+    io: Annotated[str, typer.Option("--io", help="Disk I/O backend: posix (positional I/O on threads) or nixl (NIXL's POSIX backend).")] = "posix",
+    device: Annotated[str, typer.Option(help="Where the engine cache lives: cpu (vLLM CPU layout) or cuda "
+                                             "(FlashAttention layout; references are pinned H2D/D2H copies).")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Measure offload/onboard throughput of each tier path against the raw copy of the same bytes."""
@@ -164,8 +226,17 @@ def transfer(
     from rich.console import Console
     from rich.table import Table
 
+    if io not in ("posix", "nixl"):
+        raise CliError(f"--io {io!r}: choose posix or nixl")
     if blocks < 1:
         raise CliError(f"--blocks {blocks} must be at least 1")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise CliError(f"--device {device} is not cpu or cuda")
+    if device != "cpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CliError(f"--device {device}: torch sees no CUDA GPU here (torch {torch.__version__})")
     directory = None
     if not no_disk:
         directory = disk_dir or Path(os.environ.get("DYN_KVBM_DISK_CACHE_DIR") or "/tmp")
@@ -174,13 +245,13 @@ def transfer(
     err = Console(stderr=True)
     show = (lambda msg: err.print(f"[dim]measuring {msg} ...[/dim]")) if sys.stderr.isatty() and not as_json else (lambda m: None)
     results = run_transfer_bench(layers=layers, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
-                                 num_blocks=blocks, directory=directory, direct=not buffered, repeats=repeats,
-                                 progress=show)
+                                 num_blocks=blocks, directory=directory, direct=not buffered, repeats=repeats, io=io,
+                                 device=device, progress=show)
     if as_json:
         print(json.dumps([asdict(r) | {"ratio": r.ratio} for r in results], indent=2))
         return
     nbytes = results[0].nbytes
-    table = Table(title=f"kvbm bench transfer: {blocks} blocks x {nbytes // blocks // 1024} KiB = "
+    table = Table(title=f"kvbm bench transfer ({device}): {blocks} blocks x {nbytes // blocks // 1024} KiB = "
                         f"{nbytes / 2**20:.0f} MiB per measurement, median of {repeats}")
     for col in ("path", "reference", "kvbm GB/s", "raw GB/s", "ratio"):
         table.add_column(col, justify="right" if col not in ("path", "reference") else "left")

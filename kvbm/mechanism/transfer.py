@@ -4,7 +4,8 @@ Copies are batched: the engine's scattered pages move in one call per segment an
 host slots (index_select / index_copy_ over word-sized views run at memcpy speed). Disk moves are vectored
 I/O straight from host slots and into engine pages (no staging copy when O_DIRECT alignment holds), a
 bounded chunk per request, several in flight. Jobs run asynchronously on two threads (loads, stores), so an
-onboard never waits behind an offload, and completion is reported per job, never assumed.
+onboard never waits behind an offload, and completion is reported per job, never assumed. When the engine
+cache is on a GPU, kvbm.mechanism.cuda_copy moves the G1 bytes (staging, CUDA streams and events).
 
 Operations:
   copy_g1_to_g2 / copy_g2_to_g1   engine pages <-> host slots
@@ -148,6 +149,10 @@ class BlockPieces:
                 self.engine_aligned &= seg.data_ptr() % fileio.ALIGN == 0 and row % fileio.ALIGN == 0
         self._keep = layout  # the views point into these tensors' memory
 
+    def regions(self) -> list[memoryview]:
+        """The long-lived memory disk I/O reads and writes in place: the host tier and the engine cache."""
+        return ([self._host] if self._host is not None else []) + [view for view, _ in self._engine]
+
     def host(self, slot: int) -> list[memoryview]:
         """The segments of host slot `slot`."""
         sb, n = self.segment_bytes, self._host_slots
@@ -163,14 +168,23 @@ class TransferEngine:
     """Executes offload and onboard jobs asynchronously. Lives in each worker process (one per rank)."""
 
     def __init__(self, layout: KVLayout, host: HostTier | None, disk: DiskTier | None = None,
-                 chunk_bytes: int = 32 << 20):
-        if layout.device.type != "cpu":
-            raise KvbmError(f"this transfer engine moves CPU engine caches; got {layout.device}")
+                 chunk_bytes: int = 32 << 20, gpu_chunk_bytes: int = 64 << 20):
+        self.cuda = None  # the CUDA path (kvbm.mechanism.cuda_copy) when the engine cache is on a GPU
+        if layout.device.type == "cuda":
+            from kvbm.mechanism.cuda_copy import CudaCopier
+
+            self.cuda = CudaCopier(layout, host, gpu_chunk_bytes)
+        elif layout.device.type != "cpu":
+            raise KvbmError(f"this transfer engine moves CPU or CUDA engine caches; got {layout.device}")
         self.layout = layout
         self.host = host
         self.disk = disk
         self._chunk = max(1, chunk_bytes // disk.slot_bytes) if disk is not None else 0
         self.pieces = BlockPieces(layout, host)
+        register = getattr(disk.io, "register_buffer", None) if disk is not None else None
+        self._register = register or (lambda buf: None)  # NIXL: register long-lived memory once, not per call
+        for region in self.pieces.regions() if disk is not None else ():
+            self._register(region)
         self._staging: tuple[np.ndarray, np.ndarray] | None = None  # onboard staging, when engine pages are unaligned
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvbm-io")  # disk I/O beside staging
         self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
@@ -218,6 +232,8 @@ class TransferEngine:
         for t in self._threads:
             t.join()
         self._io.shutdown(wait=True)
+        if self.cuda is not None:
+            self.cuda.close()
         if self.disk is not None:
             self.disk.close()
 
@@ -228,17 +244,19 @@ class TransferEngine:
             raise KvbmError("transfer engine is closed")
         with self._lock:
             self._pending += 1
-        self._queues[kind].put(job)
+        # CUDA: the job waits for the work queued so far on the submitter's stream (the forward's writes)
+        self._queues[kind].put((job, self.cuda.mark() if self.cuda is not None else None))
 
     def _loop(self, kind: str) -> None:
         run = self.run_offload if kind == "offload" else self.run_onboard
         q = self._queues[kind]
         while True:
-            job = q.get()
-            if job is None:
+            item = q.get()
+            if item is None:
                 return
+            job, ready = item
             try:
-                result = run(job)
+                result = run(job, ready)
             except Exception as exc:  # noqa: BLE001 - a job never kills the thread; its blocks fail instead
                 log.exception("kvbm %s job %r failed", kind, job.job_id)
                 result = self._failed(kind, job, exc)
@@ -322,6 +340,7 @@ class TransferEngine:
             self._staging = (self.disk.staging(self._chunk), self.disk.staging(self._chunk))
             for buf in self._staging:
                 buf.fill(0)  # fault the pages in now, not inside a transfer
+                self._register(buf)
         return self._staging
 
     def _scatter_staged(self, chunk: list[BlockMove], good: list[int], buf: np.ndarray) -> None:
@@ -335,8 +354,8 @@ class TransferEngine:
         for seg_index, seg in enumerate(self.layout.segments):
             seg.index_copy_(0, idx, staged[:, seg_index])
 
-    def run_offload(self, job: OffloadJob) -> JobResult:
-        """Execute an offload synchronously (the store thread calls this)."""
+    def run_offload(self, job: OffloadJob, ready=None) -> JobResult:
+        """Execute an offload synchronously (the store thread calls this); CUDA: after event `ready`."""
         start = time.perf_counter()
         failed: set = set()
         error = None
@@ -348,24 +367,35 @@ class TransferEngine:
                 failed, error = self._write_to_disk(cascades)
         stores = list(job.stores)
         if stores:
-            copy_g1_to_g2(self.layout, self.host, [m.block_id for m in stores], [m.slot for m in stores])
+            ids, slots = [m.block_id for m in stores], [m.slot for m in stores]
+            if self.cuda is not None:
+                self.cuda.offload(ids, slots, ready)
+            else:
+                copy_g1_to_g2(self.layout, self.host, ids, slots)
         n_disk = len(cascades) - len(failed)
         return JobResult(job.job_id, "offload", {"g1_g2": len(stores), "g2_g3": n_disk},
                          (len(stores) + n_disk) * self.layout.block_bytes, time.perf_counter() - start,
                          failed_hashes=frozenset(failed), error=error)
 
-    def run_onboard(self, job: OnboardJob) -> JobResult:
-        """Execute an onboard synchronously (the load thread calls this)."""
+    def run_onboard(self, job: OnboardJob, ready=None) -> JobResult:
+        """Execute an onboard synchronously (the load thread calls this); CUDA: after event `ready`."""
         start = time.perf_counter()
         from_host = [m for m in job.loads if m.tier is Tier.G2]
         from_disk = [m for m in job.loads if m.tier is Tier.G3]
         failed: list[BlockMove] = []
         error = None
         if from_host:
-            copy_g2_to_g1(self.layout, self.host, [m.block_id for m in from_host], [m.slot for m in from_host])
+            ids, slots = [m.block_id for m in from_host], [m.slot for m in from_host]
+            if self.cuda is not None:
+                self.cuda.onboard(ids, slots, ready)
+            else:
+                copy_g2_to_g1(self.layout, self.host, ids, slots)
         if from_disk:
             if self.disk is None:
                 failed = list(from_disk)
+            elif self.cuda is not None:
+                failed, error = self.cuda.load_from_disk(self.disk, self._chunks(from_disk, key=lambda m: m.slot),
+                                                         self._io, ready)
             else:
                 failed, error = self._read_from_disk(from_disk)
         n_disk = len(from_disk) - len(failed)
