@@ -21,15 +21,18 @@ app.add_typer(bench_app, name="bench")
 
 def _register() -> None:
     """Import the command modules; each adds its commands to `app` or `bench_app`."""
-    from kvbm_cli import bench_transfer  # noqa: F401
-
-    for optional in ("kvbm_cli.model", "kvbm_cli.size", "kvbm_cli.doctor", "kvbm_cli.metrics", "kvbm_cli.report",
-                     "kvbm_cli.gate"):
-        try:
-            __import__(optional)
-        except ModuleNotFoundError as exc:
-            if exc.name != optional:
-                raise
+    from kvbm_cli import (  # noqa: F401
+        bench,
+        bench_transfer,
+        bench_ttft,
+        doctor,
+        gate,
+        metrics,
+        model,
+        report,
+        serve,
+        size,
+    )
 
 
 _register()

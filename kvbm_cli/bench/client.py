@@ -1,0 +1,211 @@
+"""The native asynchronous streaming client: one OpenAI-compatible request, measured; many, scheduled.
+
+Operations:
+  RequestSpec                         one request to send (prompt or messages, max tokens, labels)
+  send(client, url, model, spec)      stream it; RequestRecord (TTFT, inter-token latencies, e2e, tokens, error)
+  run_requests(specs, ...)            send with a concurrency limit or at a request rate, with a progress bar
+  server_model(url)                   the first model id the server lists
+  progress_bar(disable)               rich progress on stderr (terminal only)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import httpx
+
+from kvbm_cli._console import err
+from kvbm_cli._errors import CliError
+from kvbm_cli.results import RequestRecord
+
+
+@dataclass
+class RequestSpec:
+    """One request: the text (`prompt`, or `messages` for chat), how many tokens to generate, its labels."""
+
+    request_id: str
+    endpoint: str  # "chat" | "completions"
+    max_tokens: Optional[int]
+    prompt: Optional[str] = None
+    messages: Optional[list[dict[str, str]]] = None
+    expected_input_tokens: Optional[int] = None
+    prefix_id: Optional[int] = None
+    user_id: Optional[int] = None
+    round: Optional[int] = None
+    warmup: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Sent:
+    """A measured request and the text the server answered."""
+
+    record: RequestRecord
+    text: str
+
+
+def _payload(model: str, spec: RequestSpec, streaming: bool, ignore_eos: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"model": model, "stream": streaming}
+    if spec.endpoint == "chat":
+        body["messages"] = spec.messages if spec.messages is not None else [{"role": "user", "content": spec.prompt}]
+    else:
+        body["prompt"] = spec.prompt
+    if spec.max_tokens is not None:
+        body["max_tokens"] = spec.max_tokens
+        if ignore_eos:  # vLLM extensions: exactly max_tokens tokens, as genai-perf's deterministic output
+            body["min_tokens"] = spec.max_tokens
+            body["ignore_eos"] = True
+    if streaming:
+        body["stream_options"] = {"include_usage": True}
+    body.update(spec.extra)
+    return body
+
+
+def _error_text(status: int, raw: bytes) -> str:
+    try:
+        detail = json.loads(raw)
+        detail = detail.get("error", detail) if isinstance(detail, dict) else detail
+        detail = detail.get("message", detail) if isinstance(detail, dict) else detail
+    except ValueError:
+        detail = raw.decode(errors="replace")
+    return f"HTTP {status}: {str(detail).strip()[:300]}"
+
+
+async def send(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpec, *, run: str, workload: str,
+               streaming: bool = True, ignore_eos: bool = True) -> Sent:
+    """Send one request and measure it. Never raises for server or network errors: they go in `error`."""
+    path = "/v1/chat/completions" if spec.endpoint == "chat" else "/v1/completions"
+    body = _payload(model, spec, streaming, ignore_eos)
+    start_wall, start = time.time(), time.perf_counter()
+    ttft: Optional[float] = None
+    itl: list[float] = []
+    last: Optional[float] = None
+    text_parts: list[str] = []
+    usage: dict[str, Any] = {}
+    chunks = 0
+    error: Optional[str] = None
+    try:
+        async with client.stream("POST", url.rstrip("/") + path, json=body, headers=spec.headers or None) as resp:
+            if resp.status_code != 200:
+                error = _error_text(resp.status_code, await resp.aread())
+            elif streaming:
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if chunk.get("error"):
+                        error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
+                        break
+                    if chunk.get("usage"):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or []:
+                        piece = (choice.get("delta") or {}).get("content") if spec.endpoint == "chat" else choice.get("text")
+                        if piece:
+                            now = time.perf_counter()
+                            if ttft is None:
+                                ttft = now - start
+                            else:
+                                itl.append(now - last)
+                            last = now
+                            chunks += 1
+                            text_parts.append(piece)
+            else:
+                data = json.loads(await resp.aread())
+                usage = data.get("usage") or {}
+                choice = (data.get("choices") or [{}])[0]
+                text_parts.append((choice.get("message") or {}).get("content") or "" if spec.endpoint == "chat"
+                                  else choice.get("text") or "")
+    except (httpx.HTTPError, OSError, ValueError) as exc:
+        error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    e2e = time.perf_counter() - start
+    if error is None and streaming and ttft is None:
+        error = "no tokens in the response stream"
+    output_tokens = int(usage.get("completion_tokens") or (chunks if error is None else 0))
+    input_tokens = int(usage.get("prompt_tokens") or spec.expected_input_tokens or 0)
+    record = RequestRecord(
+        request_id=spec.request_id, run=run, workload=workload, start_s=start_wall,
+        ttft_s=ttft if error is None else None, itl_s=itl if error is None else [],
+        e2e_s=e2e if error is None else None, input_tokens=input_tokens,
+        output_tokens=output_tokens if error is None else 0, prefix_id=spec.prefix_id, user_id=spec.user_id,
+        round=spec.round, warmup=spec.warmup, error=error)
+    return Sent(record, "".join(text_parts))
+
+
+def progress_bar(disable: bool = False):
+    """A request-counting progress bar on stderr (only on a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("{task.fields[note]}"), console=err(), transient=True,
+                    disable=disable or not sys.stderr.isatty())
+
+
+def make_client(concurrency: int, timeout_s: float) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=max(concurrency, 1) + 4, max_keepalive_connections=max(concurrency, 1) + 4)
+    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits)
+
+
+async def run_requests(specs: Sequence[RequestSpec], url: str, model: str, *, run: str, workload: str,
+                       concurrency: Optional[int] = 1, request_rate: Optional[float] = None,
+                       streaming: bool = True, ignore_eos: bool = True, timeout_s: float = 600.0,
+                       on_done: Callable[[RequestRecord], None] = lambda r: None,
+                       show_progress: bool = True) -> list[RequestRecord]:
+    """Send `specs` in order: with at most `concurrency` in flight, or started every 1/`request_rate` s.
+
+    Warm-up specs (which must come first) all finish before the measured ones start.
+    """
+    records: list[Optional[RequestRecord]] = [None] * len(specs)
+    warm = [i for i, s in enumerate(specs) if s.warmup]
+    measured = [i for i, s in enumerate(specs) if not s.warmup]
+    limit = asyncio.Semaphore(concurrency or len(specs) or 1)
+    async with make_client(concurrency or 16, timeout_s) as client:
+        with progress_bar(disable=not show_progress) as bar:
+            task = bar.add_task(f"{workload} {run}", total=len(specs), note="")
+            errors = 0
+
+            async def one(i: int) -> None:
+                nonlocal errors
+                async with limit:
+                    sent = await send(client, url, model, specs[i], run=run, workload=workload,
+                                      streaming=streaming, ignore_eos=ignore_eos)
+                records[i] = sent.record
+                errors += sent.record.error is not None
+                on_done(sent.record)
+                ttft = sent.record.ttft_s
+                bar.update(task, advance=1, note=(f"last TTFT {ttft * 1000:.0f} ms" if ttft is not None else "")
+                           + (f"  errors {errors}" if errors else ""))
+
+            for group in (warm, measured):
+                if request_rate:
+                    tasks = []
+                    t0 = time.perf_counter()
+                    for k, i in enumerate(group):
+                        delay = t0 + k / request_rate - time.perf_counter()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                        tasks.append(asyncio.create_task(one(i)))
+                    await asyncio.gather(*tasks)
+                else:
+                    await asyncio.gather(*(one(i) for i in group))
+    return [r for r in records if r is not None]
+
+
+def server_model(url: str, timeout_s: float = 10.0) -> str:
+    """The first model id of GET /v1/models; CliError when the server does not answer."""
+    try:
+        resp = httpx.get(url.rstrip("/") + "/v1/models", timeout=timeout_s)
+        resp.raise_for_status()
+        return resp.json()["data"][0]["id"]
+    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
+        raise CliError(f"no OpenAI-compatible server at {url} ({type(exc).__name__}: {exc}); start one with "
+                       "`kvbm serve` or pass --url", code=1) from None

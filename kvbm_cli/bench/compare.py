@@ -1,0 +1,361 @@
+"""`kvbm bench compare [SCENARIO.yaml]`: each engine configuration in turn, one workload, one comparison table.
+
+A scenario (scenarios/*.yaml) names a workload and two or more engine configurations; keys are the flags of
+`kvbm serve` and of the workload command, spelled as on the command line without the dashes in front:
+
+  name: prefix-reuse-cpu
+  workload: {type: prefix-reuse, prefix-prompt-length: 1536, num-prefix-prompts: 5, ...}
+  engine: {kv-cache-memory-bytes: 13631488, ...}          # shared by every configuration
+  configs:
+    - {name: baseline, connector: none}
+    - {name: kvbm, connector: kvbm, cpu-cache-gb: 1}
+
+For each configuration: start the engine (log in OUT/<name>/engine.log), wait for /health, snapshot vLLM's
+/metrics, run the workload (OUT/<name>/requests.jsonl, summary.json), snapshot /metrics again
+(OUT/<name>/vllm_metrics.json: the deltas), stop the engine's process group. Then OUT/comparison.json and
+OUT/comparison.md: TTFT p50/p90, ITL, throughput side by side with ratios against the first configuration.
+
+Operations:
+  Scenario / load_scenario(path)      the YAML, validated (one line per mistake)
+  default_scenario()                  the CPU prefix-reuse comparison on the embedded model (`make demo`)
+  run_compare(scenario, out_dir)      run everything; returns the comparison dict
+  parse_prometheus / histogram_quantile    vLLM's metrics, and quantiles estimated from histogram buckets
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import urllib.request
+from dataclasses import fields
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvbm_cli._console import JsonOpt, err, out
+from kvbm_cli._errors import CliError
+from kvbm_cli.app import bench_app
+from kvbm_cli.bench.multi_round import MultiRoundConfig, run_multi_round
+from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
+from kvbm_cli.results import Summary, write_summary
+from kvbm_cli.serve import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
+
+SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
+DEFAULT_SCENARIO = "prefix-reuse-cpu.yaml"
+_VLLM_COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:external_prefix_cache_queries",
+                  "vllm:external_prefix_cache_hits", "vllm:prompt_tokens", "vllm:generation_tokens",
+                  "vllm:num_preemptions")
+
+
+class Scenario(BaseModel):
+    """A comparison: one workload, several engine configurations."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    description: str = ""
+    workload: dict[str, Any]
+    engine: dict[str, Any] = Field(default_factory=dict)
+    configs: list[dict[str, Any]]
+    driver: str = "native"
+    health_timeout: float = Field(600.0, alias="health-timeout")
+
+
+def _key(k: str) -> str:
+    return k.replace("-", "_")
+
+
+def _workload_config(wl: dict[str, Any]) -> PrefixReuseConfig | MultiRoundConfig:
+    wl = {_key(k): v for k, v in wl.items()}
+    kind = wl.pop("type", None)
+    cls = {"prefix-reuse": PrefixReuseConfig, "multi-round": MultiRoundConfig}.get(kind)
+    if cls is None:
+        raise CliError(f"scenario workload type must be prefix-reuse or multi-round, not {kind!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(wl) - known)
+    if unknown:
+        raise CliError(f"scenario workload ({kind}) has unknown keys: {', '.join(k.replace('_', '-') for k in unknown)}")
+    cfg = cls(**wl)
+    cfg.validate()
+    return cfg
+
+
+def engine_spec(shared: dict[str, Any], config: dict[str, Any]) -> tuple[str, EngineSpec]:
+    """(config name, EngineSpec) from the shared `engine:` keys overridden by one `configs:` entry."""
+    merged = {_key(k): v for k, v in {**shared, **config}.items()}
+    name = merged.pop("name", None)
+    if not name or not re.fullmatch(r"[\w.-]+", str(name)):
+        raise CliError(f"every scenario config needs a name of letters, digits, '-', '_' or '.' (got {name!r})")
+    known = {f.name for f in fields(EngineSpec)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise CliError(f"scenario config {name!r} has unknown keys: {', '.join(k.replace('_', '-') for k in unknown)}")
+    merged["vllm_args"] = [str(a) for a in merged.get("vllm_args") or []]
+    merged["env"] = {str(k): str(v) for k, v in (merged.get("env") or {}).items()}
+    return str(name), EngineSpec(**merged)
+
+
+def load_scenario(path: Path) -> Scenario:
+    """Parse and check a scenario file; CliError (exit 2) naming the first problem."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise CliError(f"scenario not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise CliError(f"scenario {path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise CliError(f"scenario {path} must be a mapping with name, workload, engine and configs")
+    try:
+        scenario = Scenario.model_validate(raw)
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        raise CliError(f"scenario {path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
+    if len(scenario.configs) < 2:
+        raise CliError(f"scenario {path} needs at least two configs (a baseline and one to compare)")
+    _workload_config(scenario.workload)
+    names = [engine_spec(scenario.engine, c)[0] for c in scenario.configs]
+    if len(set(names)) != len(names):
+        raise CliError(f"scenario {path}: config names must be unique ({', '.join(names)})")
+    return scenario
+
+
+def default_scenario() -> Path:
+    """scenarios/prefix-reuse-cpu.yaml of this checkout."""
+    return SCENARIO_DIR / DEFAULT_SCENARIO
+
+
+# --- vLLM's /metrics ---------------------------------------------------------------------------------------
+
+def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """{metric name: [(labels, value), ...]} of a Prometheus text exposition."""
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"([^{\s]+)(?:\{(.*)\})?\s+(\S+)", line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        try:
+            out.setdefault(m.group(1), []).append((labels, float(m.group(3))))
+        except ValueError:
+            continue
+    return out
+
+
+def _total(metrics: dict, name: str, **match: str) -> float:
+    return sum(v for labels, v in metrics.get(name, []) if all(labels.get(k) == w for k, w in match.items()))
+
+
+def histogram(metrics: dict, name: str) -> dict[str, Any]:
+    """sum, count and cumulative buckets [(le, count)] of a histogram (summed over label sets)."""
+    buckets: dict[float, float] = {}
+    for labels, v in metrics.get(name + "_bucket", []):
+        le = float(labels.get("le", "inf").replace("+Inf", "inf"))
+        buckets[le] = buckets.get(le, 0.0) + v
+    return {"sum": _total(metrics, name + "_sum"), "count": _total(metrics, name + "_count"),
+            "buckets": sorted(buckets.items())}
+
+
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> Optional[float]:
+    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding the q-th observation."""
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    prev_le, prev_count = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return prev_le
+            if count == prev_count:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+        prev_le, prev_count = le, count
+    return prev_le
+
+
+def scrape(url: str) -> dict:
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10) as resp:
+            return parse_prometheus(resp.read().decode())
+    except OSError:
+        return {}
+
+
+def metrics_delta(before: dict, after: dict) -> dict[str, Any]:
+    """What the run added to vLLM's counters, and its TTFT histogram (sum, count, bucket-estimated quantiles)."""
+    d: dict[str, Any] = {}
+    for name in _VLLM_COUNTERS:
+        d[name] = _total(after, name + "_total") - _total(before, name + "_total")
+    for source in ("device", "host", "disk", "external_unspecified"):
+        key = "vllm:prompt_tokens_cached_by_source_total"
+        d[f"vllm:prompt_tokens_cached_by_source{{{source}}}"] = (_total(after, key, source=source)
+                                                               - _total(before, key, source=source))
+    kvbm = {}
+    for name, values in after.items():
+        if name.startswith("vllm:kvbm_") and name.endswith("_total"):
+            for labels, v in values:
+                tag = ",".join(f"{k}={w}" for k, w in sorted(labels.items()) if k not in ("engine", "model_name"))
+                prev = sum(bv for bl, bv in before.get(name, []) if bl == labels)
+                kvbm[f"{name}{{{tag}}}"] = v - prev
+    d["kvbm"] = kvbm
+    hb, ha = histogram(before, "vllm:time_to_first_token_seconds"), histogram(after, "vllm:time_to_first_token_seconds")
+    before_b = dict(hb["buckets"])
+    buckets = [(le, c - before_b.get(le, 0.0)) for le, c in ha["buckets"]]
+    count = ha["count"] - hb["count"]
+    d["vllm:time_to_first_token_seconds"] = {
+        "sum": ha["sum"] - hb["sum"], "count": count,
+        "mean": (ha["sum"] - hb["sum"]) / count if count else None,
+        "p50": histogram_quantile(0.5, buckets), "p90": histogram_quantile(0.9, buckets),
+        "p99": histogram_quantile(0.99, buckets),
+        "buckets": [[le if not math.isinf(le) else "+Inf", c] for le, c in buckets]}
+    return d
+
+
+# --- the comparison ----------------------------------------------------------------------------------------
+
+_ROWS = [  # label, getter, better ("lower" | "higher")
+    ("TTFT p50 (ms)", lambda s: s.ttft_s.p50, "lower", 1000),
+    ("TTFT p90 (ms)", lambda s: s.ttft_s.p90, "lower", 1000),
+    ("TTFT mean (ms)", lambda s: s.ttft_s.mean, "lower", 1000),
+    ("ITL mean (ms)", lambda s: s.itl_s.mean, "lower", 1000),
+    ("E2E p50 (ms)", lambda s: s.e2e_s.p50, "lower", 1000),
+    ("output tokens/s", lambda s: s.output_tokens_per_s, "higher", 1),
+    ("requests/s", lambda s: s.requests_per_s, "higher", 1),
+]
+
+
+def build_comparison(scenario: Scenario, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Rows of values per config and gains against the first config (>1 is better: faster or more)."""
+    names = list(results)
+    base = names[0]
+    rows = []
+    for label, get, better, scale in _ROWS:
+        values = {n: (None if get(results[n]["summary"]) is None else get(results[n]["summary"]) * scale) for n in names}
+        gains = {}
+        for n in names[1:]:
+            b, v = values[base], values[n]
+            gains[n] = None if not b or not v else (b / v if better == "lower" else v / b)
+        rows.append({"metric": label, "better": better, "values": values, "gain_vs_" + base: gains})
+    extra = []
+    for n in names:
+        m = results[n]["vllm_metrics"]
+        q, h = m.get("vllm:prefix_cache_queries") or 0, m.get("vllm:prefix_cache_hits") or 0
+        eq, eh = m.get("vllm:external_prefix_cache_queries") or 0, m.get("vllm:external_prefix_cache_hits") or 0
+        extra.append({"config": n, "errors": results[n]["summary"].num_errors,
+                      "requests": results[n]["summary"].num_requests,
+                      "g1_hit_tokens": h, "g1_query_tokens": q, "kvbm_hit_tokens": eh, "kvbm_query_tokens": eq,
+                      "vllm_ttft": m.get("vllm:time_to_first_token_seconds")})
+    return {"scenario": scenario.name, "baseline": base, "configs": names, "rows": rows, "cache": extra}
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "-" if v is None else (f"{v:.1f}" if abs(v) >= 10 else f"{v:.2f}")
+
+
+def comparison_markdown(comp: dict[str, Any]) -> str:
+    names, base = comp["configs"], comp["baseline"]
+    head = ["metric", *names, *[f"{n} vs {base}" for n in names[1:]]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in comp["rows"]:
+        gains = row["gain_vs_" + base]
+        cells = [row["metric"], *[_fmt(row["values"][n]) for n in names],
+                 *[("-" if gains[n] is None else f"{gains[n]:.2f}x") for n in names[1:]]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append("Gains are baseline/config for latencies and config/baseline for throughputs: above 1 is better.")
+    lines.append("")
+    lines.append("| config | requests | errors | G1 hit tokens / queried | KVBM hit tokens / queried | "
+                 "vLLM TTFT histogram: count, mean, ~p50, ~p90 (ms) |")
+    lines.append("|---|---|---|---|---|---|")
+    for c in comp["cache"]:
+        t = c["vllm_ttft"] or {}
+        ms = lambda x: "-" if x is None else f"{x * 1000:.1f}"  # noqa: E731
+        lines.append(f"| {c['config']} | {c['requests']} | {c['errors']} | {c['g1_hit_tokens']:.0f} / "
+                     f"{c['g1_query_tokens']:.0f} | {c['kvbm_hit_tokens']:.0f} / {c['kvbm_query_tokens']:.0f} | "
+                     f"{t.get('count', 0):.0f}, {ms(t.get('mean'))}, {ms(t.get('p50'))}, {ms(t.get('p90'))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None,
+                show_progress: bool = True) -> dict:
+    """Launch, measure and stop each configuration in turn; write per-config results and the comparison."""
+    wl = _workload_config(scenario.workload)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, Any]] = {}
+    console = err()
+    for raw in scenario.configs:
+        name, spec = engine_spec(scenario.engine, raw)
+        spec.port = port or _free_port()
+        spec.host = spec.host or "127.0.0.1"
+        launch = build_launch(spec)
+        run_dir = out_dir / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = run_dir / "engine.log"
+        log.write_text("")
+        for note in launch.notes:
+            console.print(f"note ({name}): {note}", markup=False)
+        console.print(f"[{name}] {launch.shell()}", markup=False, soft_wrap=True)
+        engine = Engine(launch, log_path=log)
+        try:
+            took = start_and_wait(engine, scenario.health_timeout, f"{name}: vLLM ({spec.connector})")
+            console.print(f"[{name}] engine healthy after {took:.0f} s; running {scenario.workload['type']}",
+                          markup=False)
+            before = scrape(launch.url)
+            info = launch.engine_info()
+            common_kw = dict(url=launch.url, model=None, tokenizer=None, artifact_dir=run_dir, run=name,
+                             engine=info, show_progress=show_progress)
+            if isinstance(wl, PrefixReuseConfig):
+                summary = run_prefix_reuse(wl, driver=scenario.driver, **common_kw)
+            else:
+                summary = run_multi_round(wl, driver=scenario.driver, **common_kw)
+            delta = metrics_delta(before, scrape(launch.url))
+        except BaseException:
+            console.print(f"[{name}] engine log: {log}", markup=False)
+            raise
+        finally:
+            engine.stop()
+        (run_dir / "vllm_metrics.json").write_text(json.dumps(delta, indent=2) + "\n")
+        results[name] = {"summary": summary, "vllm_metrics": delta}
+        console.print(f"[{name}] done: TTFT p50 {_fmt((summary.ttft_s.p50 or 0) * 1000)} ms, "
+                      f"{summary.num_errors} errors", markup=False)
+    comp = build_comparison(scenario, results)
+    (out_dir / "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
+    (out_dir / "comparison.md").write_text(comparison_markdown(comp))
+    return comp
+
+
+@bench_app.command("compare")
+def compare(
+    scenario_path: Annotated[Optional[Path], typer.Argument(
+        metavar="[SCENARIO]", help="Scenario YAML (see scenarios/). Default: the CPU prefix-reuse comparison on "
+                                   "the embedded model.", dir_okay=False)] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Results directory. Default: "
+                                                                 "runs/compare-<scenario name>.", file_okay=False)] = None,
+    port: Annotated[Optional[int], typer.Option(help="Engine port (default: a free one).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Launch each engine configuration of a scenario in turn, run its workload, compare them side by side."""
+    path = scenario_path or default_scenario()
+    scenario = load_scenario(path)
+    out_dir = out_dir or Path("runs") / f"compare-{scenario.name}"
+    with sigterm_as_exception():
+        comp = run_compare(scenario, out_dir, port=port, show_progress=not json_out)
+    if json_out:
+        out().print_json(json.dumps(comp))
+        return
+    console = out()
+    console.print(f"scenario {scenario.name} ({path}) · results in {out_dir}", markup=False, soft_wrap=True)
+    console.print(comparison_markdown(comp), markup=False, soft_wrap=True, highlight=False)

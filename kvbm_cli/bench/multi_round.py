@@ -1,0 +1,253 @@
+"""`kvbm bench multi-round`: LMBenchmark's synthetic multi-round QA, with its flag names and defaults.
+
+Each user's first question carries a system prompt shared by all users (`--shared-system-prompt` tokens) and
+the user's own context (`--user-history-prompt` tokens); every later question carries the whole chat so far
+(questions and the server's answers of `--answer-len` tokens). So KV reuse spans users (the shared prompt) and
+rounds (the history). `--num-users` users are active at once, each asking every num_users/qps seconds (overall
+`--qps`); they start in steady state as LMBenchmark's ramp-up does (staggered, some mid-conversation), and a
+finished user is replaced by a new one until `--time` is up (without --time: no replacements). A warm-up of
+1 user, 2 rounds at QPS 2 runs first, as in long_input_short_output_run.sh (left out of the statistics).
+
+Operations:
+  MultiRoundConfig                  the options (field names = LMBenchmark's flags)
+  run_multi_round(cfg, ...)         run the sessions against a server, write requests.jsonl + summary.json
+  kvbm bench multi-round ...        the command
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from kvbm_cli._console import JsonOpt
+from kvbm_cli._errors import CliError
+from kvbm_cli.app import bench_app
+from kvbm_cli.bench import common
+from kvbm_cli.bench.client import RequestSpec, make_client, progress_bar, send
+from kvbm_cli.bench.prompts import PromptTokenizer
+from kvbm_cli.results import RequestRecord, Summary, iso_now
+
+WORKLOAD = "multi-round"
+
+
+@dataclass
+class MultiRoundConfig:
+    """LMBenchmark multi-round-qa.py options (long_input_short_output_run.sh values as defaults)."""
+
+    num_users: int = 15
+    num_rounds: int = 20
+    qps: float = 0.1
+    shared_system_prompt: int = 1000
+    user_history_prompt: int = 20000
+    answer_len: int = 100
+    init_user_id: int = 0
+    time: Optional[float] = 100.0
+    warmup: bool = True
+    request_with_user_id: bool = True
+    random_seed: int = 0
+
+    def validate(self) -> None:
+        if self.num_users < 1 or self.num_rounds < 1:
+            raise CliError("--num-users and --num-rounds must be >= 1")
+        if self.qps <= 0:
+            raise CliError("--qps must be > 0")
+        if self.shared_system_prompt < 0 or self.user_history_prompt < 0 or self.answer_len < 1:
+            raise CliError("--shared-system-prompt and --user-history-prompt must be >= 0, --answer-len >= 1")
+        if self.time is not None and self.time <= 0:
+            raise CliError("--time must be > 0 seconds")
+
+
+@dataclass
+class _Session:
+    user_id: int
+    num_rounds: int
+    gap_s: float
+    system_text: str
+    warmup: bool = False
+    question_id: int = 0
+    last_request: Optional[float] = None
+    busy: bool = False
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return self.question_id >= self.num_rounds and not self.busy
+
+    def due(self, now: float) -> bool:
+        if self.busy or self.question_id >= self.num_rounds:
+            return False
+        return self.last_request is None or now - self.last_request > self.gap_s
+
+    def next_request(self, now: float, run_tag: str) -> RequestSpec:
+        question = (f"Here's question #{self.question_id + 1}: can you tell me a new long story with a happy "
+                    "ending?")
+        if not self.history:
+            question = self.system_text + question
+        self.history.append({"role": "user", "content": question})
+        self.question_id += 1
+        self.last_request = now
+        self.busy = True
+        return RequestSpec(request_id=f"{run_tag}u{self.user_id}-q{self.question_id}", endpoint="chat",
+                           max_tokens=None, messages=list(self.history), user_id=self.user_id,
+                           round=self.question_id, warmup=self.warmup)
+
+
+class _Workload:
+    """The user sessions of one run: LMBenchmark's UserSessionManager timing."""
+
+    def __init__(self, cfg: MultiRoundConfig, tok: PromptTokenizer):
+        self.cfg = cfg
+        self.tok = tok
+        rng = random.Random(cfg.random_seed)
+        self.shared = tok.words(rng, cfg.shared_system_prompt)
+        self.gap_per_user = cfg.num_users / cfg.qps
+        alive = self.gap_per_user * max(cfg.num_rounds - 1, 1)
+        self.gap_between_users = alive / cfg.num_users
+        self.next_user_id = cfg.init_user_id + 1
+
+    def system_text(self, user_id: int) -> str:
+        rng = random.Random(f"{self.cfg.random_seed}-{user_id}")
+        return (f"Hi, here's some system prompt:{self.shared}. For user {user_id}, here are some other "
+                f"context:{self.tok.words(rng, self.cfg.user_history_prompt)}.")
+
+    def new_session(self, warmup: bool = False, user_id: Optional[int] = None, rounds: Optional[int] = None,
+                    gap: Optional[float] = None) -> _Session:
+        if user_id is None:
+            user_id = self.next_user_id
+            self.next_user_id += 1
+        return _Session(user_id=user_id, num_rounds=rounds or self.cfg.num_rounds, gap_s=gap or self.gap_per_user,
+                        system_text=self.system_text(user_id), warmup=warmup)
+
+    def ramp_up(self, now: float) -> list[_Session]:
+        """num_users sessions placed as if the run had been going for a whole session (LMBenchmark's ramp-up)."""
+        sessions = []
+        ramp = self.cfg.num_users * self.gap_between_users
+        for i in range(self.cfg.num_users):
+            s = self.new_session()
+            offset = ramp - i * self.gap_between_users
+            passed = int(offset / self.gap_per_user) + 1 if self.cfg.num_rounds > 1 else 0
+            passed = min(passed, self.cfg.num_rounds - 1)
+            s.question_id = passed
+            s.last_request = now - offset + max(passed - 1, 0) * self.gap_per_user if passed else None
+            sessions.append(s)
+        return sessions
+
+
+async def _drive(cfg: MultiRoundConfig, tok: PromptTokenizer, url: str, model: str, run: str, timeout_s: float,
+                 writer: common.ArtifactWriter, show_progress: bool) -> None:
+    wl = _Workload(cfg, tok)
+    in_flight: set[asyncio.Task] = set()
+    errors = 0
+
+    async with make_client(cfg.num_users + 2, timeout_s) as client:
+        with progress_bar(disable=not show_progress) as bar:
+            task = bar.add_task(f"{WORKLOAD} {run}", total=None, note="")
+
+            def launch(s: _Session, now: float) -> None:
+                spec = s.next_request(now, "warmup-" if s.warmup else "")
+                spec.max_tokens = cfg.answer_len
+                if cfg.request_with_user_id:  # LMBenchmark's header, for routers that keep a user on one engine
+                    spec.headers = {"x-user-id": str(s.user_id)}
+                done_spec = spec
+
+                async def one() -> None:
+                    nonlocal errors
+                    sent = await send(client, url, model, done_spec, run=run, workload=WORKLOAD, ignore_eos=True)
+                    s.history.append({"role": "assistant", "content": sent.text})
+                    s.busy = False
+                    writer.add(sent.record)
+                    errors += sent.record.error is not None
+                    bar.update(task, advance=1, note=f"user {s.user_id} q{s.question_id}"
+                               + (f"  errors {errors}" if errors else ""))
+
+                t = asyncio.create_task(one())
+                in_flight.add(t)
+                t.add_done_callback(in_flight.discard)
+
+            async def loop(sessions: list[_Session], deadline: Optional[float], replace: bool) -> None:
+                last_join = time.monotonic()
+                while True:
+                    now = time.monotonic()
+                    if deadline is not None and now >= deadline:
+                        break
+                    sessions[:] = [s for s in sessions if not s.finished]
+                    if replace and len(sessions) < cfg.num_users and now - last_join > wl.gap_between_users:
+                        sessions.append(wl.new_session())
+                        last_join = now
+                    if not sessions and not replace:
+                        break
+                    for s in sessions:
+                        if s.due(now):
+                            launch(s, now)
+                    await asyncio.sleep(0.02)
+                if in_flight:
+                    await asyncio.gather(*list(in_flight))
+
+            if cfg.warmup:
+                warm = wl.new_session(warmup=True, user_id=cfg.init_user_id, rounds=2, gap=0.5)
+                await loop([warm], None, replace=False)
+            start = time.monotonic()
+            deadline = start + cfg.time if cfg.time is not None else None
+            await loop(wl.ramp_up(start), deadline, replace=cfg.time is not None)
+
+
+def run_multi_round(cfg: MultiRoundConfig, *, url: str, model: Optional[str], tokenizer: Optional[str],
+                    artifact_dir: Path, run: str, engine: Optional[dict[str, Any]] = None, timeout_s: float = 600.0,
+                    show_progress: bool = True, driver: str = "native") -> Summary:
+    """Run the sessions and write the result files; the summary's duration is the measured phase."""
+    cfg.validate()
+    if driver != "native":
+        raise CliError("kvbm bench multi-round runs with the native client only (--driver native); aiperf and "
+                       "genai-perf have no LMBenchmark multi-round mode")
+    model, tok_source = common.resolve_model_and_tokenizer(url, model, tokenizer)
+    tok = PromptTokenizer(tok_source)
+    writer = common.ArtifactWriter(artifact_dir)
+    started_at = iso_now()
+    asyncio.run(_drive(cfg, tok, url, model, run, timeout_s, writer, show_progress))
+    measured: list[RequestRecord] = [r for r in writer.records if not r.warmup]
+    duration = (max(r.start_s + (r.e2e_s or 0.0) for r in measured) - min(r.start_s for r in measured)) if measured else 0.0
+    return common.finish_run(writer.records, artifact_dir, run=run, workload=WORKLOAD, url=url, model=model,
+                             driver="native", started_at=started_at, duration_s=duration,
+                             config=asdict(cfg) | {"tokenizer": tok_source}, engine=engine)
+
+
+@bench_app.command("multi-round")
+def multi_round(
+    url: common.UrlOpt = "http://localhost:8000",
+    model: common.ModelOpt = None,
+    tokenizer: common.TokenizerOpt = None,
+    num_users: Annotated[int, typer.Option(help="Users active at once.")] = 15,
+    num_rounds: Annotated[int, typer.Option(help="Questions per user.")] = 20,
+    qps: Annotated[float, typer.Option(help="Overall requests per second (each user asks every num_users/qps s).")] = 0.1,
+    shared_system_prompt: Annotated[int, typer.Option(help="Tokens of the system prompt all users share.")] = 1000,
+    user_history_prompt: Annotated[int, typer.Option(help="Tokens of each user's own context.")] = 20000,
+    answer_len: Annotated[int, typer.Option(help="Tokens per answer (exact).")] = 100,
+    init_user_id: Annotated[int, typer.Option(help="User ids start after this.")] = 0,
+    time_s: Annotated[Optional[float], typer.Option("--time", help="Seconds to keep starting requests (users are "
+                                                                   "replaced as they finish); 0: until the first "
+                                                                   "users finish.")] = 100.0,
+    warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="1 user, 2 rounds at QPS 2 first.")] = True,
+    random_seed: Annotated[int, typer.Option(help="Seed of the prompt words.")] = 0,
+    artifact_dir: common.ArtifactOpt = None,
+    run: common.RunOpt = None,
+    driver: common.DriverOpt = "native",
+    request_timeout: common.TimeoutOpt = 600.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """LMBenchmark's synthetic multi-round QA: long shared context, growing per-user chat history."""
+    cfg = MultiRoundConfig(num_users=num_users, num_rounds=num_rounds, qps=qps, shared_system_prompt=shared_system_prompt,
+                           user_history_prompt=user_history_prompt, answer_len=answer_len, init_user_id=init_user_id,
+                           time=time_s or None, warmup=warmup, random_seed=random_seed)
+    cfg.validate()
+    common.check_driver(driver)
+    artifact_dir = artifact_dir or Path("runs") / WORKLOAD
+    summary = run_multi_round(cfg, url=url, model=model, tokenizer=tokenizer, artifact_dir=artifact_dir,
+                              run=run or artifact_dir.name, timeout_s=request_timeout, show_progress=not json_out,
+                              driver=driver)
+    common.print_summary(summary, artifact_dir, json_out)

@@ -1,0 +1,144 @@
+"""Prompts of exact length in the server's tokens, for the chat and completions endpoints.
+
+The text is made of words that are each exactly one token (with their leading space) in the model's tokenizer,
+so a run of n words is n tokens whatever comes before or after it. The chat template's head and tail are
+measured with the same tokenizer and the same template the server renders, and counted in: a chat prompt with
+a P-token prefix and an I-token suffix is exactly P + I tokens as vLLM counts them (`usage.prompt_tokens`).
+
+Operations:
+  PromptTokenizer(source)      the model's tokenizer.json + chat template (tokenizers + jinja2, no transformers)
+  .count(endpoint, text)       tokens vLLM counts for one user message / completion prompt
+  .head_tail(endpoint)         tokens the template adds before and after the message
+  .words(rng, n)               n random one-token words (a string of exactly n tokens)
+  build_prompt(tok, endpoint, prefix_text, prefix_tokens, n_total, rng)
+                               prefix + random suffix, exactly n_total tokens (PromptError if impossible)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from functools import cached_property
+from pathlib import Path
+
+from kvbm_cli._errors import CliError
+
+ENDPOINTS = ("chat", "completions")
+_SENTINEL = "\x00KVBM-CONTENT\x00"
+
+
+class PromptError(CliError):
+    """A prompt of the requested length cannot be built (exit 2)."""
+
+
+def resolve_tokenizer_dir(source: str) -> Path:
+    """A local directory holding tokenizer.json: the path itself, or a model id in the Hugging Face cache."""
+    path = Path(source).expanduser()
+    if (path / "tokenizer.json").is_file():
+        return path
+    if path.is_file() and path.name == "tokenizer.json":
+        return path.parent
+    try:
+        from huggingface_hub import snapshot_download
+
+        snap = Path(snapshot_download(source, allow_patterns=["tokenizer*", "*.json", "*.jinja"],
+                                      local_files_only=True))
+        if (snap / "tokenizer.json").is_file():
+            return snap
+    except Exception:  # noqa: BLE001 - any failure means: not available locally
+        pass
+    raise PromptError(f"tokenizer not found: {source} is neither a directory with tokenizer.json nor a model in "
+                      "the local Hugging Face cache; pass --tokenizer DIR")
+
+
+class PromptTokenizer:
+    """The model's tokenizer and chat template, as the server applies them."""
+
+    def __init__(self, source: str):
+        from tokenizers import Tokenizer
+
+        self.dir = resolve_tokenizer_dir(source)
+        self.tok = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
+        cfg_path = self.dir / "tokenizer_config.json"
+        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+        template = self.config.get("chat_template")
+        if isinstance(template, list):  # named templates: use "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        jinja_file = self.dir / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text()
+        self.chat_template = template
+
+    def _render(self, content: str) -> str:
+        if not self.chat_template:
+            raise PromptError(f"the tokenizer in {self.dir} has no chat template; use --endpoint-type completions")
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(msg):
+            raise PromptError(f"chat template: {msg}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
+                                                                                       ensure_ascii=ensure_ascii)
+        special = {k: (v["content"] if isinstance(v, dict) else v) for k, v in self.config.items()
+                   if k.endswith("_token") and isinstance(v, (str, dict))}
+        return env.from_string(self.chat_template).render(
+            messages=[{"role": "user", "content": content}], add_generation_prompt=True, **special)
+
+    def count(self, endpoint: str, text: str) -> int:
+        """Prompt tokens vLLM counts for `text` as the one user message (chat) or the prompt (completions)."""
+        if endpoint == "chat":
+            return len(self.tok.encode(self._render(text), add_special_tokens=False).ids)
+        return len(self.tok.encode(text, add_special_tokens=True).ids)
+
+    def head_tail(self, endpoint: str) -> tuple[int, int]:
+        """Tokens added before and after the message text."""
+        if endpoint == "completions":
+            return len(self.tok.encode("", add_special_tokens=True).ids), 0
+        head, _, tail = self._render(_SENTINEL).partition(_SENTINEL)
+        return (len(self.tok.encode(head, add_special_tokens=False).ids),
+                len(self.tok.encode(tail, add_special_tokens=False).ids))
+
+    @cached_property
+    def vocab_words(self) -> list[str]:
+        """Words (with a leading space) that are exactly one token each; sorted for determinism."""
+        words = []
+        for token_id in range(min(self.tok.get_vocab_size(), 200_000)):
+            text = self.tok.decode([token_id])
+            if re.fullmatch(r" [a-z]{2,12}", text) and self.tok.encode(text, add_special_tokens=False).ids == [token_id]:
+                words.append(text)
+        if len(words) < 20:
+            raise PromptError(f"the tokenizer in {self.dir} has too few one-token words ({len(words)}) to build "
+                              "prompts of exact length")
+        return sorted(words)
+
+    def words(self, rng: random.Random, n: int) -> str:
+        """A string of exactly `n` tokens (inside a larger text too): n random one-token words."""
+        pool = self.vocab_words
+        return "".join(rng.choice(pool) for _ in range(n))
+
+
+def build_prompt(tok: PromptTokenizer, endpoint: str, prefix_text: str, prefix_tokens: int, n_total: int,
+                 rng: random.Random) -> str:
+    """`prefix_text` (its tokens, template head included, are `prefix_tokens`) + random words: `n_total` tokens."""
+    _, tail = tok.head_tail(endpoint)
+    n_suffix = n_total - prefix_tokens - tail
+    if n_suffix < 0:
+        raise PromptError(f"a {n_total}-token prompt cannot hold the {prefix_tokens}-token prefix and the "
+                          f"template's {tail} closing tokens")
+    text = prefix_text + tok.words(rng, n_suffix)
+    got = tok.count(endpoint, text)
+    if got != n_total:
+        raise PromptError(f"built a {got}-token prompt instead of {n_total}: the tokenizer merges across words")
+    return text
+
+
+def build_prefix(tok: PromptTokenizer, endpoint: str, n_tokens: int, rng: random.Random) -> str:
+    """Text whose tokens, with the template's head before it, are exactly `n_tokens`."""
+    head, _ = tok.head_tail(endpoint)
+    if n_tokens < head:
+        raise PromptError(f"--prefix-prompt-length {n_tokens} is shorter than the chat template's head "
+                          f"({head} tokens)")
+    return tok.words(rng, n_tokens - head)

