@@ -16,7 +16,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from kvbm_cli._console import err, out
-from kvbm_cli._errors import CliError
+from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli.bench.client import server_model
 from kvbm_cli.results import REQUESTS_FILE, SUMMARY_FILE, RequestRecord, Summary, summarize, write_requests, write_summary
 
@@ -77,6 +77,9 @@ def finish_run(records: list[RequestRecord], artifact_dir: Path, *, run: str, wo
             err().print(f"warning: {len(off)} prompts were not the requested length in the server's tokens "
                         f"(e.g. {r.request_id}: {r.input_tokens} instead of {expected[r.request_id]}); is "
                         "--tokenizer the server's tokenizer?", markup=False)
+    if summary.num_errors and summary.num_errors == summary.num_requests:
+        first = next(r.error for r in records if r.error and not r.warmup)
+        raise CheckFailed(f"all {summary.num_requests} requests failed (results in {artifact_dir}); first: {first}")
     if summary.num_errors:
         first = next(r.error for r in records if r.error and not r.warmup)
         err().print(f"warning: {summary.num_errors} of {summary.num_requests} requests failed; first: {first}",

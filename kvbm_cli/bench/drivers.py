@@ -1,6 +1,150 @@
 """External load generators: aiperf (genai-perf's successor) and genai-perf, imported into our result files.
 
+Both take genai-perf's flags, so the prefix-reuse options map one to one. Their prompt lengths are counted in
+message text, not in the server's tokens (the chat template is not counted): requests.jsonl records the
+server's `usage.prompt_tokens` where the tool saved it.
+
 Operations:
-  run_external(driver, workload, cfg, ...)   run the tool with the same workload flags, import its export
-  import_aiperf(export_dir, ...)             aiperf's per-request records -> RequestRecords
+  tool_command(driver, cfg, ...)       the tool's command line for a prefix-reuse config
+  run_external(driver, workload, cfg, ...)   run it (HF_HUB_OFFLINE unset: aiperf's local tokenizer loading needs
+                                       that), import its per-request export, write requests.jsonl + summary.json
+  import_aiperf(path, run, workload)   aiperf's profile_export.jsonl -> RequestRecords
+  import_genai_perf(path, run, workload)   genai-perf's profile_export.json -> RequestRecords
 """
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from kvbm_cli._console import err
+from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli.results import RequestRecord, Summary, iso_now
+
+GENAI_PERF_NOTE = ("genai-perf needs NVIDIA's perf_analyzer binary, which is not on PyPI (it ships in Triton's SDK "
+                   "container), so it cannot run on a machine set up with pip alone; use --driver aiperf (its "
+                   "successor: pip install aiperf) or the native client")
+
+
+def find_tool(driver: str) -> str:
+    """The tool's executable, or a one-line CliError saying how to get it."""
+    exe = shutil.which(driver)
+    if driver == "aiperf" and exe is None:
+        raise CliError("aiperf is not installed: pip install aiperf (0.13 works against vLLM's CPU server), or use "
+                       "--driver native", code=2)
+    if driver == "genai-perf":
+        if exe is None:
+            raise CliError(f"genai-perf is not installed; and {GENAI_PERF_NOTE}", code=2)
+        if shutil.which("perf_analyzer") is None:
+            raise CliError(f"genai-perf is installed but perf_analyzer is not on PATH: {GENAI_PERF_NOTE}", code=2)
+    return exe
+
+
+def tool_command(driver: str, exe: str, cfg: Any, *, url: str, model: str, tokenizer: str, out: Path) -> list[str]:
+    """genai-perf-style flags for a PrefixReuseConfig (both tools accept them)."""
+    cmd = [exe, "profile", "-m", model, "--url", url, "--endpoint-type", cfg.endpoint_type, "--tokenizer", tokenizer,
+           "--synthetic-input-tokens-mean", str(cfg.synthetic_input_tokens_mean),
+           "--synthetic-input-tokens-stddev", str(cfg.synthetic_input_tokens_stddev),
+           "--request-count", str(cfg.request_count), "--warmup-request-count", str(cfg.warmup_request_count),
+           "--random-seed", str(cfg.random_seed), "--artifact-dir", str(out)]
+    if cfg.streaming:
+        cmd.append("--streaming")
+    if cfg.num_prefix_prompts:
+        cmd += ["--prefix-prompt-length", str(cfg.prefix_prompt_length), "--num-prefix-prompts",
+                str(cfg.num_prefix_prompts)]
+    if cfg.output_tokens_mean is not None:
+        cmd += ["--output-tokens-mean", str(cfg.output_tokens_mean)]
+        if cfg.output_tokens_stddev:
+            cmd += ["--output-tokens-stddev", str(cfg.output_tokens_stddev)]
+        if cfg.ignore_eos:
+            cmd += ["--extra-inputs", "ignore_eos:true"]
+            if not cfg.output_tokens_stddev:
+                cmd += ["--extra-inputs", f"min_tokens:{cfg.output_tokens_mean}"]
+    if cfg.request_rate:
+        cmd += ["--request-rate", str(cfg.request_rate)]
+    else:
+        cmd += ["--concurrency", str(cfg.concurrency or 1)]
+    if driver == "aiperf":
+        cmd += ["--ui", "none"]
+    return cmd
+
+
+def _metric(metrics: dict, name: str) -> Any:
+    entry = metrics.get(name)
+    return entry.get("value") if isinstance(entry, dict) else None
+
+
+def import_aiperf(path: Path, run: str, workload: str) -> list[RequestRecord]:
+    """One RequestRecord per line of aiperf's profile_export.jsonl (warm-up phase marked)."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        if not line.strip():
+            continue
+        d = json.loads(line)
+        md, m = d.get("metadata", {}), d.get("metrics", {})
+        error = d.get("error")
+        ttft, e2e = _metric(m, "time_to_first_token"), _metric(m, "request_latency")
+        itl = _metric(m, "inter_chunk_latency") or []
+        records.append(RequestRecord(
+            request_id=str(md.get("x_request_id") or md.get("x_correlation_id") or len(records)), run=run,
+            workload=workload, start_s=(md.get("request_start_ns") or 0) / 1e9,
+            ttft_s=None if error or ttft is None else ttft / 1000, itl_s=[] if error else [x / 1000 for x in itl],
+            e2e_s=None if error or e2e is None else e2e / 1000,
+            input_tokens=int(_metric(m, "usage_prompt_tokens") or _metric(m, "input_sequence_length")
+                             or _metric(m, "error_isl") or 0),
+            output_tokens=0 if error else int(_metric(m, "usage_completion_tokens") or _metric(m, "output_token_count") or 0),
+            warmup=md.get("benchmark_phase") == "warmup",
+            error=None if not error else f"{error.get('type', 'error')}: {error.get('message', '')}"[:300]))
+    return records
+
+
+def import_genai_perf(path: Path, run: str, workload: str, warmup_count: int = 0) -> list[RequestRecord]:
+    """genai-perf's profile_export.json (experiments[].requests[] with ns timestamps) -> RequestRecords."""
+    data = json.loads(Path(path).read_text())
+    records = []
+    for exp in data.get("experiments", []):
+        for req in exp.get("requests", []):
+            t0, ts = req.get("timestamp", 0), req.get("response_timestamps") or []
+            ok = bool(ts)
+            records.append(RequestRecord(
+                request_id=str(len(records)), run=run, workload=workload, start_s=t0 / 1e9,
+                ttft_s=(ts[0] - t0) / 1e9 if ok else None, itl_s=[(b - a) / 1e9 for a, b in zip(ts, ts[1:])],
+                e2e_s=(ts[-1] - t0) / 1e9 if ok else None, input_tokens=0, output_tokens=max(len(ts) - 1, 0),
+                warmup=len(records) < warmup_count, error=None if ok else "no response"))
+    return records
+
+
+def run_external(driver: str, workload: str, cfg: Any, *, url: str, model: str, tokenizer: str, artifact_dir: Path,
+                 run: str, engine: Optional[dict[str, Any]], config: dict[str, Any]) -> Summary:
+    """Run aiperf / genai-perf for a prefix-reuse config and import its export into our two files."""
+    from kvbm_cli.bench import common
+
+    exe = find_tool(driver)
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    tool_dir = artifact_dir / driver
+    cmd = tool_command(driver, exe, cfg, url=url, model=model, tokenizer=tokenizer, out=tool_dir)
+    env = dict(os.environ)
+    env.pop("HF_HUB_OFFLINE", None)  # aiperf 0.13 cannot load a local tokenizer directory in offline mode
+    log = artifact_dir / f"{driver}.log"
+    err().print(f"running {driver}: {' '.join(cmd)}", markup=False, soft_wrap=True)
+    started_at, t0 = iso_now(), time.perf_counter()
+    with open(log, "wb") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+    duration = time.perf_counter() - t0
+    export = tool_dir / ("profile_export.jsonl" if driver == "aiperf" else "profile_export.json")
+    if rc != 0 or not export.is_file():
+        tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
+        raise CheckFailed(f"{driver} exited with status {rc} (log {log}): {tail[0].strip()[:200]}")
+    records = (import_aiperf(export, run, workload) if driver == "aiperf"
+               else import_genai_perf(export, run, workload, cfg.warmup_request_count))
+    measured = [r for r in records if not r.warmup and r.e2e_s is not None]
+    if measured:
+        duration = max(r.start_s + r.e2e_s for r in measured) - min(r.start_s for r in measured)
+    return common.finish_run(records, artifact_dir, run=run, workload=workload, url=url, model=model, driver=driver,
+                             started_at=started_at, duration_s=duration, config=config | {"driver_command": cmd},
+                             engine=engine)

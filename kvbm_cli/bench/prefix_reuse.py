@@ -178,6 +178,10 @@ def prefix_reuse(
                             prefix_order=prefix_order)
     cfg.validate()
     common.check_driver(driver)
+    if driver != "native":
+        from kvbm_cli.bench.drivers import find_tool
+
+        find_tool(driver)  # fail before contacting the server
     artifact_dir = artifact_dir or Path("runs") / WORKLOAD
     summary = run_prefix_reuse(cfg, url=url, model=model, tokenizer=tokenizer, artifact_dir=artifact_dir,
                                run=run or artifact_dir.name, driver=driver, timeout_s=request_timeout,
