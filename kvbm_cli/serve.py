@@ -216,14 +216,14 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
 # --- failures ---------------------------------------------------------------------------------------------
 
 _FAILURES: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
-    (re.compile(r"Address already in use|\[Errno 98\]"),
+    (re.compile(r"address already in use|\[Errno 98\]", re.IGNORECASE),
      lambda m: "port in use: another process listens on the engine's port; choose another with --port"),
     (re.compile(r"(?:ModuleNotFoundError|ImportError): (?:No module named )?'?([\w.]*(?:kvbm|connector)[\w.]*)'?"),
      lambda m: f"connector import error: vLLM could not import {m.group(1)!r}; is kvbm installed in the "
                "engine's Python (pip install -e .)?"),
     (re.compile(r"Class (\w+) not found in ([\w.]+)"),
      lambda m: f"connector import error: class {m.group(1)} not found in module {m.group(2)}"),
-    (re.compile(r"(To serve at least one request with the model'?s max seq len \(\d+\).*?KV cache is needed, "
+    (re.compile(r"(To serve at least one request with the \w+'?s? max seq len \(\d+\).*?KV cache is needed, "
                 r"which is larger than the available KV cache memory[^.]*)"),
      lambda m: f"KV cache too small for --max-model-len: {m.group(1).strip()}; lower --max-model-len or give "
                "G1 more memory"),
