@@ -232,7 +232,8 @@ _FAILURES: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
     (re.compile(r"(CUDA out of memory|OutOfMemoryError|torch\.OutOfMemoryError|out of memory|"
                 r"Cannot allocate memory|No available memory for the cache blocks)", re.IGNORECASE),
      lambda m: f"out of memory ({m.group(1)}): lower the G1 size, --max-model-len or --cpu-cache-gb"),
-    (re.compile(r"(is not a local folder and is not a valid model identifier|Repository Not Found|"
+    (re.compile(r"(is not a local folder and is not a valid model identifier|Repository Not Found|LocalEntryNotFoundError|"
+                r"RepositoryNotFoundError|Cannot find an appropriate cached snapshot|"
                 r"does not appear to have a file named config\.json|OfflineModeIsEnabled|"
                 r"Cannot find the requested files in the local cache|We couldn't connect to|"
                 r"Invalid repository ID or local directory specified)"),
