@@ -44,7 +44,9 @@ def test_serve_dry_run_default_is_the_tiny_model_on_cpu():
     d = _dry()
     argv = d["argv"]
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
-    assert argv[argv.index("--model") + 1].endswith("tiny-qwen3-v1")
+    from kvbm_cli.tiny_model import default_model_dir
+
+    assert argv[argv.index("--model") + 1] == str(default_model_dir())
     assert argv[argv.index("--load-format") + 1] == "dummy" and "--enforce-eager" in argv
     assert "--kv-transfer-config" not in argv and argv[argv.index("--port") + 1] == "8000"
     assert d["env_set"] == {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
