@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	@touch $@
 
 demo: install
-	$(VENV)/bin/kvbm bench transfer
+	$(VENV)/bin/kvbm bench compare scenarios/prefix-reuse-cpu.yaml --out runs/demo
 
 bench-transfer: install
 	$(VENV)/bin/kvbm bench transfer
