@@ -72,13 +72,15 @@ def run_window(run_dir: Path) -> tuple[float, float] | None:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (an exited child nobody has reaped yet, a zombie, counts as ended)."""
+    import psutil
+
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    return True
 
 
 @metrics_app.command("collect")

@@ -128,9 +128,15 @@ def series(run: Run, name: str, label_filter: dict[str, str] | None = None) -> p
         frame = frame[keep]
     if frame.empty:
         return pd.Series(dtype=float)
-    # Sources are scraped one after the other: round to the scrape tick so one tick sums into one point.
+    # One scrape of one source shares one t: sum its label sets there. Several sources (e.g. two KVBM
+    # instances) are scraped at slightly different times: align on the union of times, carry values forward.
     t0 = run.metrics["t"].min()
-    values = frame.groupby((frame["t"] - t0).round(0))["value"].sum()
+    per_source = [g.groupby("t")["value"].sum() for _, g in frame.groupby("source")]
+    if len(per_source) == 1:
+        values = per_source[0]
+    else:
+        values = pd.concat(per_source, axis=1).sort_index().ffill().sum(axis=1, min_count=1)
+    values.index = values.index - t0
     return values.sort_index()
 
 
@@ -255,6 +261,7 @@ def plot_ttft_cdf(runs: list[Run], path: Path) -> Path:
     for run, color in zip(runs, _colors(len(runs))):
         x, p = ecdf(run.requests["ttft_s"].astype(float) * 1000)
         if len(x):
+            x, p = np.r_[x[0], x], np.r_[0.0, p]
             ax.step(x, p, where="post", color=color, label=f"{run.name} (n={len(x)})")
     ax.set_xlabel("time to first token (ms)")
     ax.set_ylabel("fraction of requests")
@@ -305,7 +312,8 @@ def plot_itl(runs: list[Run], path: Path) -> Path:
         everything.append(values)
         x, p = ecdf(values)
         if len(x):
-            ax.step(x, p, where="post", color=color, label=f"{run.name} (p50 {np.median(x):.1f} ms, n={len(x)})")
+            label = f"{run.name} (p50 {np.median(x):.1f} ms, n={len(x)})"
+            ax.step(np.r_[x[0], x], np.r_[0.0, p], where="post", color=color, label=label)
     ax.set_xlabel("inter-token latency (ms)")
     ax.set_ylabel("fraction of tokens")
     ax.set_title("ITL CDF (all output tokens)")
