@@ -131,7 +131,7 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
         from kvbm_cli.tiny_model import default_model_dir
 
         model = str(default_model_dir())
-        notes.append(f"model: the embedded tiny default ({model}), random weights (--load-format dummy)")
+        notes.append(f"model: the embedded tiny default ({model}), seeded random weights")
     else:
         model = spec.model
         if _looks_like_path(model):
@@ -155,8 +155,10 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     if spec.host:
         argv += ["--host", spec.host]
     argv += ["--port", str(spec.port)]
-    if tiny:
-        argv += ["--load-format", "dummy", "--enforce-eager"]
+    if tiny:  # its seeded random weights load in a second; older copies without them use vLLM's dummy loader
+        if not (Path(model) / "model.safetensors").is_file():
+            argv += ["--load-format", "dummy"]
+        argv += ["--enforce-eager"]
     if spec.gpu_memory_utilization is not None:
         if not 0 < spec.gpu_memory_utilization <= 1:
             raise CliError(f"--gpu-memory-utilization must be in (0, 1], not {spec.gpu_memory_utilization}")
@@ -402,12 +404,8 @@ def start_and_wait(engine: Engine, timeout_s: float, label: str) -> float:
 
 # --- the command ------------------------------------------------------------------------------------------
 
-SIZE_HELP = ("G1 (vLLM's own KV cache). GPU: --gpu-memory-utilization is the fraction of GPU memory for weights "
-             "+ KV. CPU build: that flag has no effect; --kv-cache-memory-bytes / --gpu-cache-gb set the KV bytes "
-             "exactly (VLLM_CPU_KVCACHE_SPACE, integer GiB, is unset then: it would override them).")
-
-
-@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
+@app.command("serve", options_metavar="[OPTIONS] [-- VLLM_ARGS...]",
+             context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def serve(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option(help="Model id or directory. Default: the embedded tiny model "

@@ -47,7 +47,8 @@ def test_serve_dry_run_default_is_the_tiny_model_on_cpu():
     from kvbm_cli.tiny_model import default_model_dir
 
     assert argv[argv.index("--model") + 1] == str(default_model_dir())
-    assert argv[argv.index("--load-format") + 1] == "dummy" and "--enforce-eager" in argv
+    has_weights = (default_model_dir() / "model.safetensors").is_file()
+    assert ("--load-format" in argv) != has_weights and "--enforce-eager" in argv  # dummy weights only if none
     assert "--kv-transfer-config" not in argv and argv[argv.index("--port") + 1] == "8000"
     assert d["env_set"] == {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
 
