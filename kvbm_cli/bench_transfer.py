@@ -73,12 +73,14 @@ def engine_cache(layers: int, kv_heads: int, head_dim: int, block_size: int, num
 def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
                        directory: Path | None, direct: bool, repeats: int, dtype: str = "bfloat16", io: str = "posix",
                        device: str = "cpu", gpu_chunk_bytes: int = 64 << 20, copy_2d: bool | None = None,
+                       host_block_major: bool | None = None,
                        scattered_slots: bool = False, disk_repeats: int | None = None,
                        progress: Callable[[str], None] = lambda msg: None) -> list[PathResult]:
     """Measure every path on a cache of `layers` in vLLM's layout for `device` (see the module docstring).
 
-    CUDA only: `gpu_chunk_bytes` (staging per chunk), `copy_2d=False` (one copy per segment instead of one
-    2D copy per host-slot run). `scattered_slots` puts the blocks in random, non-consecutive host slots.
+    CUDA only: `gpu_chunk_bytes` (staging per chunk); `host_block_major=False` (a segment-major host tier, as
+    for CPU caches, instead of HostTier.for_layout's block-major one) with `copy_2d=False` (one copy per
+    segment instead of one 2D copy per host-slot run). `scattered_slots`: random, non-consecutive host slots.
     """
     import torch
 
@@ -91,7 +93,11 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
     caches, block_dim = engine_cache(layers, kv_heads, head_dim, block_size, cache_blocks, device, dtype)
     layout = KVLayout.from_layers(caches, block_dim=block_dim)
     host_slots = num_blocks * 2 if scattered_slots else num_blocks
-    host = HostTier(host_slots, layout.num_segments, layout.segment_words, layout.word)
+    if host_block_major is None:
+        host = HostTier.for_layout(layout, host_slots)
+    else:
+        host = HostTier(host_slots, layout.num_segments, layout.segment_words, layout.word,
+                        block_major=host_block_major)
     block_ids = torch.randperm(cache_blocks)[:num_blocks].tolist()
     slots = torch.randperm(host_slots)[:num_blocks].tolist() if scattered_slots else list(range(num_blocks))
     nbytes = num_blocks * layout.block_bytes

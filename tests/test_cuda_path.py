@@ -135,6 +135,35 @@ def test_flat_rows_refuse_layers_apart():
     assert FlatRows.of(layout) is None
 
 
+def test_block_major_host_tier_round_trip_on_cpu(tmp_path):
+    """The host layout GPU caches get (HostTier.for_layout): slots whole, G2 -> G3 from one piece per block."""
+    caches = flash_attn_caches(10)
+    randomize(caches, 7)
+    layout = KVLayout.from_layers(caches, block_dim=1)
+    host = HostTier(6, layout.num_segments, layout.segment_words, layout.word, pin=False, block_major=True)
+    assert host.tensor.shape == (6, layout.num_segments, layout.segment_words)
+    assert not HostTier.for_layout(layout, 6, pin=False).block_major  # CPU caches stay segment-major
+    disk = DiskTier.create(tmp_path, 6, layout.block_bytes, layout.fingerprint(model="t"),
+                           direct=fileio.probe_o_direct(tmp_path) is None)
+    engine = TransferEngine(layout, host, disk)
+    assert len(engine.pieces.host(2)) == 1
+    saved = {b: block_bytes(layout, b) for b in range(10)}
+    engine.submit_offload(OffloadJob("s", stores=[BlockMove(b, b, 5 - b) for b in range(6)]))
+    engine.submit_offload(OffloadJob("c", cascades=[SlotCopy(b, 5 - b, b) for b in range(6)]))
+    engine.wait()
+    for b in range(6):
+        assert torch.equal(host.read_slot(5 - b), saved[b])
+        assert torch.equal(host.segment(1)[5 - b], saved[b][1])
+    randomize(caches, 8)
+    engine.submit_onboard(OnboardJob("l", loads=[BlockMove(b, 9 - b, 5 - b, Tier.G2) for b in range(3)]
+                                     + [BlockMove(b, 9 - b, b, Tier.G3) for b in range(3, 6)]))
+    engine.wait()
+    assert all(r.ok for r in engine.get_finished())
+    for b in range(6):
+        assert torch.equal(block_bytes(layout, 9 - b), saved[b])
+    engine.close()
+
+
 def test_other_devices_are_refused():
     caches = {"l0": torch.empty((2, 4, BLOCK_SIZE, HEADS, HEAD_DIM), device="meta")}
     layout = KVLayout.from_layers(caches, block_dim=1)
@@ -150,21 +179,24 @@ def block_bytes(layout, block_id) -> torch.Tensor:
 
 
 @needs_cuda
-@pytest.mark.parametrize("variant", ["one_buffer_2d", "one_buffer_per_segment", "layers_apart"])
+@pytest.mark.parametrize("variant", ["block_major", "segment_major_2d", "segment_major_per_segment", "layers_apart"])
 def test_round_trip_through_g2_and_g3_into_other_blocks(tmp_path, variant):
     num_blocks, n = 48, 16
     caches = flash_attn_caches(num_blocks, "cuda", one_buffer=variant != "layers_apart")
     randomize(caches, 11)  # "vLLM" wrote KV
     layout = KVLayout.from_layers(caches, block_dim=1)
-    host = HostTier(40, layout.num_segments, layout.segment_words, layout.word)
-    assert host.pinned
+    if variant.startswith("segment_major"):
+        host = HostTier(40, layout.num_segments, layout.segment_words, layout.word)
+    else:
+        host = HostTier.for_layout(layout, 40)
+    assert host.pinned and host.block_major == (not variant.startswith("segment_major"))
     direct = fileio.probe_o_direct(tmp_path) is None
     disk = DiskTier.create(tmp_path, 32, layout.block_bytes, layout.fingerprint(model="t"), direct=direct)
     # Three blocks per GPU chunk: several chunks, both staging buffers in turn.
     engine = TransferEngine(layout, host, disk, chunk_bytes=5 * disk.slot_bytes, gpu_chunk_bytes=3 * layout.block_bytes)
-    if variant == "one_buffer_per_segment":
+    if variant == "segment_major_per_segment":
         engine.cuda.copy_per_segment()
-    assert engine.cuda.uses_2d == (variant != "one_buffer_per_segment")
+    assert engine.cuda.uses_2d == (variant == "segment_major_2d")
     assert (engine.cuda.flat is None) == (variant == "layers_apart")
 
     rng = random.Random(5)
@@ -200,7 +232,7 @@ def test_corrupt_disk_block_fails_alone_and_leaves_its_page(tmp_path):
     caches = flash_attn_caches(16, "cuda")
     randomize(caches, 21)
     layout = KVLayout.from_layers(caches, block_dim=1)
-    host = HostTier(8, layout.num_segments, layout.segment_words, layout.word)
+    host = HostTier.for_layout(layout, 8)
     disk = DiskTier.create(tmp_path, 8, layout.block_bytes, layout.fingerprint(model="t"),
                            direct=fileio.probe_o_direct(tmp_path) is None)
     engine = TransferEngine(layout, host, disk, gpu_chunk_bytes=2 * layout.block_bytes)
@@ -229,7 +261,7 @@ def test_offload_waits_for_the_forward_on_the_submitting_stream():
     """Pages written by a kernel still queued on the compute stream are read only after it ran."""
     caches = flash_attn_caches(8, "cuda")
     layout = KVLayout.from_layers(caches, block_dim=1)
-    host = HostTier(8, layout.num_segments, layout.segment_words, layout.word)
+    host = HostTier.for_layout(layout, 8)
     engine = TransferEngine(layout, host, None)
     compute = torch.cuda.Stream()
     with torch.cuda.stream(compute):

@@ -2,12 +2,14 @@
 
 Offload (G1->G2), per chunk of at most `chunk_bytes`: one gather kernel (index_select over one view of the
 whole cache buffer, or one per segment when the layers do not share one) collects the chunk's scattered
-engine pages into a GPU staging buffer, segment-major, so that each run of consecutive host slots is one
-2D block; then one D2H copy per run carries all segments at once (cuMemcpy2DAsync; per segment with
-torch copies where the driver call is unavailable). Onboard (G2->G1) is the reverse: one H2D copy per run
-into staging, then one scatter kernel (index_copy_). Two staging buffers per direction, a kernel stream and
-a copy stream: the kernel of chunk k+1 runs under the copy of chunk k. Disk onboard (G3->G1): verified
-reads into pinned host staging (the next chunk read while the current one is copied), one H2D, one scatter.
+engine pages into a GPU staging buffer laid out as the host tier is, then one D2H copy per run of
+consecutive host slots. With a block-major host tier (HostTier.for_layout) a run is one contiguous piece:
+one plain copy. With a segment-major one a run is one 2D block, all segments in one cuMemcpy2DAsync (one
+torch copy per segment where the driver call is unavailable). Onboard (G2->G1) is the reverse: one H2D
+copy per run into staging, then one scatter kernel (index_copy_). Two staging buffers per direction, a
+kernel stream and a copy stream: the kernel of chunk k+1 runs under the copy of chunk k. Disk onboard
+(G3->G1): verified reads into pinned host staging (the next chunk read while the current one is copied),
+one H2D, one scatter.
 
 Every job first waits, on the GPU, for an event recorded on the submitter's current stream (`mark`), so it
 reads pages only after the forward that wrote them and writes pages only after earlier kernels that used
@@ -214,7 +216,7 @@ class _Lane:
         self.free: list[torch.cuda.Event | None] = [None, None]  # buffer k may be overwritten after this
 
     def finish(self, stream: torch.cuda.Stream) -> None:
-        """Block this thread until everything enqueued on `stream` has run."""
+        """Block this thread (blocking-sync: no CPU, GIL released) until everything enqueued on `stream` ran."""
         done = torch.cuda.Event(blocking=True)
         done.record(stream)
         done.synchronize()
@@ -230,11 +232,13 @@ class CudaCopier:
         self.device = layout.device
         self.chunk_blocks = max(1, chunk_bytes // layout.block_bytes)
         self.flat = FlatRows.of(layout)
+        self.block_major = host is not None and host.block_major
         self._driver = None
-        if host is not None and host.pinned and use_2d is not False:
+        if host is not None and host.pinned and not self.block_major and use_2d is not False:
             pitch = host.num_slots * layout.segment_bytes
             try:
-                self._driver = _Driver(self.device.index if self.device.index is not None else torch.cuda.current_device())
+                ordinal = self.device.index if self.device.index is not None else torch.cuda.current_device()
+                self._driver = _Driver(ordinal)
                 if pitch > self._driver.max_pitch:
                     log.info("kvbm: host tier pitch %d exceeds the 2D copy limit %d; copying per segment",
                              pitch, self._driver.max_pitch)
@@ -249,11 +253,11 @@ class CudaCopier:
 
     @property
     def uses_2d(self) -> bool:
-        """True when each host-slot run moves in one 2D copy (else one copy per segment)."""
+        """True when each host-slot run of a segment-major host tier moves in one 2D copy."""
         return self._driver is not None
 
     def copy_per_segment(self) -> None:
-        """Use one torch copy per segment per host-slot run instead of 2D copies (the fallback; benchmarks)."""
+        """Segment-major host tier: one torch copy per segment per run instead of 2D copies (the fallback)."""
         self._driver = None
 
     def mark(self) -> "torch.cuda.Event":
@@ -267,16 +271,22 @@ class CudaCopier:
         return lane
 
     def _staged(self, lane: _Lane, k: int, n: int) -> torch.Tensor:
-        """Staging buffer k % 2 as (num_segments, n, segment_words)."""
+        """Staging buffer k % 2 laid out as the host tier: (n, num_segments, w) or (num_segments, n, w)."""
         lay = self.layout
+        shape = (n, lay.num_segments) if self.block_major else (lay.num_segments, n)
         return lane.bufs[k % 2][:lay.num_segments * n * lay.segment_bytes].view(lay.word).view(
-            lay.num_segments, n, lay.segment_words)
+            *shape, lay.segment_words)
 
     def _ids(self, block_ids: Sequence[int]) -> torch.Tensor:
         return torch.tensor(block_ids, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
 
     def _host_copy(self, chunk: Chunk, staged: torch.Tensor, to_host: bool, stream: torch.cuda.Stream) -> None:
         lay, host = self.layout, self.host
+        if self.block_major:  # a run is one contiguous piece on both sides
+            for r in chunk.runs:
+                h, g = host.tensor[r.slot:r.slot + r.count], staged[r.row:r.row + r.count]
+                (h.copy_(g, non_blocking=True) if to_host else g.copy_(h, non_blocking=True))
+            return
         if self._driver is not None:
             for c in host_copies(chunk, lay.num_segments, host.num_slots, lay.segment_bytes):
                 self._driver.copy2d(c, host.tensor.data_ptr(), staged.data_ptr(), to_host, stream.cuda_stream)
@@ -300,11 +310,11 @@ class CudaCopier:
                         lane.kernel.wait_event(lane.free[k % 2])
                     ids = self._ids(chunk.block_ids)
                     if self.flat is not None:
-                        torch.index_select(self.flat.rows, 0, self.flat.index(ids, True),
+                        torch.index_select(self.flat.rows, 0, self.flat.index(ids, not self.block_major),
                                            out=staged.view(-1, lay.segment_words))
                     else:
                         for s, seg in enumerate(lay.segments):
-                            torch.index_select(seg, 0, ids, out=staged[s])
+                            torch.index_select(seg, 0, ids, out=staged[:, s] if self.block_major else staged[s])
                     gathered = lane.kernel.record_event()
                 lane.copy.wait_event(gathered)
                 with torch.cuda.stream(lane.copy):
@@ -337,7 +347,7 @@ class CudaCopier:
                     loaded = lane.copy.record_event()
                 with torch.cuda.stream(lane.kernel):
                     lane.kernel.wait_event(loaded)
-                    self._scatter(self._ids(chunk.block_ids), staged, True)
+                    self._scatter(self._ids(chunk.block_ids), staged, not self.block_major)
                     lane.free[k % 2] = lane.kernel.record_event()
             lane.finish(lane.kernel)
 

@@ -113,7 +113,7 @@ def copy_g1_to_g2(layout: KVLayout, host: HostTier, block_ids: Sequence[int], sl
     for _, s0, ids in _runs(pairs):
         idx = _index(ids, layout.device)
         for seg_index, seg in enumerate(layout.segments):
-            torch.index_select(seg, 0, idx, out=host.tensor[seg_index, s0:s0 + len(ids)])
+            torch.index_select(seg, 0, idx, out=host.segment(seg_index)[s0:s0 + len(ids)])
 
 
 def copy_g2_to_g1(layout: KVLayout, host: HostTier, block_ids: Sequence[int], slots: Sequence[int]) -> None:
@@ -122,7 +122,7 @@ def copy_g2_to_g1(layout: KVLayout, host: HostTier, block_ids: Sequence[int], sl
     for _, s0, ids in _runs(pairs):
         idx = _index(ids, layout.device)
         for seg_index, seg in enumerate(layout.segments):
-            seg.index_copy_(0, idx, host.tensor[seg_index, s0:s0 + len(ids)])
+            seg.index_copy_(0, idx, host.segment(seg_index)[s0:s0 + len(ids)])
 
 
 class BlockPieces:
@@ -134,10 +134,12 @@ class BlockPieces:
         self.num_segments = layout.num_segments
         self._host = None
         self.host_aligned = False
+        self._host_block_major = host is not None and host.block_major
         if host is not None:
             self._host = memoryview(host.tensor.numpy()).cast("B")
             self._host_slots = host.num_slots
-            self.host_aligned = host.tensor.data_ptr() % fileio.ALIGN == 0 and seg_bytes % fileio.ALIGN == 0
+            piece = layout.block_bytes if host.block_major else seg_bytes
+            self.host_aligned = host.tensor.data_ptr() % fileio.ALIGN == 0 and piece % fileio.ALIGN == 0
         self._engine: list[tuple[memoryview, int]] = []
         self.engine_aligned = layout.device.type == "cpu" and seg_bytes % fileio.ALIGN == 0
         if layout.device.type == "cpu":
@@ -154,8 +156,11 @@ class BlockPieces:
         return ([self._host] if self._host is not None else []) + [view for view, _ in self._engine]
 
     def host(self, slot: int) -> list[memoryview]:
-        """The segments of host slot `slot`."""
+        """The segments of host slot `slot` (one piece when the host tier is block-major)."""
         sb, n = self.segment_bytes, self._host_slots
+        if self._host_block_major:
+            bb = sb * self.num_segments
+            return [self._host[slot * bb:(slot + 1) * bb]]
         return [self._host[(s * n + slot) * sb:(s * n + slot + 1) * sb] for s in range(self.num_segments)]
 
     def engine(self, block_id: int) -> list[memoryview]:
