@@ -107,6 +107,9 @@ class KvbmLeader:
         self.stats.window.append((max(queried, n), n_host, len(locs) - n_host))
         moves = [BlockMove(loc.block_hash, req.block_ids[start + i], loc.slot, loc.tier) for i, loc in enumerate(locs)]
         missing = req.block_ids[start + len(locs):start + n]
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("onboarding %d blocks for %s after %d engine hits: %s%s", len(moves), req_id, start,
+                      [(m.block_id, m.tier.value, m.slot) for m in moves], f", {len(missing)} evicted" if missing else "")
         job_id = f"load:{req_id}:{next(self._ids)}"
         self._inflight[job_id] = ("load", locs)
         self._loads.append(LoadSpec(req_id, job_id, moves, list(missing)))
@@ -135,6 +138,9 @@ class KvbmLeader:
             return
         if plan.num_skipped_full:
             log.warning("host tier full (every slot pinned): skipped offloading %d blocks", plan.num_skipped_full)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("offloading %d blocks of %s to host: %s; %d cascade to disk", len(plan.stores), req_id,
+                      [(ids[l.block_hash], l.slot) for l in plan.stores], len(plan.cascades))
         job_id = f"store:{req_id}:{next(self._ids)}"
         self._inflight[job_id] = ("store", plan)
         self._stores.append(StoreSpec(

@@ -20,7 +20,7 @@ from pathlib import Path
 
 TINY_MODEL_NAME = "tiny-qwen3"
 # Bump when anything below changes what is written, so that an old cached copy is never reused.
-TINY_MODEL_VERSION = 1
+TINY_MODEL_VERSION = 2
 
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -102,7 +102,10 @@ def _dump(path: Path, obj: dict) -> None:
 def make_tiny_model(out_dir: str | os.PathLike[str]) -> Path:
     """Write the tiny Qwen3-shaped model into `out_dir` (created if missing) and return its path.
 
-    Same bytes on every run. Weights are not written: serve it with vLLM's `--load-format dummy`.
+    Same bytes on every run, weights included (`model.safetensors`, about 9 MB of seeded random values at a
+    realistic scale). vLLM's `--load-format dummy` would also serve the directory, but its weights are
+    uniform in +-1e-3: attention is then nearly uniform and the output hardly depends on the KV of the
+    context, so a test comparing greedy outputs could not see wrong KV. With these weights it does.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,16 +132,54 @@ def make_tiny_model(out_dir: str | os.PathLike[str]) -> Path:
         "num_hidden_layers": NUM_LAYERS, "num_attention_heads": NUM_HEADS, "num_key_value_heads": NUM_KV_HEADS,
         "head_dim": HEAD_DIM, "hidden_act": "silu", "max_position_embeddings": MAX_POSITIONS,
         "initializer_range": 0.02, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "rope_scaling": None,
-        "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": True, "use_cache": True,
+        "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": False, "use_cache": True,
         "use_sliding_window": False, "sliding_window": None, "max_window_layers": NUM_LAYERS,
         "bos_token_id": pad_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "torch_dtype": "bfloat16",
     })
     _dump(out / "generation_config.json", {
         "bos_token_id": pad_id, "eos_token_id": [eos_id, pad_id], "pad_token_id": pad_id,
     })
+    _write_weights(out / "model.safetensors")
     _dump(out / "kvbm_tiny_model.json", {"name": TINY_MODEL_NAME, "version": TINY_MODEL_VERSION,
-                                          "weights": "none: serve with --load-format dummy"})
+                                          "weights": "model.safetensors: seeded random, realistic scale"})
     return out
+
+
+def _write_weights(path: Path, seed: int = 20261124) -> None:
+    """Seeded random Qwen3 weights: linear layers ~ N(0, 1/fan_in), norms 1, q/k norms 4 (sharp attention)
+    and an untied head, so outputs depend on which KV is in the context."""
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def linear(out_features: int, in_features: int) -> torch.Tensor:
+        return (torch.randn(out_features, in_features, generator=gen) / in_features ** 0.5).to(torch.bfloat16)
+
+    def ones(n: int, value: float = 1.0) -> torch.Tensor:
+        return torch.full((n,), value, dtype=torch.bfloat16)
+
+    tensors = {"model.embed_tokens.weight": torch.randn(VOCAB_SIZE, HIDDEN, generator=gen).to(torch.bfloat16),
+               "model.norm.weight": ones(HIDDEN),
+               # Untied: a tied head maps the residual's own token embedding back to itself (logit |e|^2), so
+               # the model would repeat its last token whatever the context holds.
+               "lm_head.weight": linear(VOCAB_SIZE, HIDDEN)}
+    for i in range(NUM_LAYERS):
+        pre = f"model.layers.{i}."
+        tensors |= {
+            pre + "input_layernorm.weight": ones(HIDDEN),
+            pre + "post_attention_layernorm.weight": ones(HIDDEN),
+            pre + "self_attn.q_proj.weight": linear(NUM_HEADS * HEAD_DIM, HIDDEN),
+            pre + "self_attn.k_proj.weight": linear(NUM_KV_HEADS * HEAD_DIM, HIDDEN),
+            pre + "self_attn.v_proj.weight": linear(NUM_KV_HEADS * HEAD_DIM, HIDDEN),
+            pre + "self_attn.o_proj.weight": linear(HIDDEN, NUM_HEADS * HEAD_DIM),
+            pre + "self_attn.q_norm.weight": ones(HEAD_DIM, 4.0),
+            pre + "self_attn.k_norm.weight": ones(HEAD_DIM, 4.0),
+            pre + "mlp.gate_proj.weight": linear(INTERMEDIATE, HIDDEN),
+            pre + "mlp.up_proj.weight": linear(INTERMEDIATE, HIDDEN),
+            pre + "mlp.down_proj.weight": linear(HIDDEN, INTERMEDIATE),
+        }
+    save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def _cache_root() -> Path:

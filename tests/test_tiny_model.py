@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from kvbm_cli import tiny_model
-from tests.kvbm_runner import run_kvbm
+from kvbm_runner import run_kvbm
 
 FILES = ["config.json", "generation_config.json", "special_tokens_map.json", "tokenizer.json",
-         "tokenizer_config.json", "kvbm_tiny_model.json"]
+         "tokenizer_config.json", "kvbm_tiny_model.json", "model.safetensors"]
 
 
 def _bytes(d: Path) -> dict[str, bytes]:
@@ -86,7 +86,7 @@ def test_vllm_serves_it(tiny_model_dir: Path) -> None:
     pytest.importorskip("vllm")
     import httpx
 
-    from tests.vllm_server import vllm_server
+    from vllm_server import vllm_server
 
     with vllm_server(tiny_model_dir) as url:
         model = str(tiny_model_dir)

@@ -79,8 +79,10 @@ def vllm_server(model_dir: str | os.PathLike[str], args: Sequence[str] = (), env
         else:
             full_env[key] = value
     cmd = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-           "--host", "127.0.0.1", "--port", str(port), "--load-format", "dummy", "--enforce-eager",
+           "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
            "--max-model-len", str(max_model_len), *args]
+    if not (Path(model_dir) / "model.safetensors").is_file():
+        cmd[cmd.index("--enforce-eager"):cmd.index("--enforce-eager")] = ["--load-format", "dummy"]
     log = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="vllm-server-", suffix=".log")[1])
     with open(log, "wb") as log_file:
         proc = subprocess.Popen(cmd, env=full_env, stdout=log_file, stderr=subprocess.STDOUT,

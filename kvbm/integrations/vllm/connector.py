@@ -109,6 +109,8 @@ class KvbmConnector(KVConnectorBase_V1):
             return 0, False
         n = self.leader.num_matched_tokens(request.block_hashes, num_computed_tokens, request.num_prompt_tokens)
         self._matched_computed[request.request_id] = num_computed_tokens
+        if n and log.isEnabledFor(logging.DEBUG):
+            log.debug("%s: %d tokens in vLLM's cache, %d more in KVBM", request.request_id, num_computed_tokens, n)
         return n, n > 0
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
