@@ -64,7 +64,7 @@ class KvbmWorker:
 
     def register(self, layout: KVLayout, host_slots: int, disk_slots: int, fingerprint: bytes) -> None:
         """Allocate this rank's tiers for `layout`. A disk tier that cannot be created is left out, with a warning."""
-        host = HostTier(host_slots, layout.num_segments, layout.segment_words, layout.word)
+        host = HostTier.for_layout(layout, host_slots)  # block-major for GPU caches, segment-major for CPU
         disk = None
         if disk_slots > 0:
             try:

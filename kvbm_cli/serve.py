@@ -218,6 +218,8 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
 # --- failures ---------------------------------------------------------------------------------------------
 
 _FAILURES: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
+    (re.compile(r"kvbm\.errors\.(?:ConfigError|StorageError): ([^\n]+)"),
+     lambda m: f"KVBM configuration: {m.group(1).strip()}"),
     (re.compile(r"address already in use|\[Errno 98\]", re.IGNORECASE),
      lambda m: "port in use: another process listens on the engine's port; choose another with --port"),
     (re.compile(r"(?:ModuleNotFoundError|ImportError): (?:No module named )?'?([\w.]*(?:kvbm|connector)[\w.]*)'?"),

@@ -31,3 +31,27 @@ def test_ttft_bench_bad_input_is_one_line(tmp_path):
     out = run_kvbm("bench", "ttft", "--g1-blocks", "8")
     assert out.exit_code == 2 and "cannot hold one 1600-token prompt" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_serve_turns_a_kvbm_configuration_error_into_its_one_line():
+    from kvbm_cli.serve import explain_failure
+
+    log = ("(EngineCore pid=1) Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
+           "(EngineCore pid=1) kvbm.errors.ConfigError: DYN_KVBM_CPU_CACHE_GB='abc' is not a number; set it to "
+           "host memory (G2) cache size in GB, e.g. DYN_KVBM_CPU_CACHE_GB=8\n")
+    line = explain_failure(log, 1)
+    assert line.startswith("KVBM configuration: DYN_KVBM_CPU_CACHE_GB='abc' is not a number") and "\n" not in line
+
+
+def test_bad_kvbm_variable_stops_a_real_engine_with_that_line(tmp_path):
+    """A real vLLM start with a bad DYN_KVBM_* value: `kvbm serve` exits with the variable named, no traceback."""
+    import pytest
+
+    pytest.importorskip("vllm")
+    log = tmp_path / "engine.log"
+    out = run_kvbm("serve", "--connector", "kvbm", "--port", "0", "--health-timeout", "240", "--log-file", str(log),
+                   env={"DYN_KVBM_CPU_CACHE_GB": "abc", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert out.exit_code == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "DYN_KVBM_CPU_CACHE_GB='abc' is not a number" in last and "Traceback" not in out.stderr
+    assert "Traceback" in log.read_text(), "the engine's own log keeps the details"

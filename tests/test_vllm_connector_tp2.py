@@ -9,23 +9,26 @@ from __future__ import annotations
 
 import pytest
 
-from test_vllm_connector import ENV, KV_TRANSFER, NUM_PREFIXES, run_round, scrape
+from test_vllm_connector import ENV, KV_TRANSFER, KVBM_OFF, NUM_PREFIXES, run_round, scrape
 from vllm_server import free_port, vllm_server
 
 pytestmark = pytest.mark.engine
 
-TP2_ARGS = ["--tensor-parallel-size", "2", "--kv-cache-memory-bytes", str(48 * 128 * 1024), "--seed", "0"]
+TP2 = ["--tensor-parallel-size", "2", "--seed", "0", "--kv-transfer-config", KV_TRANSFER]
+SMALL_G1 = ["--kv-cache-memory-bytes", str(48 * 128 * 1024)]  # per rank: 48 blocks of 128 KiB (its shard)
+BIG_G1 = ["--kv-cache-memory-bytes", str(512 * 128 * 1024)]
 TP2_ENV = ENV | {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
 
 
 @pytest.fixture(scope="module")
 def tp2_runs(tiny_model_dir):
     model = str(tiny_model_dir)
-    with vllm_server(tiny_model_dir, TP2_ARGS, TP2_ENV, max_model_len=4096) as url:
+    # Reference: KVBM inactive and a cache that keeps every prefix (the same KV, the same suffix-only compute).
+    with vllm_server(tiny_model_dir, TP2 + BIG_G1, TP2_ENV | KVBM_OFF, max_model_len=4096) as url:
         baseline = [run_round(url, model, r, rounds=2) for r in range(2)]
     port = free_port()
     env = TP2_ENV | {"DYN_KVBM_CPU_CACHE_GB": "0.5", "DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(port)}
-    with vllm_server(tiny_model_dir, TP2_ARGS + ["--kv-transfer-config", KV_TRANSFER], env, max_model_len=4096) as url:
+    with vllm_server(tiny_model_dir, TP2 + SMALL_G1, env, max_model_len=4096) as url:
         kvbm = [run_round(url, model, r, rounds=2) for r in range(2)]
         metrics = scrape(f"http://127.0.0.1:{port}/metrics")
     return baseline, kvbm, metrics
