@@ -121,6 +121,17 @@ class DiskTier:
             i = j
         return runs
 
+    def _vectors(self, slots: Sequence[int], pieces: Sequence[Sequence], tails: np.ndarray) -> list:
+        """(offset, buffers) per run of consecutive slots: each block's pieces, then its trailer page."""
+        items = []
+        for i, j in self._runs(slots):
+            bufs = []
+            for k in range(i, j):
+                bufs.extend(pieces[k])
+                bufs.append(tails[k])
+            items.append((slots[i] * self.slot_bytes, bufs))
+        return items
+
     def write_blocks(self, slots: Sequence[int], hashes: Sequence[Hashable], pieces: Sequence[Sequence],
                      in_place: bool | None = None) -> None:
         """Write each block (its pieces back to back, block_bytes in all) to its slot, with a sealed trailer.
@@ -136,13 +147,7 @@ class DiskTier:
             tails[:, TRAILER.size:] = 0
             for i, h in enumerate(hashes):
                 tails[i, :TRAILER.size] = self._trailer(pieces[i], h)
-            items = []
-            for i, j in self._runs(slots):
-                bufs = []
-                for k in range(i, j):
-                    bufs.extend(pieces[k])
-                    bufs.append(tails[k])
-                items.append((slots[i] * self.slot_bytes, bufs))
+            items = self._vectors(slots, pieces, tails)
         else:
             stage = self.staging(n)
             for i, h in enumerate(hashes):
@@ -203,14 +208,7 @@ class DiskTier:
                     off += dst.size
             return good
         tails = fileio.aligned_empty(n * self.tail_bytes).reshape(n, self.tail_bytes)
-        items = []
-        for i, j in self._runs(slots):
-            bufs = []
-            for k in range(i, j):
-                bufs.extend(pieces[k])
-                bufs.append(tails[k])
-            items.append((slots[i] * self.slot_bytes, bufs))
-        self.io.read(self.fd, items)
+        self.io.read(self.fd, self._vectors(slots, pieces, tails))
         return self.verify(slots, hashes, pieces, tails)
 
     @staticmethod

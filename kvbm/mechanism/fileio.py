@@ -233,24 +233,23 @@ def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     return views
 
 
-def _pwritev_all(fd: int, bufs: Sequence, offset: int) -> None:
+def _vectored_all(op, what: str, fd: int, bufs: Sequence, offset: int) -> None:
+    """Repeat os.pwritev/os.preadv until every byte of `bufs` has moved (short transfers are legal)."""
     views = [memoryview(b).cast("B") for b in bufs]
     while views:
-        n = os.pwritev(fd, views, offset)
+        n = op(fd, views, offset)
         if n <= 0:
-            raise StorageError(f"short write at offset {offset}")
+            raise StorageError(f"short {what} at offset {offset}" + (" (file truncated?)" if what == "read" else ""))
         offset += n
         views = _advance(views, n)
+
+
+def _pwritev_all(fd: int, bufs: Sequence, offset: int) -> None:
+    _vectored_all(os.pwritev, "write", fd, bufs, offset)
 
 
 def _preadv_all(fd: int, bufs: Sequence, offset: int) -> None:
-    views = [memoryview(b).cast("B") for b in bufs]
-    while views:
-        n = os.preadv(fd, views, offset)
-        if n <= 0:
-            raise StorageError(f"short read at offset {offset} (file truncated?)")
-        offset += n
-        views = _advance(views, n)
+    _vectored_all(os.preadv, "read", fd, bufs, offset)
 
 
 def filesystem_of(directory: Path) -> tuple[str, str, str]:
