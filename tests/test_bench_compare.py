@@ -42,3 +42,11 @@ def test_compare_cpu_prefix_reuse_end_to_end(tmp_path):
     assert cache["kvbm"]["vllm_ttft"]["count"] == 30
     ttft = next(r for r in comp["rows"] if r["metric"] == "TTFT p50 (ms)")
     assert ttft["values"]["kvbm"] < ttft["values"]["baseline"]
+    # vLLM's and KVBM's metrics were recorded beside the results, for kvbm report.
+    import csv
+
+    rows = list(csv.DictReader(open(out / "kvbm" / "metrics.csv")))
+    onboarded = [float(r["value"]) for r in rows if r["name"] == "kvbm_onboard_blocks_h2d"]
+    assert onboarded and max(onboarded) >= 20 * 12, "KVBM's onboard counter was sampled and moved"
+    assert any(r["name"].startswith("vllm:") for r in rows)
+    assert not any(r["name"].startswith("kvbm_") for r in csv.DictReader(open(out / "baseline" / "metrics.csv")))

@@ -41,6 +41,7 @@ from kvbm_cli._errors import CliError
 from kvbm_cli.app import bench_app
 from kvbm_cli.bench.multi_round import MultiRoundConfig, run_multi_round
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
+from kvbm_cli.collect import background
 from kvbm_cli.results import Summary, write_summary
 from kvbm_cli.serve import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
 
@@ -300,7 +301,13 @@ def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None
         name, spec = engine_spec(scenario.engine, raw)
         spec.port = port or _free_port()
         spec.host = spec.host or "127.0.0.1"
+        sources = []
+        if spec.connector == "kvbm":  # KVBM's own metrics too, recorded beside the results
+            kvbm_port = int(spec.env.get("DYN_KVBM_METRICS_PORT") or _free_port())
+            spec.env = dict(spec.env) | {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(kvbm_port)}
+            sources.append(f"http://127.0.0.1:{kvbm_port}")
         launch = build_launch(spec)
+        sources.insert(0, launch.url)
         run_dir = out_dir / name
         run_dir.mkdir(parents=True, exist_ok=True)
         log = run_dir / "engine.log"
@@ -317,10 +324,11 @@ def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None
             info = launch.engine_info()
             common_kw = dict(url=launch.url, model=None, tokenizer=None, artifact_dir=run_dir, run=name,
                              engine=info, show_progress=show_progress)
-            if isinstance(wl, PrefixReuseConfig):
-                summary = run_prefix_reuse(wl, driver=scenario.driver, **common_kw)
-            else:
-                summary = run_multi_round(wl, driver=scenario.driver, **common_kw)
+            with background(sources, run_dir / "metrics.csv"):  # vLLM's and KVBM's series, for kvbm report
+                if isinstance(wl, PrefixReuseConfig):
+                    summary = run_prefix_reuse(wl, driver=scenario.driver, **common_kw)
+                else:
+                    summary = run_multi_round(wl, driver=scenario.driver, **common_kw)
             delta = metrics_delta(before, scrape(launch.url))
         except BaseException:
             console.print(f"[{name}] engine log: {log}", markup=False)
