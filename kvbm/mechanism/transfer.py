@@ -173,7 +173,7 @@ class TransferEngine:
     """Executes offload and onboard jobs asynchronously. Lives in each worker process (one per rank)."""
 
     def __init__(self, layout: KVLayout, host: HostTier | None, disk: DiskTier | None = None,
-                 chunk_bytes: int = 32 << 20, gpu_chunk_bytes: int = 64 << 20):
+                 chunk_bytes: int = 32 << 20, gpu_chunk_bytes: int = 64 << 20, write_chunk_bytes: int = 8 << 20):
         self.cuda = None  # the CUDA path (kvbm.mechanism.cuda_copy) when the engine cache is on a GPU
         if layout.device.type == "cuda":
             from kvbm.mechanism.cuda_copy import CudaCopier
@@ -185,13 +185,15 @@ class TransferEngine:
         self.host = host
         self.disk = disk
         self._chunk = max(1, chunk_bytes // disk.slot_bytes) if disk is not None else 0
+        # Writes go in smaller chunks: a chunk's checksums overlap the writes of the chunks before it.
+        self._write_chunk = max(1, write_chunk_bytes // disk.slot_bytes) if disk is not None else 0
         self.pieces = BlockPieces(layout, host)
         register = getattr(disk.io, "register_buffer", None) if disk is not None else None
         self._register = register or (lambda buf: None)  # NIXL: register long-lived memory once, not per call
         for region in self.pieces.regions() if disk is not None else ():
             self._register(region)
         self._staging: tuple[np.ndarray, np.ndarray] | None = None  # onboard staging, when engine pages are unaligned
-        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvbm-io")  # disk I/O beside staging
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvbm-io")  # disk I/O beside staging
         self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
         self._queues = {"onboard": queue.SimpleQueue(), "offload": queue.SimpleQueue()}
         self._pending = 0
@@ -278,15 +280,16 @@ class TransferEngine:
                                                  [c.block_hash for c in getattr(job, "cascades", ())]),
                          failed_block_ids=frozenset(m.block_id for m in moves))
 
-    def _chunks(self, items: list, key) -> list[list]:
+    def _chunks(self, items: list, key, size: int | None = None) -> list[list]:
         items = sorted(items, key=key)
-        return [items[i:i + self._chunk] for i in range(0, len(items), self._chunk)]
+        size = size or self._chunk
+        return [items[i:i + size] for i in range(0, len(items), size)]
 
     def _write_to_disk(self, cascades: list[SlotCopy]) -> tuple[set, str | None]:
         """G2->G3 straight from the host slots, chunks in flight concurrently; returns failed hashes."""
         failed: set = set()
         error = None
-        chunks = self._chunks(cascades, key=lambda c: c.disk_slot)
+        chunks = self._chunks(cascades, key=lambda c: c.disk_slot, size=self._write_chunk)
         futures = [self._io.submit(self.disk.write_blocks, [c.disk_slot for c in chunk],
                                    [c.block_hash for c in chunk], [self.pieces.host(c.host_slot) for c in chunk],
                                    self.pieces.host_aligned or None)
