@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from kvbm.mechanism.transfer import BlockMove, SlotCopy
-from kvbm.policy import Location, OffloadPlan, Tier, TierManager
+from kvbm.policy import OffloadPlan, Tier, TierManager
 from kvbm.protocol import JobOutcome, LoadSpec, StepPlan, StoreSpec, WorkerReport
 
 log = logging.getLogger("kvbm.leader")
@@ -192,12 +192,3 @@ class KvbmLeader:
         """The engine is done with a request: True (delay freeing its blocks) when jobs were issued for it."""
         req = self._reqs.pop(req_id, None)
         return req is not None and req.num_jobs > 0
-
-    @property
-    def num_inflight(self) -> int:
-        """Jobs issued and not yet finished by every rank."""
-        return len(self._inflight)
-
-    def locations(self, block_hashes: Sequence) -> list[Location]:
-        """Where the leading stored blocks of `block_hashes` live (diagnostics)."""
-        return self.manager.match(block_hashes)

@@ -15,8 +15,6 @@ import statistics
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from kvbm.policy import Tier
-
 log = logging.getLogger("kvbm.metrics")
 
 # Dynamo-compatible counters: (name, help, value getter)

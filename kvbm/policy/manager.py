@@ -11,7 +11,7 @@ Operations (two-step plans, blocks pinned in between, as in vLLM's kv_offload ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from kvbm.policy.filter import AdmitAll, FrequencyFilter
@@ -62,11 +62,6 @@ class PolicyStats:
     matched_blocks: int = 0
     matched_host: int = 0
     matched_disk: int = 0
-
-
-@dataclass
-class _Inflight:
-    pins: list[Location] = field(default_factory=list)
 
 
 class TierManager:

@@ -141,10 +141,6 @@ class BlockPool:
         self._free.append(self._slot.pop(block_hash))
         return True
 
-    def is_pinned(self, block_hash: BlockHash) -> bool:
-        """True while the block has pins (in flight)."""
-        return block_hash in self._pins
-
     def check_invariants(self) -> None:
         """Raise AssertionError when internal state is inconsistent (used by the property tests)."""
         slots = list(self._slot.values())

@@ -42,7 +42,6 @@ from kvbm_cli.app import bench_app
 from kvbm_cli.bench.multi_round import MultiRoundConfig, run_multi_round
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
 from kvbm_cli.collect import background
-from kvbm_cli.results import Summary, write_summary
 from kvbm_cli.serve import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
 
 SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
