@@ -132,11 +132,39 @@ def kvbm_g2(tiny_model_dir, full_disk_dir, tmp_path_factory):
     env = ENV | {"DYN_KVBM_CPU_CACHE_GB": "1", "DYN_KVBM_DISK_CACHE_GB": "1",
                  "DYN_KVBM_DISK_CACHE_DIR": str(full_disk_dir), "DYN_KVBM_METRICS": "true",
                  "DYN_KVBM_METRICS_PORT": str(port)}
+    metrics = f"http://127.0.0.1:{port}/metrics"
     with vllm_server(tiny_model_dir, G1_ARGS + ["--kv-transfer-config", KV_TRANSFER], env, max_model_len=4096,
                      log_path=log) as url:
         rounds = [run_round(url, str(tiny_model_dir), r) for r in range(3)]
-        yield {"rounds": rounds, "kvbm": scrape(f"http://127.0.0.1:{port}/metrics"),
-               "vllm": scrape(url + "/metrics"), "log": log}
+        kvbm, vllm = scrape(metrics), scrape(url + "/metrics")
+        pairs = ttft_pairs(url, str(tiny_model_dir))
+        onboarded = scrape(metrics)["kvbm_onboard_blocks_h2d"] - kvbm["kvbm_onboard_blocks_h2d"]
+        yield {"rounds": rounds, "kvbm": kvbm, "vllm": vllm, "log": log, "pairs": pairs,
+               "pairs_onboarded": onboarded}
+
+
+def ttft_pairs(url: str, model: str) -> list[tuple[float, float]]:
+    """Side by side in one engine: (TTFT of a fresh prompt of the same length, i.e. a full recompute,
+    TTFT of an evicted prefix with a new suffix, i.e. a KVBM onboard), interleaved so noise hits both."""
+    rng = random.Random(1)
+    prefixes = [tokens for r, p, tokens in _prompts(1)]
+    out = []
+    for p in range(NUM_PREFIXES):
+        fresh = [rng.randrange(10, 2000) for _ in range(PREFIX_TOKENS + SUFFIX_TOKENS)]
+        again = prefixes[p][:PREFIX_TOKENS] + [rng.randrange(10, 2000) for _ in range(SUFFIX_TOKENS)]
+        out.append((_ttft(url, model, fresh), _ttft(url, model, again)))
+    return out
+
+
+def _ttft(url: str, model: str, tokens: list[int]) -> float:
+    body = json.dumps({"model": model, "prompt": tokens, "max_tokens": 1, "temperature": 0, "stream": True}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        for line in resp:
+            if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
+                return time.perf_counter() - start
+    raise AssertionError("no token streamed")
 
 
 def test_greedy_outputs_with_kvbm_equal_outputs_without(baseline, reference, kvbm_g2):
@@ -159,9 +187,11 @@ def test_evicted_prefixes_come_back_from_host_memory(kvbm_g2):
     assert vllm['vllm:kvbm_transfer_blocks_total{direction="g1_g2"}'] == kvbm["kvbm_offload_blocks_d2h"]
 
 
-def test_evicted_prefix_ttft_is_far_below_recompute(baseline, kvbm_g2):
-    recompute = _median([r["ttft_s"] for rnd in baseline[1:] for r in rnd])
-    onboard = _median([r["ttft_s"] for rnd in kvbm_g2["rounds"][1:] for r in rnd])
+def test_evicted_prefix_ttft_is_far_below_recompute(kvbm_g2):
+    """Measured side by side in one engine (a cross-engine comparison minutes apart is at the mercy of noise)."""
+    recompute = _median([fresh for fresh, _ in kvbm_g2["pairs"]])
+    onboard = _median([again for _, again in kvbm_g2["pairs"]])
+    assert kvbm_g2["pairs_onboarded"] >= NUM_PREFIXES * 10, "the evicted prefixes came back from G2"
     assert onboard < 0.7 * recompute, f"KVBM TTFT {onboard * 1e3:.1f} ms vs recompute {recompute * 1e3:.1f} ms"
 
 

@@ -196,7 +196,7 @@ class TransferEngine:
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvbm-io")  # disk I/O beside staging
         self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
         self._queues = {"onboard": queue.SimpleQueue(), "offload": queue.SimpleQueue()}
-        self._pending = 0
+        self._pending = {"onboard": 0, "offload": 0}
         self._lock = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=self._loop, args=(kind,), name=f"kvbm-{kind}", daemon=True)
@@ -223,10 +223,12 @@ class TransferEngine:
             except queue.Empty:
                 return out
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Block until every submitted job has finished; False on timeout."""
+    def wait(self, timeout: float | None = None, kind: str | None = None) -> bool:
+        """Block until every submitted job (of `kind`: "onboard" or "offload", default both) has finished;
+        False on timeout."""
+        kinds = [kind] if kind else list(self._pending)
         with self._lock:
-            return self._lock.wait_for(lambda: self._pending == 0, timeout)
+            return self._lock.wait_for(lambda: not any(self._pending[k] for k in kinds), timeout)
 
     def close(self) -> None:
         """Finish queued jobs, stop the threads, close the disk tier."""
@@ -250,7 +252,7 @@ class TransferEngine:
         if self._closed:
             raise KvbmError("transfer engine is closed")
         with self._lock:
-            self._pending += 1
+            self._pending[kind] += 1
         # CUDA: the job waits for the work queued so far on the submitter's stream (the forward's writes)
         self._queues[kind].put((job, self.cuda.mark() if self.cuda is not None else None))
 
@@ -269,7 +271,7 @@ class TransferEngine:
                 result = self._failed(kind, job, exc)
             self._done.put(result)
             with self._lock:
-                self._pending -= 1
+                self._pending[kind] -= 1
                 self._lock.notify_all()
 
     @staticmethod
