@@ -51,7 +51,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ttft(url: str, model: str, tokens: list[int], max_tokens: int = 2) -> float:
+def first_token_seconds(url: str, model: str, tokens: list[int], max_tokens: int = 2) -> float:
     """Seconds to the first streamed token of a greedy completion of `tokens` (exact token ids)."""
     body = json.dumps({"model": model, "prompt": tokens, "max_tokens": max_tokens, "temperature": 0,
                        "stream": True}).encode()
@@ -106,17 +106,17 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size:
                   max_model_len=min(prompt_blocks * block_size * 2, (g1_blocks - 1) * block_size))
 
     def evicted(url, model, trial):
-        _ttft(url, model, trial["prefix"] + trial["suffixes"][0])
+        first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
         for filler in trial["fillers"]:
-            _ttft(url, model, filler)
-        return _ttft(url, model, trial["prefix"] + trial["suffixes"][2])
+            first_token_seconds(url, model, filler)
+        return first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][2])
 
     def baseline(url, model, trial):
-        _ttft(url, model, trial["prefix"] + trial["suffixes"][0])
-        cases["G1 hit"].ttft_s.append(_ttft(url, model, trial["prefix"] + trial["suffixes"][1]))
+        first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
+        cases["G1 hit"].ttft_s.append(first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][1]))
         for filler in trial["fillers"]:
-            _ttft(url, model, filler)
-        cases["recompute"].ttft_s.append(_ttft(url, model, trial["prefix"] + trial["suffixes"][2]))
+            first_token_seconds(url, model, filler)
+        cases["recompute"].ttft_s.append(first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][2]))
 
     _run_engine("baseline", EngineSpec(connector="none", port=_free_port(), **common), plan, str(model_dir),
                 baseline, health_timeout, log_dir)
@@ -131,11 +131,11 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size:
 
         def kvbm(url, model, trial, case=case, counter=counter, metrics_port=metrics_port):
             before = None
-            _ttft(url, model, trial["prefix"] + trial["suffixes"][0])
+            first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
             for filler in trial["fillers"]:
-                _ttft(url, model, filler)
+                first_token_seconds(url, model, filler)
             before = _kvbm_counter(metrics_port, counter)
-            cases[case].ttft_s.append(_ttft(url, model, trial["prefix"] + trial["suffixes"][2]))
+            cases[case].ttft_s.append(first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][2]))
             loaded = _kvbm_counter(metrics_port, counter) - before
             if loaded < prefix_tokens // block_size:
                 cases[case].note = f"only {loaded:.0f} blocks came from {case.split()[0]} in a trial"

@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from kvbm.mechanism import fileio
+from kvbm_cli.bench_ttft import first_token_seconds
 from vllm_server import free_port, vllm_server
 
 pytestmark = pytest.mark.engine
@@ -152,19 +153,8 @@ def ttft_pairs(url: str, model: str) -> list[tuple[float, float]]:
     for p in range(NUM_PREFIXES):
         fresh = [rng.randrange(10, 2000) for _ in range(PREFIX_TOKENS + SUFFIX_TOKENS)]
         again = prefixes[p][:PREFIX_TOKENS] + [rng.randrange(10, 2000) for _ in range(SUFFIX_TOKENS)]
-        out.append((_ttft(url, model, fresh), _ttft(url, model, again)))
+        out.append((first_token_seconds(url, model, fresh), first_token_seconds(url, model, again)))
     return out
-
-
-def _ttft(url: str, model: str, tokens: list[int]) -> float:
-    body = json.dumps({"model": model, "prompt": tokens, "max_tokens": 1, "temperature": 0, "stream": True}).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
-    start = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        for line in resp:
-            if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
-                return time.perf_counter() - start
-    raise AssertionError("no token streamed")
 
 
 def test_greedy_outputs_with_kvbm_equal_outputs_without(baseline, reference, kvbm_g2):
@@ -251,7 +241,7 @@ def test_blocks_come_back_from_disk_with_identical_outputs(reference, kvbm_g3):
 
 
 def test_corrupt_disk_blocks_are_detected_and_recomputed(baseline, kvbm_g3):
-    after, before = kvbm_g3["after"], kvbm_g3["before"]
+    after = kvbm_g3["after"]
     assert after["kvbm_load_failures_total"] > 0, "corruption was not detected"
     assert _texts(kvbm_g3["rounds"][2]) == _texts(baseline[2]), "recomputed like vLLM recomputes them"
     assert after["kvbm_load_failures_total"] >= NUM_PREFIXES, "every prefix's disk blocks are corrupt"

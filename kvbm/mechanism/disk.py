@@ -110,21 +110,10 @@ class DiskTier:
         packed = TRAILER.pack(MAGIC, VERSION, self._checksum(pieces), block_identity(block_hash), self.fingerprint)
         return np.frombuffer(packed, dtype=np.uint8)
 
-    def _runs(self, slots: Sequence[int]) -> list[tuple[int, int]]:
-        """[i, j) index ranges of consecutive slots."""
-        runs, i, n = [], 0, len(slots)
-        while i < n:
-            j = i + 1
-            while j < n and slots[j] == slots[j - 1] + 1:
-                j += 1
-            runs.append((i, j))
-            i = j
-        return runs
-
     def _vectors(self, slots: Sequence[int], pieces: Sequence[Sequence], tails: np.ndarray) -> list:
         """(offset, buffers) per run of consecutive slots: each block's pieces, then its trailer page."""
         items = []
-        for i, j in self._runs(slots):
+        for i, j in fileio.slot_runs(slots):
             bufs = []
             for k in range(i, j):
                 bufs.extend(pieces[k])
@@ -158,12 +147,12 @@ class DiskTier:
                     off += data.size
                 stage[i, self.block_bytes:self.block_bytes + TRAILER.size] = self._trailer(pieces[i], h)
                 stage[i, self.block_bytes + TRAILER.size:] = 0
-            items = [(slots[i] * self.slot_bytes, stage[i:j].reshape(-1)) for i, j in self._runs(slots)]
+            items = [(slots[i] * self.slot_bytes, stage[i:j].reshape(-1)) for i, j in fileio.slot_runs(slots)]
         self.io.write(self.fd, items)
 
     def read_slots(self, slots: Sequence[int], buf: np.ndarray) -> None:
         """Read whole slots into rows of the aligned staging `buf`, unverified (StorageError on failure)."""
-        self.io.read(self.fd, [(slots[i] * self.slot_bytes, buf[i:j].reshape(-1)) for i, j in self._runs(slots)])
+        self.io.read(self.fd, [(slots[i] * self.slot_bytes, buf[i:j].reshape(-1)) for i, j in fileio.slot_runs(slots)])
 
     def verify(self, slots: Sequence[int], hashes: Sequence[Hashable], data: Sequence[Sequence],
                tails: np.ndarray) -> list[int]:

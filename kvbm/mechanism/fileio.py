@@ -3,6 +3,7 @@
 Operations:
   aligned_empty(nbytes)            a uint8 numpy array whose address and length are ALIGN-aligned
   round_up(n, align)               n rounded up to a multiple of align
+  slot_runs(slots)                 index ranges of consecutive slot numbers
   open_cache_file(path, direct)    create a 0600 file, with O_DIRECT when asked (StorageError when refused)
   preallocate(fd, nbytes, zerofill)  fallocate, or write zeros when fallocate is unsupported and allowed
   probe_o_direct(dir) / probe_fallocate(dir)   whether the filesystem accepts them (for doctor and start-up)
@@ -31,6 +32,18 @@ CACHE_FILE_PREFIX = "dynamo-kvbm-disk-cache-"
 _NAME_RE = re.compile(re.escape(CACHE_FILE_PREFIX) + r"(?P<host>[^-]+)-pid(?P<pid>\d+)-r(?P<rank>\d+)-[0-9a-f]+\.kvbm$")
 
 SlotIO = tuple[int, np.ndarray]  # (file offset in bytes, uint8 buffer of whole slots)
+
+
+def slot_runs(slots: Sequence[int]) -> list[tuple[int, int]]:
+    """[i, j) index ranges of `slots` whose values are consecutive (each range is one contiguous copy or I/O)."""
+    runs, i, n = [], 0, len(slots)
+    while i < n:
+        j = i + 1
+        while j < n and slots[j] == slots[j - 1] + 1:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
 
 
 def round_up(n: int, align: int = ALIGN) -> int:

@@ -92,15 +92,11 @@ class JobResult:
         return not self.failed_hashes and not self.failed_block_ids
 
 
-def _runs(pairs: Sequence[tuple[int, int]]) -> Iterator[tuple[int, int, list[int]]]:
-    """(start_row, first_slot, other ids) for runs where slots are consecutive; pairs are (slot, other id)."""
-    i, n = 0, len(pairs)
-    while i < n:
-        j = i + 1
-        while j < n and pairs[j][0] == pairs[j - 1][0] + 1:
-            j += 1
-        yield i, pairs[i][0], [p[1] for p in pairs[i:j]]
-        i = j
+def _runs(slots: Sequence[int], block_ids: Sequence[int]) -> Iterator[tuple[int, list[int]]]:
+    """(first host slot, engine block ids) per run of consecutive host slots, in slot order."""
+    pairs = sorted(zip(slots, block_ids))
+    for i, j in fileio.slot_runs([slot for slot, _ in pairs]):
+        yield pairs[i][0], [block_id for _, block_id in pairs[i:j]]
 
 
 def _index(ids: list[int], device: torch.device) -> torch.Tensor:
@@ -109,8 +105,7 @@ def _index(ids: list[int], device: torch.device) -> torch.Tensor:
 
 def copy_g1_to_g2(layout: KVLayout, host: HostTier, block_ids: Sequence[int], slots: Sequence[int]) -> None:
     """Gather engine pages `block_ids` into host `slots`: one index_select per segment per run of slots."""
-    pairs = sorted(zip(slots, block_ids))
-    for _, s0, ids in _runs(pairs):
+    for s0, ids in _runs(slots, block_ids):
         idx = _index(ids, layout.device)
         for seg_index, seg in enumerate(layout.segments):
             torch.index_select(seg, 0, idx, out=host.segment(seg_index)[s0:s0 + len(ids)])
@@ -118,8 +113,7 @@ def copy_g1_to_g2(layout: KVLayout, host: HostTier, block_ids: Sequence[int], sl
 
 def copy_g2_to_g1(layout: KVLayout, host: HostTier, block_ids: Sequence[int], slots: Sequence[int]) -> None:
     """Scatter host `slots` into engine pages `block_ids`: one index_copy_ per segment per run of slots."""
-    pairs = sorted(zip(slots, block_ids))
-    for _, s0, ids in _runs(pairs):
+    for s0, ids in _runs(slots, block_ids):
         idx = _index(ids, layout.device)
         for seg_index, seg in enumerate(layout.segments):
             seg.index_copy_(0, idx, host.segment(seg_index)[s0:s0 + len(ids)])
