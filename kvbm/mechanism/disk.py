@@ -18,28 +18,18 @@ from __future__ import annotations
 
 import logging
 import os
-import struct
 from pathlib import Path
 from typing import Hashable, Sequence
 
 import numpy as np
-import xxhash
 
 from kvbm.errors import StorageError
-from kvbm.mechanism import fileio
+from kvbm.mechanism import fileio, trailer
+from kvbm.mechanism.trailer import MAGIC, TRAILER, VERSION, block_identity  # noqa: F401 (re-exported)
 
 log = logging.getLogger("kvbm.disk")
 
-TRAILER = struct.Struct("<4sIQ16s16s")  # magic, version, checksum, block identity, fingerprint
-TRAILER_BYTES = 64
-MAGIC = b"KVBM"
-VERSION = 1
-
-
-def block_identity(block_hash: Hashable) -> bytes:
-    """16 bytes identifying a block hash of any type (vLLM's are bytes)."""
-    raw = block_hash if isinstance(block_hash, bytes) else repr(block_hash).encode()
-    return xxhash.xxh3_128_digest(raw)
+TRAILER_BYTES = 64  # the trailer (TRAILER.size bytes) and its padding in a slot
 
 
 class DiskTier:
@@ -107,8 +97,7 @@ class DiskTier:
         return True
 
     def _trailer(self, pieces: Sequence, block_hash: Hashable) -> np.ndarray:
-        packed = TRAILER.pack(MAGIC, VERSION, self._checksum(pieces), block_identity(block_hash), self.fingerprint)
-        return np.frombuffer(packed, dtype=np.uint8)
+        return np.frombuffer(trailer.pack(pieces, block_hash, self.fingerprint), dtype=np.uint8)
 
     def _vectors(self, slots: Sequence[int], pieces: Sequence[Sequence], tails: np.ndarray) -> list:
         """(offset, buffers) per run of consecutive slots: each block's pieces, then its trailer page."""
@@ -202,10 +191,7 @@ class DiskTier:
 
     @staticmethod
     def _checksum(pieces: Sequence) -> int:
-        digest = xxhash.xxh3_64()
-        for piece in pieces:
-            digest.update(piece)
-        return digest.intdigest()
+        return trailer.checksum(pieces)
 
     def close(self) -> None:
         """Close and remove the cache file (clean shutdown)."""
