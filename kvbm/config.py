@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SecretStr
 
 from kvbm.errors import ConfigError
 
@@ -34,7 +34,7 @@ class EnvVar:
     field: str
     default: str | None
     meaning: str
-    kind: str  # "gb" | "count" | "bool" | "path" | "seconds" | "port" | "host"
+    kind: str  # "gb" | "count" | "bool" | "path" | "seconds" | "port" | "host" | "url" | "secret"
 
 
 ENV_VARS: tuple[EnvVar, ...] = (
@@ -57,6 +57,13 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "address the metrics endpoint binds (0.0.0.0 to expose it)", "host"),
     EnvVar("DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER", "disable_disk_offload_filter", "false",
            "offload every block evicted from CPU to disk (no SSD-lifespan frequency filter)", "bool"),
+    EnvVar("DYN_KVBM_REMOTE_URL", "remote_url", None,
+           "shared tier (G4) store: redis://[user:pass@]host:port/db, rediss:// (TLS), or file:///shared/dir; "
+           "needs a CPU tier", "url"),
+    EnvVar("DYN_KVBM_REMOTE_CACHE_GB", "remote_cache_gb", None,
+           "size cap of a file:// shared tier in GB, enforced by the writers (Redis: the server's maxmemory)", "gb"),
+    EnvVar("DYN_KVBM_REMOTE_SECRET", "remote_secret", None,
+           "key of the MAC every shared-tier value carries; engines without it cannot plant KV", "secret"),
 )
 
 
@@ -103,6 +110,8 @@ _PARSERS: dict[str, Callable[[EnvVar, str], object]] = {
     "port": _parse_port,
     "path": lambda v, r: Path(r.strip() or "/tmp/"),
     "host": lambda v, r: r.strip() or "127.0.0.1",
+    "url": lambda v, r: r.strip() or None,
+    "secret": lambda v, r: SecretStr(r) if r else None,
 }
 
 
@@ -144,6 +153,9 @@ class KvbmConfig(BaseModel):
     metrics_port: int = 6880
     metrics_host: str = "127.0.0.1"
     disable_disk_offload_filter: bool = False
+    remote_url: str | None = None
+    remote_cache_gb: float | None = None
+    remote_secret: SecretStr | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, *, check_paths: bool = True) -> "KvbmConfig":
@@ -161,6 +173,11 @@ class KvbmConfig(BaseModel):
             raise ConfigError(
                 f"{disk_var}={env.get(disk_var)!r} needs a CPU tier: blocks reach disk through host memory; "
                 "set DYN_KVBM_CPU_CACHE_GB (e.g. DYN_KVBM_CPU_CACHE_GB=8) too, or unset the disk size"
+            )
+        if config.remote_url and not config.host_requested:
+            raise ConfigError(
+                "DYN_KVBM_REMOTE_URL is set but needs a CPU tier: the shared tier stages blocks through host memory; "
+                "set DYN_KVBM_CPU_CACHE_GB (e.g. DYN_KVBM_CPU_CACHE_GB=8) too, or unset DYN_KVBM_REMOTE_URL"
             )
         if check_paths and config.disk_requested:
             check_disk_dir(config.disk_cache_dir)
