@@ -29,6 +29,7 @@ import torch
 
 from kvbm.errors import KvbmError
 from kvbm.mechanism import fileio
+from kvbm.mechanism.threads import background_target, place_background_thread
 from kvbm.mechanism.disk import DiskTier
 from kvbm.mechanism.host import HostTier
 from kvbm.mechanism.layout import KVLayout
@@ -187,13 +188,15 @@ class TransferEngine:
         for region in self.pieces.regions() if disk is not None else ():
             self._register(region)
         self._staging: tuple[np.ndarray, np.ndarray] | None = None  # onboard staging, when engine pages are unaligned
-        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvbm-io")  # disk I/O beside staging
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvbm-io",
+                                      initializer=place_background_thread)  # disk I/O beside staging
         self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
         self._queues = {"onboard": queue.SimpleQueue(), "offload": queue.SimpleQueue()}
         self._pending = {"onboard": 0, "offload": 0}
         self._lock = threading.Condition()
         self._closed = False
-        self._threads = [threading.Thread(target=self._loop, args=(kind,), name=f"kvbm-{kind}", daemon=True)
+        self._threads = [threading.Thread(target=background_target(self._loop), args=(kind,),
+                                          name=f"kvbm-{kind}", daemon=True)
                          for kind in self._queues]
         for t in self._threads:
             t.start()
