@@ -107,7 +107,8 @@ class Launch:
         """What summary.json records under "engine"."""
         env = self.environ(environ)
         return {"connector": self.spec.connector, "url": self.url,
-                "env": {k: v for k, v in sorted(env.items()) if k.startswith("DYN_KVBM_") or k == "VLLM_CPU_KVCACHE_SPACE"},
+                "env": {k: v for k, v in sorted(env.items()) if k.startswith(("DYN_KVBM_", "VLLM_CPU_"))
+                        or k in ("VLLM_PLUGINS", "KVBM_THREAD_PLACEMENT")},
                 "vllm_args": self.argv[3:]}
 
 
@@ -211,8 +212,38 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
         elif not explicit_size and not environ.get("VLLM_CPU_KVCACHE_SPACE"):
             env_set["VLLM_CPU_KVCACHE_SPACE"] = "1"
             notes.append("G1 = 1 GiB (VLLM_CPU_KVCACHE_SPACE=1): vLLM's CPU build needs an explicit KV size")
+    if cpu and spec.connector == "kvbm":
+        _keep_cpu_reservation(environ, env_set, notes, spec.vllm_args)
     host = spec.host if spec.host not in (None, "0.0.0.0", "::") else "127.0.0.1"
     return Launch(argv, env_set, env_unset, notes, model, f"http://{host}:{spec.port}", spec)
+
+
+def _ranks(vllm_args: list[str]) -> int:
+    """Ranks per engine (tensor x pipeline parallel) from vLLM's own flags; 1 when not given."""
+    ranks, args = 1, list(vllm_args)
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name in ("-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size"):
+            value = value or (args[i + 1] if i + 1 < len(args) else "1")
+            ranks *= int(value) if value.isdigit() else 1
+    return ranks
+
+
+def _keep_cpu_reservation(environ: dict[str, str], env_set: dict[str, str], notes: list[str],
+                          vllm_args: list[str]) -> None:
+    """A KVBM connector must not cost vLLM's CPU build a core: KVBM's vLLM plugin sees to it in the engine; where
+    the plugin will not run (not registered, left out of VLLM_PLUGINS), set VLLM_CPU_NUM_OF_RESERVED_CPU here."""
+    from kvbm.integrations.vllm import plugin
+
+    if environ.get(plugin.RESERVED_CPU_VAR) or environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto") not in ("", "auto"):
+        return
+    allowed = environ.get("VLLM_PLUGINS")
+    if plugin.plugin_registered() and (allowed is None or plugin.PLUGIN_NAME in [p.strip() for p in allowed.split(",")]):
+        return
+    ranks = _ranks(vllm_args)
+    env_set[plugin.RESERVED_CPU_VAR] = str(ranks)
+    notes.append(f"{plugin.RESERVED_CPU_VAR}={ranks}: KVBM's vLLM plugin will not run in this engine, so kvbm sets "
+                 "the core reservation vLLM makes without a connector (KVBM needs no core of its own)")
 
 
 # --- failures ---------------------------------------------------------------------------------------------
