@@ -15,9 +15,14 @@ For each configuration: start the engine (log in OUT/<name>/engine.log), wait fo
 (OUT/<name>/vllm_metrics.json: the deltas), stop the engine's process group. Then OUT/comparison.json and
 OUT/comparison.md: TTFT p50/p90, ITL, throughput side by side with ratios against the first configuration.
 
+`sweep: {concurrency: [1, 8]}` (one workload key, several values) runs the workload once per value on each
+engine (started once): results in OUT/<name>/<key>-<value>/, one comparison table per value. Each value draws
+its own prompts (random seed + its index), so no value reuses the KV another one left behind.
+
 Operations:
   Scenario / load_scenario(path)      the YAML, validated (one line per mistake)
   default_scenario()                  the CPU prefix-reuse comparison on the embedded model (`make demo`)
+  sweep_points(scenario)              (label, workload config) per sweep value; one (None, ...) without a sweep
   run_compare(scenario, out_dir)      run everything; returns the comparison dict
   parse_prometheus / histogram_quantile    vLLM's metrics, and quantiles estimated from histogram buckets
 """
@@ -63,6 +68,7 @@ class Scenario(BaseModel):
     configs: list[dict[str, Any]]
     driver: str = "native"
     health_timeout: float = Field(600.0, alias="health-timeout")
+    sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
 
 def _key(k: str) -> str:
@@ -116,11 +122,29 @@ def load_scenario(path: Path) -> Scenario:
         raise CliError(f"scenario {path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
     if len(scenario.configs) < 2:
         raise CliError(f"scenario {path} needs at least two configs (a baseline and one to compare)")
-    _workload_config(scenario.workload)
+    sweep_points(scenario)
     names = [engine_spec(scenario.engine, c)[0] for c in scenario.configs]
     if len(set(names)) != len(names):
         raise CliError(f"scenario {path}: config names must be unique ({', '.join(names)})")
     return scenario
+
+
+def sweep_points(scenario: Scenario) -> list[tuple[Optional[str], PrefixReuseConfig | MultiRoundConfig]]:
+    """[(label, workload config)]: one per value of the scenario's sweep ("concurrency-8"), or [(None, config)]."""
+    if not scenario.sweep:
+        return [(None, _workload_config(scenario.workload))]
+    if len(scenario.sweep) != 1:
+        raise CliError(f"scenario {scenario.name}: sweep takes one workload key, not {len(scenario.sweep)}")
+    (key, values), = scenario.sweep.items()
+    if not values:
+        raise CliError(f"scenario {scenario.name}: sweep {key} needs at least one value")
+    labels = [f"{key}-{v}" for v in values]
+    if len(set(labels)) != len(labels):
+        raise CliError(f"scenario {scenario.name}: sweep {key} values must be unique")
+    seed = int(scenario.workload.get("random-seed", scenario.workload.get("random_seed", 0)))
+    # each value draws its own prompts: a later point must not hit the KV an earlier one left in the caches
+    return [(label, _workload_config({**scenario.workload, key: v, "random-seed": seed + i}))
+            for i, (label, v) in enumerate(zip(labels, values))]
 
 
 def default_scenario() -> Path:
@@ -292,9 +316,9 @@ def _free_port() -> int:
 def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None,
                 show_progress: bool = True) -> dict:
     """Launch, measure and stop each configuration in turn; write per-config results and the comparison."""
-    wl = _workload_config(scenario.workload)
+    points = sweep_points(scenario)
     out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, Any]] = {}
+    results: dict[Optional[str], dict[str, dict[str, Any]]] = {label: {} for label, _ in points}
     console = err()
     for raw in scenario.configs:
         name, spec = engine_spec(scenario.engine, raw)
@@ -317,31 +341,56 @@ def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None
         engine = Engine(launch, log_path=log)
         try:
             took = start_and_wait(engine, scenario.health_timeout, f"{name}: vLLM ({spec.connector})")
-            console.print(f"[{name}] engine healthy after {took:.0f} s; running {scenario.workload['type']}",
-                          markup=False)
-            before = scrape(launch.url)
-            info = launch.engine_info()
-            common_kw = dict(url=launch.url, model=None, tokenizer=None, artifact_dir=run_dir, run=name,
-                             engine=info, show_progress=show_progress)
-            with background(sources, run_dir / "metrics.csv"):  # vLLM's and KVBM's series, for kvbm report
-                if isinstance(wl, PrefixReuseConfig):
-                    summary = run_prefix_reuse(wl, driver=scenario.driver, **common_kw)
-                else:
-                    summary = run_multi_round(wl, driver=scenario.driver, **common_kw)
-            delta = metrics_delta(before, scrape(launch.url))
+            console.print(f"[{name}] engine healthy after {took:.0f} s", markup=False)
+            for label, wl in points:
+                point_dir = run_dir if label is None else run_dir / label
+                point_dir.mkdir(parents=True, exist_ok=True)
+                tag = name if label is None else f"{name} {label}"
+                console.print(f"[{tag}] running {scenario.workload['type']}", markup=False)
+                results[label][name] = _run_point(scenario, wl, launch, sources, point_dir, name, show_progress)
+                summary = results[label][name]["summary"]
+                console.print(f"[{tag}] done: TTFT p50 {_fmt((summary.ttft_s.p50 or 0) * 1000)} ms, "
+                              f"{_fmt(summary.output_tokens_per_s)} output tokens/s, {summary.num_errors} errors",
+                              markup=False)
         except BaseException:
             console.print(f"[{name}] engine log: {log}", markup=False)
             raise
         finally:
             engine.stop()
-        (run_dir / "vllm_metrics.json").write_text(json.dumps(delta, indent=2) + "\n")
-        results[name] = {"summary": summary, "vllm_metrics": delta}
-        console.print(f"[{name}] done: TTFT p50 {_fmt((summary.ttft_s.p50 or 0) * 1000)} ms, "
-                      f"{summary.num_errors} errors", markup=False)
-    comp = build_comparison(scenario, results)
+    if not scenario.sweep:
+        comp = build_comparison(scenario, results[None])
+    else:
+        (key, values), = scenario.sweep.items()
+        comp = {"scenario": scenario.name, "sweep": {"key": key, "values": values},
+                "points": [{"label": label, "value": v, **build_comparison(scenario, results[label])}
+                           for (label, _), v in zip(points, values)]}
     (out_dir / "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
-    (out_dir / "comparison.md").write_text(comparison_markdown(comp))
+    (out_dir / "comparison.md").write_text(comparison_text(comp))
     return comp
+
+
+def comparison_text(comp: dict[str, Any]) -> str:
+    """comparison.md of a run_compare result (one table, or one per sweep value)."""
+    if "points" not in comp:
+        return comparison_markdown(comp)
+    key = comp["sweep"]["key"]
+    return "\n".join(f"### {key} = {p['value']}\n\n{comparison_markdown(p)}" for p in comp["points"])
+
+
+def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, launch, sources: list[str],
+               run_dir: Path, name: str, show_progress: bool) -> dict[str, Any]:
+    """One workload run on a running engine: results in run_dir; {"summary", "vllm_metrics"}."""
+    before = scrape(launch.url)
+    common_kw = dict(url=launch.url, model=None, tokenizer=None, artifact_dir=run_dir, run=name,
+                     engine=launch.engine_info(), show_progress=show_progress)
+    with background(sources, run_dir / "metrics.csv"):  # vLLM's and KVBM's series, for kvbm report
+        if isinstance(wl, PrefixReuseConfig):
+            summary = run_prefix_reuse(wl, driver=scenario.driver, **common_kw)
+        else:
+            summary = run_multi_round(wl, driver=scenario.driver, **common_kw)
+    delta = metrics_delta(before, scrape(launch.url))
+    (run_dir / "vllm_metrics.json").write_text(json.dumps(delta, indent=2) + "\n")
+    return {"summary": summary, "vllm_metrics": delta}
 
 
 @bench_app.command("compare")
@@ -365,4 +414,4 @@ def compare(
         return
     console = out()
     console.print(f"scenario {scenario.name} ({path}) · results in {out_dir}", markup=False, soft_wrap=True)
-    console.print(comparison_markdown(comp), markup=False, soft_wrap=True, highlight=False)
+    console.print(comparison_text(comp), markup=False, soft_wrap=True, highlight=False)
