@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -c "import torch, vllm, kvbm; print('kvbm', kvbm.__version__, 'torch', torch.__version__, 'vllm', vllm.__version__)"
 	@touch $@
 
+# What KVBM buys (prefix reuse), then that it costs nothing where it cannot help (no reuse, decode-heavy).
 demo: install
 	$(VENV)/bin/kvbm bench compare scenarios/prefix-reuse-cpu.yaml --out runs/demo
+	$(VENV)/bin/kvbm bench compare scenarios/no-reuse-cpu.yaml --out runs/demo-no-reuse
 
 bench-transfer: install
 	$(VENV)/bin/kvbm bench transfer
