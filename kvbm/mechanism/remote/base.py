@@ -75,7 +75,7 @@ class StoreStats:
     hits: int = 0             # verified values returned
     misses: int = 0           # absent, evicted, unreachable or rejected
     rejected: int = 0         # present but bad size / trailer / identity / fingerprint / checksum / MAC
-    puts: int = 0             # blocks stored
+    puts: int = 0             # blocks written (a block already in the store is not written again)
     put_failures: int = 0     # blocks not stored (full store, error, unreachable)
     errors: int = 0           # batches that failed on the store (connection, timeout, I/O)
     skipped: int = 0          # blocks not even tried: the store was backing off
@@ -167,11 +167,12 @@ class BlockStore(abc.ABC):
                 values.append(pieces + [self.seal(key, h, pieces)])
                 sizes.append(sum(p.nbytes for p in pieces))
             result = self._guarded(lambda: self._put(keys, values), len(keys))
-            done = [bool(x) for x in result] if result is not None else [False] * len(keys)
-            if result is not None and keys and not any(done):
+            result = list(result) if result is not None else [False] * len(keys)
+            done = [r is not False for r in result]  # None: already stored, nothing sent
+            if result and not any(done):
                 self._puts_paused_until = time.monotonic() + 1.0  # full store: do not resend blocks it refuses
-            self._count(puts=sum(done), put_failures=len(done) - sum(done),
-                        bytes_written=sum(s for s, ok in zip(sizes, done) if ok))
+            self._count(puts=sum(r is True for r in result), put_failures=len(done) - sum(done),
+                        bytes_written=sum(s for s, r in zip(sizes, result) if r is True))
             return done
 
         return self._submit(run, [False] * len(items))
@@ -328,8 +329,9 @@ class BlockStore(abc.ABC):
         """Each key's raw value (bytes-like) or None."""
 
     @abc.abstractmethod
-    def _put(self, keys: list[str], values: list[list[memoryview | bytes]]) -> list[bool]:
-        """Store each value (its buffers back to back); per-item success, raising only when unreachable."""
+    def _put(self, keys: list[str], values: list[list[memoryview | bytes]]) -> list[bool | None]:
+        """Store each value (its buffers back to back): True stored, None already there (nothing sent), False
+        failed; raises only when the store is unreachable."""
 
     @abc.abstractmethod
     def _ping(self) -> None:

@@ -107,13 +107,13 @@ class FileStore(BlockStore):
                     pass
         return out
 
-    def _put(self, keys: list[str], values: list[list]) -> list[bool]:
+    def _put(self, keys: list[str], values: list[list]) -> list[bool | None]:
         done = []
         written = 0
         for k, pieces in zip(keys, values):
             path = self.path(k)
             if os.path.exists(path):  # content-addressed and read-only once published
-                done.append(True)
+                done.append(None)
                 continue
             ok, n = self._publish(path, pieces)
             done.append(ok)
