@@ -1,16 +1,65 @@
-"""What travels between the leader (scheduler process) and the workers: picklable, addresses only.
+"""What travels between the leader (scheduler process) and the workers: picklable, addresses only, pure Python.
+
+The policy (leader side) and the mechanism (worker side) both import this module and nothing of each other
+(import-linter contracts in pyproject.toml keep it so).
 
 Operations:
-  StepPlan      leader -> workers once per engine step: loads to start, stores to run after the forward
-  WorkerReport  workers -> leader: finished jobs with their failures; merged across ranks by `aggregate`
+  Tier, BlockMove, SlotCopy  where a block lives; one block between the engine and a tier; host -> disk
+  Handshake                  each worker's geometry at start-up (block bytes, slots, world size, disk up)
+  StepPlan                   leader -> workers once per engine step: loads, stores, fences, releases
+  JobOutcome / WorkerReport  workers -> leader: finished jobs by rank id, merged across ranks by `aggregate`
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Hashable
 
-from kvbm.mechanism.transfer import BlockMove, SlotCopy
+
+class Tier(enum.Enum):
+    """Where a block lives. G1 is the engine's own cache, which kvbm does not index."""
+
+    G1 = "G1"  # engine cache (GPU or CPU)
+    G2 = "G2"  # host memory
+    G3 = "G3"  # local disk
+
+    @property
+    def label(self) -> str:
+        """Human name: device, host, disk."""
+        return {"G1": "device", "G2": "host", "G3": "disk"}[self.value]
+
+
+@dataclass(frozen=True)
+class BlockMove:
+    """One block between the engine cache and a kvbm tier: engine block id <-> slot of `tier`."""
+
+    block_hash: Hashable
+    block_id: int
+    slot: int
+    tier: Tier = Tier.G2
+
+
+@dataclass(frozen=True)
+class SlotCopy:
+    """One block from a host slot to a disk slot (a G2 eviction cascading to G3)."""
+
+    block_hash: Hashable
+    host_slot: int
+    disk_slot: int
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """One worker's view of the geometry, sent to the leader once at start-up (vLLM's handshake channel)."""
+
+    rank: int
+    world_size: int
+    block_size: int
+    block_bytes: int
+    host_slots: int
+    disk_slots: int
+    disk_error: str | None = None  # the disk tier could not be created on this rank
 
 
 @dataclass
@@ -20,7 +69,7 @@ class LoadSpec:
     req_id: str
     job_id: str
     moves: list[BlockMove]
-    unavailable_block_ids: list[int] = field(default_factory=list)  # evicted since the match: recompute
+    unavailable_block_ids: list[int] = field(default_factory=list)  # cannot be loaded: the engine recomputes
 
 
 @dataclass
@@ -31,27 +80,36 @@ class StoreSpec:
     job_id: str
     stores: list[BlockMove]
     cascades: list[SlotCopy]
+    cascade_job_id: str | None = None  # the cascades report on their own, as this job
 
 
 @dataclass
 class StepPlan:
-    """The leader's decisions for one engine step."""
+    """The leader's decisions for one engine step.
+
+    `fences` (preempted request -> the job ids still reading its engine blocks): the workers wait for exactly
+    these jobs before the forward reuses the blocks. `releases` (finished request whose blocks the leader
+    asked vLLM to hold -> its store job ids): each worker reports the request as finished sending once it has
+    finished those jobs, and only then. `no_disk`: a rank lost its disk tier; every rank stops disk work.
+    """
 
     loads: list[LoadSpec] = field(default_factory=list)
     stores: list[StoreSpec] = field(default_factory=list)
-    preempted_req_ids: set[str] = field(default_factory=set)
+    fences: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    releases: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    no_disk: bool = False
 
     @property
     def empty(self) -> bool:
         """True when there is nothing to do."""
-        return not self.loads and not self.stores and not self.preempted_req_ids
+        return not (self.loads or self.stores or self.fences or self.releases)
 
 
 @dataclass
 class JobOutcome:
-    """One job's end as seen by the ranks that finished it so far."""
+    """One job's end as seen by the ranks (by rank id) that finished it so far."""
 
-    num_ranks: int = 0
+    ranks: frozenset = frozenset()
     failed_hashes: frozenset = frozenset()
     failed_block_ids: frozenset = frozenset()
     nbytes: int = 0
@@ -59,21 +117,31 @@ class JobOutcome:
     blocks: dict[str, int] = field(default_factory=dict)
 
     def merge(self, other: "JobOutcome") -> "JobOutcome":
-        """Both ranks' view: failures united, the slowest rank's time, rank 0's counts."""
-        return JobOutcome(self.num_ranks + other.num_ranks, self.failed_hashes | other.failed_hashes,
+        """Both views: ranks and failures united, the slowest rank's time; a rank reported twice counts once."""
+        if other.ranks <= self.ranks:
+            return self
+        if self.ranks <= other.ranks:
+            return other
+        return JobOutcome(self.ranks | other.ranks, self.failed_hashes | other.failed_hashes,
                           self.failed_block_ids | other.failed_block_ids, self.nbytes + other.nbytes,
                           max(self.seconds, other.seconds), self.blocks or other.blocks)
 
 
 @dataclass
 class WorkerReport:
-    """Jobs that finished on a worker since its last report."""
+    """Jobs that finished on workers since their last report, and ranks whose disk tier went down."""
 
     jobs: dict[Hashable, JobOutcome] = field(default_factory=dict)
+    disk_lost: dict[int, str] = field(default_factory=dict)  # rank -> why
 
     def aggregate(self, other: "WorkerReport") -> "WorkerReport":
         """Merge another rank's report into a new one."""
         jobs = dict(self.jobs)
         for job_id, outcome in other.jobs.items():
             jobs[job_id] = jobs[job_id].merge(outcome) if job_id in jobs else outcome
-        return WorkerReport(jobs)
+        return WorkerReport(jobs, {**self.disk_lost, **other.disk_lost})
+
+    @property
+    def empty(self) -> bool:
+        """True when there is nothing to tell."""
+        return not self.jobs and not self.disk_lost

@@ -1,10 +1,16 @@
 """The worker: executes the leader's plans on one rank's engine cache. Engine-agnostic.
 
+It reports what the leader asked about and nothing else: a load as finished receiving when its job is done,
+a request as finished sending only when the plan released it (the leader delayed its free) and the store jobs
+named with it are done here. Jobs are known by id: a plan delivered twice runs nothing twice, and a release
+is reported once.
+
 Operations:
   register(layout, host_slots, disk_slots, fingerprint)  allocate G2 (and G3, or warn and go on without it)
-  start_loads(plan) / start_stores(plan)   submit the step's onboards (before the forward) and offloads (after)
-  drain()                                  wait for in-flight jobs (preempted requests' blocks are about to be reused)
-  poll(finished_req_ids)                   what finished: requests done sending/receiving, failed blocks, a report
+  handshake(block_size)                    this rank's geometry for the leader's start-up check
+  fence(plan)                              wait for the jobs reading preempted requests' blocks (only those)
+  start_loads(plan) / start_stores(plan)   submit the step's onboards and offloads; note its releases
+  poll()                                   what finished: finished sending/receiving, failed blocks, a report
   close()
 """
 
@@ -12,13 +18,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from kvbm.config import KvbmConfig
 from kvbm.errors import StorageError
 from kvbm.mechanism import DiskTier, HostTier, KVLayout, OffloadJob, OnboardJob, TransferEngine
 from kvbm.mechanism.fileio import PosixDiskIO
-from kvbm.protocol import JobOutcome, StepPlan, WorkerReport
+from kvbm.mechanism.transfer import JobResult
+from kvbm.protocol import Handshake, JobOutcome, StepPlan, WorkerReport
 
 log = logging.getLogger("kvbm.worker")
 
@@ -48,27 +56,54 @@ class PollResult:
     report: WorkerReport | None = None
 
 
+class _Recent:
+    """A bounded set of recent ids (jobs accepted, requests released): duplicates are recognised."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._ids: OrderedDict = OrderedDict()
+
+    def add(self, key) -> bool:
+        """True when `key` is new."""
+        if key in self._ids:
+            return False
+        self._ids[key] = None
+        while len(self._ids) > self.size:
+            self._ids.popitem(last=False)
+        return True
+
+
 class KvbmWorker:
     """Worker-side KVBM for one rank. Lives in each engine worker process."""
 
-    def __init__(self, config: KvbmConfig, rank: int = 0, load_wait_s: float = 0.01):
+    def __init__(self, config: KvbmConfig, rank: int = 0, world_size: int = 1, load_wait_s: float = 0.01,
+                 recent: int = 1 << 16):
         self.config = config
+        self.rank = rank
+        self.world_size = world_size
         # poll() waits this long for loads submitted in the same step: a small load finishes within it, and
         # its request is then ready one engine step sooner (its time to first token drops by a whole step).
         self.load_wait_s = load_wait_s
-        self._loads_this_step = False
-        self.rank = rank
         self.engine: TransferEngine | None = None
+        self.host_slots = self.disk_slots = 0
         self.disk_error: str | None = None
-        self._job_req: dict[str, tuple[str, str]] = {}  # job_id -> (req_id, "load"|"store")
-        self._open_jobs: dict[str, set[str]] = {}  # req_id -> unfinished job ids
-        self._had_jobs: set[str] = set()
-        self._finished: set[str] = set()  # finished by the engine, waiting for their jobs
+        self._disk_reported = False
+        self._loads_this_step = False
+        self._accepted = _Recent(recent)
+        self._released = _Recent(recent)
+        self._load_req: dict[str, str] = {}  # open load job -> request
+        self._releases: dict[str, tuple[str, ...]] = {}  # request -> store jobs to finish before finished_sending
+        self._local: list[JobResult] = []  # jobs answered without the engine (tiers not registered)
         self._load_errors: set[int] = set()
+        self._warned_unregistered = False
+
+    # ---- start-up ------------------------------------------------------------------------------------------
 
     def register(self, layout: KVLayout, host_slots: int, disk_slots: int, fingerprint: bytes) -> None:
-        """Allocate this rank's tiers for `layout`. A disk tier that cannot be created is left out, with a warning."""
-        host = HostTier.for_layout(layout, host_slots)  # block-major for GPU caches, segment-major for CPU
+        """Allocate this rank's tiers for `layout` (the host tier pre-faulted within the init timeout). A disk
+        tier that cannot be created is left out, with a warning; the leader then plans no disk work at all."""
+        timeout = self.config.leader_worker_init_timeout_secs
+        host = HostTier.for_layout(layout, host_slots, prefault_timeout_s=timeout)
         disk = None
         if disk_slots > 0:
             try:
@@ -79,64 +114,108 @@ class KvbmWorker:
                 self.disk_error = str(exc)
                 log.warning("kvbm: disk tier disabled, serving goes on with host memory only: %s", exc)
         self.engine = TransferEngine(layout, host, disk)
+        self.host_slots, self.disk_slots = host_slots, disk_slots
         log.info("kvbm worker %d: G2 %d blocks (%.2f GB)%s", self.rank, host_slots, host.nbytes / 1e9,
                  f", G3 {disk_slots} blocks at {disk.path} ({disk.nbytes / 1e9:.2f} GB)" if disk else "")
+
+    def handshake(self, block_size: int) -> Handshake:
+        """This rank's geometry, for the leader's start-up check."""
+        block_bytes = self.engine.layout.block_bytes if self.engine is not None else 0
+        return Handshake(self.rank, self.world_size, block_size, block_bytes, self.host_slots, self.disk_slots,
+                         self.disk_error)
 
     @property
     def has_disk(self) -> bool:
         """True when the disk tier is up."""
-        return self.engine is not None and self.engine.disk is not None
+        return self.engine is not None and self.engine.disk is not None and not self.engine.disk_disabled
 
-    def _track(self, req_id: str, job_id: str, kind: str) -> None:
-        self._job_req[job_id] = (req_id, kind)
-        self._open_jobs.setdefault(req_id, set()).add(job_id)
-        self._had_jobs.add(req_id)
+    # ---- a step --------------------------------------------------------------------------------------------
+
+    def fence(self, plan: StepPlan) -> None:
+        """Blocks of preempted requests are about to be reused: wait for the jobs that still read or write
+        them, and for nothing else (other requests' stores and every disk write go on)."""
+        jobs = {job for ids in plan.fences.values() for job in ids}
+        if jobs and self.engine is not None:
+            self.engine.wait_jobs(jobs)
+
+    def _note(self, plan: StepPlan) -> None:
+        for req_id, job_ids in plan.releases.items():
+            if req_id not in self._releases:
+                self._releases[req_id] = tuple(job_ids)
+        if plan.no_disk and self.engine is not None and self.engine.disk_disabled is None:
+            self.engine.disable_disk("another rank lost its disk tier")
 
     def start_loads(self, plan: StepPlan) -> None:
-        """Submit the step's onboards; they complete asynchronously."""
+        """Submit the step's onboards (they complete asynchronously) and note the step's releases."""
+        self._note(plan)
         for spec in plan.loads:
-            self._track(spec.req_id, spec.job_id, "load")
+            if not self._accepted.add(spec.job_id):
+                continue  # a plan delivered twice: the job runs once
+            self._load_req[spec.job_id] = spec.req_id
             self._load_errors.update(spec.unavailable_block_ids)
+            if self.engine is None:
+                self._unregistered()
+                self._local.append(JobResult(spec.job_id, "onboard", error="tiers not registered",
+                                             failed_hashes=frozenset(m.block_hash for m in spec.moves),
+                                             failed_block_ids=frozenset(m.block_id for m in spec.moves)))
+                continue
             self.engine.submit_onboard(OnboardJob(spec.job_id, spec.moves))
             self._loads_this_step = True
 
     def start_stores(self, plan: StepPlan) -> None:
         """Submit the step's offloads (call after the forward wrote the blocks' KV)."""
+        self._note(plan)
         for spec in plan.stores:
-            self._track(spec.req_id, spec.job_id, "store")
-            self.engine.submit_offload(OffloadJob(spec.job_id, spec.stores, spec.cascades))
+            if not self._accepted.add(spec.job_id):
+                continue
+            if self.engine is None:
+                self._unregistered()
+                self._local.append(JobResult(spec.job_id, "offload", error="tiers not registered",
+                                             failed_hashes=frozenset(m.block_hash for m in spec.stores)))
+                if spec.cascade_job_id is not None:
+                    self._local.append(JobResult(spec.cascade_job_id, "cascade", error="tiers not registered",
+                                                 failed_hashes=frozenset(c.block_hash for c in spec.cascades)))
+                continue
+            self.engine.submit_offload(OffloadJob(spec.job_id, spec.stores, spec.cascades, spec.cascade_job_id))
 
-    def drain(self) -> None:
-        """Wait for every in-flight job: blocks of preempted requests are about to be reused."""
-        if self.engine is not None:
-            self.engine.wait()
+    def _unregistered(self) -> None:
+        if not self._warned_unregistered:
+            self._warned_unregistered = True
+            log.warning("kvbm worker %d: a plan arrived before the KV caches were registered; its loads fail "
+                        "(recomputed) and its stores are dropped", self.rank)
 
     def poll(self, finished_req_ids: set[str] | frozenset = frozenset()) -> PollResult:
-        """Collect finished jobs; requests the engine finished are released once their jobs are done."""
+        """Collect finished jobs: loads finished receiving, released requests whose stores are done here.
+        (`finished_req_ids` is accepted for the engine's call shape; the plan's releases decide.)"""
         out = PollResult()
         report = WorkerReport()
         if self._loads_this_step and self.engine is not None:
             self.engine.wait(self.load_wait_s, kind="onboard")
             self._loads_this_step = False
-        for result in (self.engine.get_finished() if self.engine is not None else []):
-            req_id, kind = self._job_req.pop(result.job_id, (None, None))
-            if req_id is None:
-                continue
-            self._open_jobs.get(req_id, set()).discard(result.job_id)
-            report.jobs[result.job_id] = JobOutcome(1, result.failed_hashes, result.failed_block_ids, result.nbytes,
-                                                    result.seconds, dict(result.blocks))
-            if kind == "load":
+        results, self._local = self._local + (self.engine.get_finished() if self.engine is not None else []), []
+        for result in results:
+            report.jobs[result.job_id] = JobOutcome(frozenset({self.rank}), result.failed_hashes,
+                                                    result.failed_block_ids, result.nbytes, result.seconds,
+                                                    dict(result.blocks))
+            req_id = self._load_req.pop(result.job_id, None)
+            if req_id is not None:
                 out.finished_recving.add(req_id)
                 self._load_errors.update(result.failed_block_ids)
-        self._finished.update(r for r in finished_req_ids if r in self._had_jobs)
-        for req_id in list(self._finished):
-            if not self._open_jobs.get(req_id):
-                out.finished_sending.add(req_id)
-                self._finished.discard(req_id)
-                self._had_jobs.discard(req_id)
-                self._open_jobs.pop(req_id, None)
+            if result.disk_error and self.disk_error is None:
+                self.disk_error = result.disk_error
+                log.warning("kvbm worker %d: disk tier failed (%s); no more disk work on any rank", self.rank,
+                            result.disk_error)
+                self.engine.disable_disk(result.disk_error)
+        if self.disk_error is not None and not self._disk_reported:
+            report.disk_lost[self.rank] = self.disk_error
+            self._disk_reported = True
+        for req_id, job_ids in list(self._releases.items()):
+            if self.engine is None or not any(self.engine.is_open(j) for j in job_ids):
+                del self._releases[req_id]
+                if self._released.add(req_id):
+                    out.finished_sending.add(req_id)
         out.failed_block_ids, self._load_errors = self._load_errors, set()
-        out.report = report if report.jobs else None
+        out.report = report if not report.empty else None
         return out
 
     def close(self) -> None:

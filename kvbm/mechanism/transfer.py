@@ -33,37 +33,25 @@ from kvbm.mechanism.threads import background_target, place_background_thread
 from kvbm.mechanism.disk import DiskTier
 from kvbm.mechanism.host import HostTier
 from kvbm.mechanism.layout import KVLayout
-from kvbm.policy.types import Tier
+from kvbm.protocol import BlockMove, SlotCopy, Tier
 
 log = logging.getLogger("kvbm.transfer")
 
 
 @dataclass(frozen=True)
-class BlockMove:
-    """One block between the engine cache and a kvbm tier: engine block id <-> slot of `tier`."""
-
-    block_hash: Hashable
-    block_id: int
-    slot: int
-    tier: Tier = Tier.G2
-
-
-@dataclass(frozen=True)
-class SlotCopy:
-    """One block from a host slot to a disk slot (same shape as the policy's Cascade)."""
-
-    block_hash: Hashable
-    host_slot: int
-    disk_slot: int
-
-
-@dataclass(frozen=True)
 class OffloadJob:
-    """Cascades first (they read host slots the stores then overwrite), then engine -> host stores."""
+    """Cascades first (they read host slots the stores then overwrite), then engine -> host stores.
+
+    With `cascade_job_id` the cascades are detached: their host slots are snapshotted into staging memory
+    (a memcpy), the stores run and the job reports as `job_id` at once, and the disk writes run on the disk
+    thread and report as `cascade_job_id`. A G2 -> G3 write then never holds an engine block. Without it,
+    the job reports once, after the disk writes.
+    """
 
     job_id: Hashable
     stores: Sequence[BlockMove] = ()
     cascades: Sequence[SlotCopy] = ()
+    cascade_job_id: Hashable | None = None
 
 
 @dataclass(frozen=True)
@@ -79,18 +67,28 @@ class JobResult:
     """What a finished job did: blocks per direction, bytes, time, and the blocks that failed."""
 
     job_id: Hashable
-    kind: str  # "offload" | "onboard"
+    kind: str  # "offload" | "onboard" | "cascade"
     blocks: dict[str, int] = field(default_factory=dict)  # "g1_g2", "g2_g3", "g2_g1", "g3_g1"
     nbytes: int = 0
     seconds: float = 0.0
     failed_hashes: frozenset = frozenset()
     failed_block_ids: frozenset = frozenset()
     error: str | None = None
+    disk_error: str | None = None  # the disk tier itself failed (I/O error), not one block's checksum
 
     @property
     def ok(self) -> bool:
         """True when every block moved."""
         return not self.failed_hashes and not self.failed_block_ids
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """Detached cascades and the staging rows holding their bytes, queued for the disk thread."""
+
+    job_id: Hashable
+    cascades: Sequence[SlotCopy]
+    buf: np.ndarray
 
 
 def _runs(slots: Sequence[int], block_ids: Sequence[int]) -> Iterator[tuple[int, list[int]]]:
@@ -165,10 +163,15 @@ class BlockPieces:
 
 
 class TransferEngine:
-    """Executes offload and onboard jobs asynchronously. Lives in each worker process (one per rank)."""
+    """Executes offload and onboard jobs asynchronously. Lives in each worker process (one per rank).
+
+    Three threads: loads, stores (engine <-> host, and snapshots of cascading host slots) and disk writes of
+    detached cascades, so that neither an onboard nor an engine block ever waits behind a disk write.
+    """
 
     def __init__(self, layout: KVLayout, host: HostTier | None, disk: DiskTier | None = None,
-                 chunk_bytes: int = 32 << 20, gpu_chunk_bytes: int = 64 << 20, write_chunk_bytes: int = 8 << 20):
+                 chunk_bytes: int = 32 << 20, gpu_chunk_bytes: int = 64 << 20, write_chunk_bytes: int = 8 << 20,
+                 cascade_staging_bytes: int = 256 << 20):
         self.cuda = None  # the CUDA path (kvbm.mechanism.cuda_copy) when the engine cache is on a GPU
         if layout.device.type == "cuda":
             from kvbm.mechanism.cuda_copy import CudaCopier
@@ -191,8 +194,12 @@ class TransferEngine:
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvbm-io",
                                       initializer=place_background_thread)  # disk I/O beside staging
         self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
-        self._queues = {"onboard": queue.SimpleQueue(), "offload": queue.SimpleQueue()}
-        self._pending = {"onboard": 0, "offload": 0}
+        self._queues = {"onboard": queue.SimpleQueue(), "offload": queue.SimpleQueue(), "cascade": queue.SimpleQueue()}
+        self._pending = {"onboard": 0, "offload": 0, "cascade": 0}
+        self._open: set = set()  # job ids submitted and not finished (detached cascades included)
+        self._staging_budget = cascade_staging_bytes  # snapshots of cascading host slots awaiting their write
+        self._staging_used = 0
+        self.disk_disabled: str | None = None  # why disk work stopped (set by disable_disk)
         self._lock = threading.Condition()
         self._closed = False
         self._threads = [threading.Thread(target=background_target(self._loop), args=(kind,),
@@ -221,11 +228,28 @@ class TransferEngine:
                 return out
 
     def wait(self, timeout: float | None = None, kind: str | None = None) -> bool:
-        """Block until every submitted job (of `kind`: "onboard" or "offload", default both) has finished;
-        False on timeout."""
+        """Block until every submitted job (of `kind`: "onboard", "offload" or "cascade", default all) has
+        finished; False on timeout."""
         kinds = [kind] if kind else list(self._pending)
         with self._lock:
             return self._lock.wait_for(lambda: not any(self._pending[k] for k in kinds), timeout)
+
+    def wait_jobs(self, job_ids, timeout: float | None = None) -> bool:
+        """Block until the given jobs (those still open here) have finished; False on timeout. The fence of a
+        preemption: only the jobs that read the preempted request's engine blocks, nothing else."""
+        ids = set(job_ids)
+        with self._lock:
+            return self._lock.wait_for(lambda: not (ids & self._open), timeout)
+
+    def is_open(self, job_id) -> bool:
+        """True while a submitted job has not finished."""
+        with self._lock:
+            return job_id in self._open
+
+    def disable_disk(self, why: str) -> None:
+        """Stop every disk transfer from now on (the disk tier failed here or on another rank): disk moves
+        fail at once, without I/O, and the leader plans no more of them."""
+        self.disk_disabled = why
 
     def close(self) -> None:
         """Finish queued jobs, stop the threads, close the disk tier."""
@@ -250,11 +274,14 @@ class TransferEngine:
             raise KvbmError("transfer engine is closed")
         with self._lock:
             self._pending[kind] += 1
+            self._open.add(job.job_id)
+            if getattr(job, "cascade_job_id", None) is not None and job.cascades:
+                self._open.add(job.cascade_job_id)
         # CUDA: the job waits for the work queued so far on the submitter's stream (the forward's writes)
         self._queues[kind].put((job, self.cuda.mark() if self.cuda is not None else None))
 
     def _loop(self, kind: str) -> None:
-        run = self.run_offload if kind == "offload" else self.run_onboard
+        run = {"offload": self.run_offload, "onboard": self.run_onboard, "cascade": self._run_cascade}[kind]
         q = self._queues[kind]
         while True:
             item = q.get()
@@ -266,10 +293,14 @@ class TransferEngine:
             except Exception as exc:  # noqa: BLE001 - a job never kills the thread; its blocks fail instead
                 log.exception("kvbm %s job %r failed", kind, job.job_id)
                 result = self._failed(kind, job, exc)
-            self._done.put(result)
-            with self._lock:
-                self._pending[kind] -= 1
-                self._lock.notify_all()
+            self._finish(kind, result)
+
+    def _finish(self, kind: str, result: JobResult) -> None:
+        self._done.put(result)
+        with self._lock:
+            self._pending[kind] -= 1
+            self._open.discard(result.job_id)
+            self._lock.notify_all()
 
     @staticmethod
     def _failed(kind: str, job, exc: Exception) -> JobResult:
@@ -284,15 +315,21 @@ class TransferEngine:
         size = size or self._chunk
         return [items[i:i + size] for i in range(0, len(items), size)]
 
-    def _write_to_disk(self, cascades: list[SlotCopy]) -> tuple[set, str | None]:
-        """G2->G3 straight from the host slots, chunks in flight concurrently; returns failed hashes."""
+    def _write_to_disk(self, cascades: list[SlotCopy], pieces=None) -> tuple[set, str | None]:
+        """G2->G3 straight from the host slots (or from `pieces(cascade)`, a snapshot), chunks in flight
+        concurrently; returns failed hashes and the disk error, if any."""
         failed: set = set()
         error = None
         chunks = self._chunks(cascades, key=lambda c: c.disk_slot, size=self._write_chunk)
-        futures = [self._io.submit(self.disk.write_blocks, [c.disk_slot for c in chunk],
-                                   [c.block_hash for c in chunk], [self.pieces.host(c.host_slot) for c in chunk],
-                                   self.pieces.host_aligned or None)
-                   for chunk in chunks]
+        if pieces is None:
+            futures = [self._io.submit(self.disk.write_blocks, [c.disk_slot for c in chunk],
+                                       [c.block_hash for c in chunk], [self.pieces.host(c.host_slot) for c in chunk],
+                                       self.pieces.host_aligned or None)
+                       for chunk in chunks]
+        else:
+            futures = [self._io.submit(self.disk.write_blocks, [c.disk_slot for c in chunk],
+                                       [c.block_hash for c in chunk], [pieces(c) for c in chunk])
+                       for chunk in chunks]
         for fut, chunk in zip(futures, chunks):
             try:
                 fut.result()
@@ -361,14 +398,65 @@ class TransferEngine:
         for seg_index, seg in enumerate(self.layout.segments):
             seg.index_copy_(0, idx, staged[:, seg_index])
 
+    def _snapshot(self, cascades: list[SlotCopy]) -> np.ndarray | None:
+        """Copy the cascading host slots into staging rows (None: staging budget spent, the writes are dropped)."""
+        nbytes = len(cascades) * self.disk.slot_bytes
+        with self._lock:
+            if self._staging_used + nbytes > self._staging_budget:
+                return None
+            self._staging_used += nbytes
+        buf = self.disk.staging(len(cascades))
+        for i, c in enumerate(cascades):
+            off = 0
+            for piece in self.pieces.host(c.host_slot):
+                data = np.frombuffer(piece, dtype=np.uint8)
+                buf[i, off:off + data.size] = data
+                off += data.size
+        return buf
+
+    def _run_cascade(self, item, ready=None) -> JobResult:
+        """Write snapshotted host slots to their disk slots (the disk thread calls this)."""
+        job_id, cascades, buf = item.job_id, item.cascades, item.buf
+        start = time.perf_counter()
+        try:
+            if self.disk_disabled is not None:
+                return JobResult(job_id, "cascade", {"g2_g3": 0}, failed_hashes=frozenset(c.block_hash for c in cascades),
+                                 error=self.disk_disabled)
+            rows = {id(c): [buf[i, :self.disk.block_bytes]] for i, c in enumerate(cascades)}
+            failed, error = self._write_to_disk(cascades, pieces=lambda c: rows[id(c)])
+        finally:
+            with self._lock:
+                self._staging_used -= len(cascades) * self.disk.slot_bytes
+        n = len(cascades) - len(failed)
+        return JobResult(job_id, "cascade", {"g2_g3": n}, n * self.layout.block_bytes, time.perf_counter() - start,
+                         failed_hashes=frozenset(failed), error=error, disk_error=error)
+
     def run_offload(self, job: OffloadJob, ready=None) -> JobResult:
         """Execute an offload synchronously (the store thread calls this); CUDA: after event `ready`."""
         start = time.perf_counter()
         failed: set = set()
         error = None
         cascades = list(job.cascades)
-        if cascades:
-            if self.disk is None:
+        detached = job.cascade_job_id is not None and bool(cascades)
+        if detached:
+            try:
+                buf = None if self.disk is None or self.disk_disabled else self._snapshot(cascades)
+            except Exception as exc:  # noqa: BLE001 - a failed snapshot drops these disk writes, nothing else
+                log.warning("kvbm: %d blocks not kept for disk: %s", len(cascades), exc)
+                buf = None
+            if buf is None:  # no disk, or too many writes in flight: these evicted blocks are not kept
+                with self._lock:
+                    self._pending["cascade"] += 1
+                why = self.disk_disabled or ("no disk tier" if self.disk is None else "disk writes backlogged")
+                self._finish("cascade", JobResult(job.cascade_job_id, "cascade", {"g2_g3": 0},
+                                                  failed_hashes=frozenset(c.block_hash for c in cascades), error=why))
+            else:
+                with self._lock:
+                    self._pending["cascade"] += 1
+                self._queues["cascade"].put((_Snapshot(job.cascade_job_id, cascades, buf), None))
+            cascades = []
+        elif cascades:
+            if self.disk is None or self.disk_disabled:
                 failed.update(c.block_hash for c in cascades)
             else:
                 failed, error = self._write_to_disk(cascades)
@@ -382,7 +470,7 @@ class TransferEngine:
         n_disk = len(cascades) - len(failed)
         return JobResult(job.job_id, "offload", {"g1_g2": len(stores), "g2_g3": n_disk},
                          (len(stores) + n_disk) * self.layout.block_bytes, time.perf_counter() - start,
-                         failed_hashes=frozenset(failed), error=error)
+                         failed_hashes=frozenset(failed), error=error, disk_error=error)
 
     def run_onboard(self, job: OnboardJob, ready=None) -> JobResult:
         """Execute an onboard synchronously (the load thread calls this); CUDA: after event `ready`."""
@@ -398,7 +486,7 @@ class TransferEngine:
             else:
                 copy_g2_to_g1(self.layout, self.host, ids, slots)
         if from_disk:
-            if self.disk is None:
+            if self.disk is None or self.disk_disabled:
                 failed = list(from_disk)
             elif self.cuda is not None:
                 failed, error = self.cuda.load_from_disk(self.disk, self._chunks(from_disk, key=lambda m: m.slot),
@@ -409,4 +497,4 @@ class TransferEngine:
         return JobResult(job.job_id, "onboard", {"g2_g1": len(from_host), "g3_g1": n_disk},
                          (len(from_host) + n_disk) * self.layout.block_bytes, time.perf_counter() - start,
                          failed_hashes=frozenset(m.block_hash for m in failed),
-                         failed_block_ids=frozenset(m.block_id for m in failed), error=error)
+                         failed_block_ids=frozenset(m.block_id for m in failed), error=error, disk_error=error)

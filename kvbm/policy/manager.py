@@ -5,6 +5,8 @@ Operations (two-step plans, blocks pinned in between, as in vLLM's kv_offload ma
   prepare_onboard / complete_onboard   pin the matched blocks for a load; release them, dropping failed ones
   prepare_offload / complete_offload   G2 slots for new blocks, with G2 evictions cascading to G3 through the
                                        disk offload filter; commit or abort when the bytes have moved
+                                       (complete_stores / complete_cascades: each part on its own)
+  disable_disk()                       the disk tier is gone (on any rank): forget G3, plan no more disk work
   record_hits(hashes)                  cache hits the engine served itself (feed the disk offload filter)
   stats                                counters since start
 """
@@ -120,6 +122,9 @@ class TierManager:
         failed = set(failed)
         for loc in locations:
             pool = self.host if loc.tier is Tier.G2 else self.disk
+            if pool is None:  # the disk tier was disabled while this load was in flight
+                self.stats.onboard_failed += loc.block_hash in failed
+                continue
             pool.unpin(loc.block_hash)
             if loc.block_hash in failed:
                 pool.remove(loc.block_hash)
@@ -174,13 +179,25 @@ class TierManager:
     def complete_offload(self, plan: OffloadPlan, failed: Iterable[BlockHash] = ()) -> None:
         """Commit the plan's blocks whose bytes arrived; abort (free) those in `failed`."""
         failed = set(failed)
+        self.complete_cascades(plan, failed)
+        self.complete_stores(plan, failed)
+
+    def complete_cascades(self, plan: OffloadPlan, failed: Iterable[BlockHash] = ()) -> None:
+        """Commit the plan's G2 -> G3 copies that arrived; abort those in `failed`."""
+        failed = set(failed)
         for c in plan.cascades:
+            if self.disk is None:  # disabled meanwhile: nothing to commit into
+                continue
             if c.block_hash in failed:
                 self.disk.abort(c.block_hash)
                 self.stats.offload_failed += 1
             else:
                 self.disk.commit(c.block_hash)
                 self.stats.offloaded_to_disk += 1
+
+    def complete_stores(self, plan: OffloadPlan, failed: Iterable[BlockHash] = ()) -> None:
+        """Commit the plan's engine -> G2 stores that arrived; abort those in `failed`."""
+        failed = set(failed)
         for loc in plan.stores:
             if loc.block_hash in failed:
                 self.host.abort(loc.block_hash)
@@ -188,6 +205,11 @@ class TierManager:
             else:
                 self.host.commit(loc.block_hash)
                 self.stats.offloaded_to_host += 1
+
+    def disable_disk(self) -> None:
+        """Forget G3 and plan no more disk work: a rank lost its disk tier, and a block on disk is usable only
+        when every rank holds its shard. Blocks pinned for an in-flight disk load fail in that load."""
+        self.disk = None
 
     def record_hits(self, hashes: Iterable[BlockHash]) -> None:
         """Hits the engine served from its own cache: they raise the blocks' disk-filter frequency."""

@@ -5,26 +5,14 @@ Operations: none (types only).
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Hashable, NewType
+
+from kvbm.protocol import Tier  # noqa: F401 (the tier names travel to the workers; defined there)
 
 # The engine's chained block hash (vLLM hands it over as `request.block_hashes`): the identity of a block's
 # token content *and* everything before it. Any hashable value works; vLLM's are bytes.
 BlockHash = NewType("BlockHash", Hashable)
-
-
-class Tier(enum.Enum):
-    """Where a block lives. G1 is the engine's own cache, which kvbm does not index."""
-
-    G1 = "G1"  # engine cache (GPU or CPU)
-    G2 = "G2"  # host memory
-    G3 = "G3"  # local disk
-
-    @property
-    def label(self) -> str:
-        """Human name: device, host, disk."""
-        return {"G1": "device", "G2": "host", "G3": "disk"}[self.value]
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,15 @@ a failed or corrupt load is recomputed (requires_kv_delivery False, kv_load_fail
 
 Operations (vLLM calls them; see docs/vllm-0.32-connector-notes.md for who calls what, when):
   scheduler: get_num_new_matched_tokens, update_state_after_alloc, get_external_cache_hit_sources,
-             build_connector_meta, update_connector_output, request_finished, shutdown
-  worker:    register_kv_caches, handle_preemptions, start_load_kv, wait_for_layer_load, save_kv_layer,
-             wait_for_save, get_finished, get_block_ids_with_load_errors, build_connector_worker_meta, shutdown
+             build_connector_meta, update_connector_output, request_finished, set_xfer_handshake_metadata,
+             shutdown
+  worker:    register_kv_caches, get_handshake_metadata, handle_preemptions, start_load_kv,
+             wait_for_layer_load, save_kv_layer, wait_for_save, get_finished, get_block_ids_with_load_errors,
+             build_connector_worker_meta, shutdown
+
+The request lifecycle (kvbm.leader) decides who frees the engine's blocks: vLLM is asked to hold them only
+while a store reads them, and a call in an unexpected order is answered with a miss, never with a load into
+blocks nobody matched. At start-up the workers' geometry is checked against the leader's (handshake).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
     KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
@@ -33,7 +40,7 @@ from kvbm.integrations.vllm.stats import KvbmPromMetrics, KvbmStats
 from kvbm.leader import KvbmLeader
 from kvbm.mechanism import KVLayout
 from kvbm.policy import AdmitAll, FrequencyFilter, TierManager
-from kvbm.protocol import StepPlan, WorkerReport
+from kvbm.protocol import Handshake, StepPlan, WorkerReport
 from kvbm.worker import KvbmWorker
 
 log = logging.getLogger("kvbm.vllm")
@@ -44,6 +51,13 @@ class KvbmConnectorMetadata(KVConnectorMetadata):
 
     def __init__(self, plan: StepPlan):
         self.plan = plan
+
+
+class KvbmHandshakeMetadata(KVConnectorHandshakeMetadata):
+    """One worker's geometry, worker -> scheduler once at start-up (vLLM's handshake channel)."""
+
+    def __init__(self, handshake: Handshake):
+        self.handshake = handshake
 
 
 class KvbmWorkerMetadata(KVConnectorWorkerMetadata):
@@ -72,7 +86,6 @@ class KvbmConnector(KVConnectorBase_V1):
         self.leader: KvbmLeader | None = None
         self.worker: KvbmWorker | None = None
         self.metrics_server = None
-        self._matched_computed: dict[str, int] = {}
         self._hit_sources: dict[str, tuple[int, int]] = {}
         self._poll_errors: set[int] = set()
         self._poll_report: WorkerReport | None = None
@@ -94,7 +107,7 @@ class KvbmConnector(KVConnectorBase_V1):
                      self.geometry.block_size, self.geometry.block_bytes, self.host_slots, self.disk_slots,
                      self.geometry.world_size)
         elif role == KVConnectorRole.WORKER:
-            self.worker = KvbmWorker(self.config, rank=compat.tp_rank())
+            self.worker = KvbmWorker(self.config, rank=compat.tp_rank(), world_size=self.geometry.world_size)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -107,8 +120,8 @@ class KvbmConnector(KVConnectorBase_V1):
         """Tokens KVBM can load beyond vLLM's own prefix hit; loaded asynchronously. No side effects on tiers."""
         if self.leader is None:
             return 0, False
-        n = self.leader.num_matched_tokens(request.block_hashes, num_computed_tokens, request.num_prompt_tokens)
-        self._matched_computed[request.request_id] = num_computed_tokens
+        n = self.leader.num_matched_tokens(request.request_id, request.block_hashes, num_computed_tokens,
+                                           request.num_tokens)  # a resumed request's generated blocks too
         if n and log.isEnabledFor(logging.DEBUG):
             log.debug("%s: %d tokens in vLLM's cache, %d more in KVBM", request.request_id, num_computed_tokens, n)
         return n, n > 0
@@ -118,9 +131,7 @@ class KvbmConnector(KVConnectorBase_V1):
         if self.leader is None:
             return
         req_id = request.request_id
-        computed = self._matched_computed.pop(req_id, 0)
-        result = self.leader.on_alloc(req_id, request.block_hashes, blocks.get_block_ids()[0], computed,
-                                      num_external_tokens, request.num_prompt_tokens)
+        result = self.leader.on_alloc(req_id, request.block_hashes, blocks.get_block_ids()[0], num_external_tokens)
         if num_external_tokens:
             self._hit_sources[req_id] = (result.host_tokens, result.disk_tokens)
 
@@ -135,6 +146,7 @@ class KvbmConnector(KVConnectorBase_V1):
         """Plan stores of the blocks this step completes; hand the step's loads and stores to the workers."""
         if self.leader is None:
             return KvbmConnectorMetadata(StepPlan())
+        self.leader.on_preempted(scheduler_output.preempted_req_ids or ())  # before any resumption
         scheduled = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             self.leader.on_scheduled(new.req_id, new.block_ids[0], new.num_computed_tokens + scheduled[new.req_id],
@@ -145,7 +157,7 @@ class KvbmConnector(KVConnectorBase_V1):
             self.leader.on_scheduled(req_id, new_ids[0] if new_ids else None,
                                      cached.num_computed_tokens[i] + scheduled[req_id],
                                      replace=req_id in cached.resumed_req_ids)
-        return KvbmConnectorMetadata(self.leader.build_step(scheduler_output.preempted_req_ids or ()))
+        return KvbmConnectorMetadata(self.leader.build_step())
 
     def update_connector_output(self, connector_output) -> None:
         """Commit or abort the jobs every rank finished."""
@@ -153,9 +165,14 @@ class KvbmConnector(KVConnectorBase_V1):
             meta = connector_output.kv_connector_worker_meta
             self.leader.on_report(meta.report if isinstance(meta, KvbmWorkerMetadata) else None)
 
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        """Start-up: every worker's geometry must agree with the leader's (a mismatch stops the engine)."""
+        if self.leader is not None:
+            self.leader.check_handshake({rank: m.handshake for rank, m in metadata.items()
+                                         if isinstance(m, KvbmHandshakeMetadata)})
+
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        """Delay freeing the request's blocks while a KVBM job still reads or writes them."""
-        self._matched_computed.pop(request.request_id, None)
+        """Hold the request's blocks only while a KVBM store still reads them (never for a load)."""
         self._hit_sources.pop(request.request_id, None)
         if self.leader is None:
             return False, None
@@ -177,6 +194,12 @@ class KvbmConnector(KVConnectorBase_V1):
                                          extra=f"rank{self.worker.rank}/{self.geometry.world_size}")
         self.worker.register(layout, self.host_slots, self.disk_slots, fingerprint)
 
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        """This rank's geometry, checked by the leader at start-up."""
+        if self.worker is None or self.worker.engine is None:
+            return None
+        return KvbmHandshakeMetadata(self.worker.handshake(self.geometry.block_size))
+
     def _plan(self) -> StepPlan | None:
         if self.worker is None or not self.has_connector_metadata():
             return None
@@ -186,13 +209,13 @@ class KvbmConnector(KVConnectorBase_V1):
     def handle_preemptions(self, kv_connector_metadata) -> None:
         """Blocks of preempted requests are about to be reused: finish the jobs that may still touch them."""
         if self.worker is not None and isinstance(kv_connector_metadata, KvbmConnectorMetadata) \
-                and kv_connector_metadata.plan.preempted_req_ids:
-            self.worker.drain()
+                and kv_connector_metadata.plan.fences:
+            self.worker.fence(kv_connector_metadata.plan)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         """Submit this step's loads; requests wait for them (loads are asynchronous)."""
         plan = self._plan()
-        if plan is not None and plan.loads:
+        if plan is not None and not plan.empty:
             self.worker.start_loads(plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
