@@ -1,10 +1,12 @@
-"""`kvbm doctor` and `kvbm doctor disk`: can KVBM run here, and can it use this directory, how fast.
+"""`kvbm doctor`, `kvbm doctor disk` and `kvbm doctor store`: can KVBM run here, use this directory, this store.
 
 Operations:
   doctor               every DYN_KVBM_* variable parsed and explained, RAM against the CPU cache, the
                        pinned-memory limit, GPU/CUDA, vLLM/nixl/torch versions, ports free
   doctor disk          directory, permissions, filesystem, free space, fallocate, O_DIRECT, throughput with
                        KV-block-sized random reads, SSD or spinning, stale cache files; one verdict line
+  doctor store         a shared-tier (G4) store: reachable, version, maxmemory and policy, latency, put/get
+                       throughput of KV-block-sized values (kvbm_cli/doctor_store.py), password redacted
   disk_checks(...)     the disk checks as Check rows (what `--json` prints)
   measure_disk(...)    bounded sequential write/read and random block reads in a scratch file it removes
 
@@ -277,6 +279,25 @@ def disk(
     _show(checks, f"kvbm doctor disk {directory}", ok, verdict, facts, as_json)
 
 
+@doctor_app.command("store")
+def store(
+    url: Annotated[Optional[str], typer.Option("--url", help="Shared-tier store (default: DYN_KVBM_REMOTE_URL): redis://[user:pass@]host:port/db, rediss://, file:///dir.")] = None,
+    blocks: Annotated[int, typer.Option(help="Values of each size put and read back in the throughput test.")] = 16,
+    as_json: JsonOpt = False,
+) -> None:
+    """Can the shared tier (G4) use this store: reachable, version, maxmemory and policy, latency, throughput."""
+    from kvbm.mechanism.remote import redacted
+    from kvbm_cli.doctor_store import store_checks
+
+    url = url or os.environ.get("DYN_KVBM_REMOTE_URL")
+    if not url or blocks < 1:
+        raise CliError("give --url redis://host:port/0 (or set DYN_KVBM_REMOTE_URL), and --blocks 1 or more")
+    rows, facts = store_checks(url, secret=os.environ.get("DYN_KVBM_REMOTE_SECRET") or None, blocks=blocks)
+    checks = [Check(*r) for r in rows]
+    ok, verdict = _verdict(checks, f"shared store {redacted(url)}")
+    _show(checks, f"kvbm doctor store {redacted(url)}", ok, verdict, facts, as_json)
+
+
 # ------------------------------------------------------------------------------------------ environment
 
 
@@ -411,6 +432,9 @@ def doctor(
     if not 1 <= port <= 65535 or workers < 1:
         raise CliError("--port must be 1..65535 and --workers 1 or more")
     checks, rows = env_checks(dict(os.environ), port, workers)
+    from kvbm_cli.doctor_store import redact_variable_rows
+
+    rows = redact_variable_rows(rows)  # the store's password and the MAC secret are never printed
     ok, verdict = _verdict(checks, "environment")
     if not as_json:
         table = Table(title="DYN_KVBM_* variables", title_justify="left")
