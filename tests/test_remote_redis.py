@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 
@@ -16,7 +17,7 @@ import pytest
 import redis
 
 from kvbm.mechanism.remote import OVERHEAD, open_store, redacted
-from kvbm.mechanism.remote.local_server import RedisServer, available, local_cluster
+from kvbm.mechanism.remote.local_server import RedisServer, available, local_cluster, self_signed
 
 pytestmark = pytest.mark.skipif(not available(), reason="redis-server is not installed: run `make redis` "
                                                         "(Debian package redis-server)")
@@ -263,6 +264,24 @@ def test_password_right_wrong_and_missing(tmp_path, caplog):
             assert len(warnings) == 1 and "DYN_KVBM_REMOTE_URL" in warnings[0], warnings
             assert all(pw not in r.getMessage() and "wrong" not in r.getMessage().split("(")[0]
                        for r in caplog.records)
+    finally:
+        srv.kill()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command for a certificate")
+def test_tls_rediss_with_password(tmp_path, caplog):
+    cert, key = self_signed(tmp_path)
+    srv = RedisServer(None, password="tls-pw-1", tls=(cert, key), workdir=tmp_path).start()
+    try:
+        data = blocks(6, seed=12)
+        with store_of(srv.url) as store:
+            assert store.describe().startswith("rediss://:***@")
+            assert all(store.put_many(list(data.items())).result())
+            assert_exact(store, data)
+        plain = f"redis://:tls-pw-1@127.0.0.1:{srv.port}/0"  # control: the same server without TLS is refused
+        with caplog.at_level(logging.WARNING, logger="kvbm.remote"):
+            assert open_store(plain, FP, timeout=0.5) is None
+        assert "tls-pw-1" not in caplog.text
     finally:
         srv.kill()
 

@@ -5,6 +5,7 @@ Operations:
   RedisServer(port, *args).start()     redis-server on 127.0.0.1:port with --save '' --appendonly no
   .stop() / .kill() / .url             stop (SIGTERM), kill (SIGKILL), redis://127.0.0.1:port/0
   local_cluster(n, tmp)                n servers with cluster-enabled, joined by `redis-cli --cluster create`
+  self_signed(tmp)                     (cert, key) for a TLS server: RedisServer(..., tls=(cert, key)), rediss://
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -44,20 +46,29 @@ def available() -> bool:
 class RedisServer:
     """One redis-server on a loopback port, in its own scratch directory."""
 
-    def __init__(self, port: int | None = None, *args: str, workdir: Path | None = None, password: str | None = None):
+    def __init__(self, port: int | None = None, *args: str, workdir: Path | None = None, password: str | None = None,
+                 tls: tuple[Path, Path] | None = None):
         self.port = port or free_port()
         self.args = list(args)
         self.password = password
+        self.tls = tls  # (certificate, key): serve TLS only, on `port`
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="kvbm-redis-"))
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         auth = f":{self.password}@" if self.password else ""
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.tls[0]}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "RedisServer":
-        cmd = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+        port = ["--port", str(self.port)]
+        if self.tls:
+            port = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls[0]),
+                    "--tls-key-file", str(self.tls[1]), "--tls-ca-cert-file", str(self.tls[0]),
+                    "--tls-auth-clients", "no"]
+        cmd = ["redis-server", *port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                "--dir", str(self.workdir), "--enable-debug-command", "local", *self.args]
         if self.password:
             cmd += ["--requirepass", self.password]
@@ -67,7 +78,11 @@ class RedisServer:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"redis-server on port {self.port} exited with {self.proc.returncode}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as raw:
+                    s = raw
+                    if self.tls:
+                        ctx = ssl.create_default_context(cafile=str(self.tls[0]))
+                        s = ctx.wrap_socket(raw, server_hostname="127.0.0.1")
                     s.sendall(b"PING\r\n")
                     reply = s.recv(64)
                     if reply.startswith((b"+PONG", b"-NOAUTH")):
@@ -108,6 +123,15 @@ class RedisServer:
 
     def __exit__(self, *exc) -> None:
         self.kill()
+
+
+def self_signed(workdir: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, made with the openssl command."""
+    cert, key = Path(workdir) / "redis.crt", Path(workdir) / "redis.key"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
 
 
 def local_cluster(n: int = 3, workdir: Path | None = None) -> list[RedisServer]:
