@@ -191,3 +191,16 @@ def test_a_sweep_takes_one_key(tmp_path):
                    "configs: [{name: a, connector: none}, {name: b, connector: kvbm}]\n")
     with pytest.raises(CliError, match="one workload key"):
         load_scenario(bad)
+
+
+def test_startup_note_names_the_fix_only_when_the_plugin_did_not_run(monkeypatch):
+    class Config:
+        class parallel_config:
+            local_world_size = 1
+
+    monkeypatch.setattr(plugin, "applied", False)
+    note = plugin.startup_note(Config(), {})
+    assert note and "VLLM_CPU_NUM_OF_RESERVED_CPU=1" in note and "VLLM_PLUGINS" in note
+    assert plugin.startup_note(Config(), {"VLLM_CPU_NUM_OF_RESERVED_CPU": "2"}) is None
+    monkeypatch.setattr(plugin, "applied", True)
+    assert plugin.startup_note(Config(), {}) is None

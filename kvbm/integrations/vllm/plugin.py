@@ -24,6 +24,7 @@ Operations:
   decide(kv_transfer_config, environ, is_cpu, local_world_size)   what to do, and the line to log
   reservation_fix()                           the line that names the manual fix (doctor, the connector)
   plugin_registered() / doctor_check(...)     `kvbm doctor`'s "vLLM CPU cores" row
+  startup_note(vllm_config)                   for the connector (EngineCore): the fix in one line, if it is needed
 """
 
 from __future__ import annotations
@@ -175,3 +176,22 @@ def doctor_check(environ: Mapping[str, str], *, cpu_build: bool, registered: boo
                         "reserves one more core per rank"), f"add {PLUGIN_NAME} to VLLM_PLUGINS, or {fix}"
     return "ok", ("KVBM's vLLM plugin is installed: with a KVBM connector OMP is bound as without one "
                   f"({max(num_cpus - workers, 1)} of {num_cpus} cores for OMP)"), ""
+
+
+def startup_note(vllm_config: Any, environ: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """For the scheduler-side connector (EngineCore, after vLLM bound OMP): the one line naming the fix when a
+    KVBM connector cost this CPU engine a core because the plugin did not run here; None when all is well."""
+    env = os.environ if environ is None else environ
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return None
+        world = int(vllm_config.parallel_config.local_world_size)
+    except Exception:  # noqa: BLE001
+        return None
+    if (applied or env.get(RESERVED_CPU_VAR) not in (None, "")
+            or env.get("VLLM_CPU_OMP_THREADS_BIND", "auto") not in ("", "auto")):
+        return None
+    return (f"kvbm: vLLM's CPU build reserved {world} more core(s) for this KV connector (KVBM's vLLM plugin did not "
+            f"run: pip install -e . registers it, VLLM_PLUGINS must include {PLUGIN_NAME}); {reservation_fix(world)}")
