@@ -49,11 +49,15 @@ def make_store(url: str, fingerprint: bytes, secret: bytes | str | None = None, 
 
 def open_store(url: str | None, fingerprint: bytes, secret: bytes | str | None = None, *,
                block_bytes: int | None = None, cache_bytes: int | None = None, timeout: float = 1.0,
-               workers: int = 2, var: str = URL_VAR, **options) -> BlockStore | None:
+               workers: int = 2, var: str = URL_VAR, keep_if_unreachable: bool = False,
+               **options) -> BlockStore | None:
     """Open and probe the shared store at `url`; None, after one warning naming `var`, when it cannot be used.
 
     block_bytes: the exact data size of a block (other sizes are misses); cache_bytes: the file:// size cap
     (DYN_KVBM_REMOTE_CACHE_GB x 10^9); timeout: seconds any one store operation may wait on the network.
+    keep_if_unreachable: a well-formed store that does not answer now is returned anyway (after the same one
+    warning), unreachable and backing off, so that it is used once it comes up; a bad URL or refused
+    credentials still give None.
     """
     if not url:
         return None
@@ -77,9 +81,15 @@ def open_store(url: str | None, fingerprint: bytes, secret: bytes | str | None =
                     var, shown, scrub(str(exc), url), URL_FORMS)
         return None
     except Exception as exc:
+        why = scrub(f"{type(exc).__name__}: {exc}", url)
+        refused = "auth" in type(exc).__name__.lower() or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc)
+        if keep_if_unreachable and not refused:
+            store._start_down()
+            log.warning("%s=%r is unreachable (%s); serving goes on without the shared tier (G4) until it answers",
+                        var, shown, why)
+            return store
         store.close()
-        log.warning("%s=%r is unreachable (%s); serving goes on without the shared tier (G4)", var, shown,
-                    scrub(f"{type(exc).__name__}: {exc}", url))
+        log.warning("%s=%r is unreachable (%s); serving goes on without the shared tier (G4)", var, shown, why)
         return None
     if cache_bytes and store.scheme == "redis":
         log.info("DYN_KVBM_REMOTE_CACHE_GB does not apply to Redis: its memory is the server's maxmemory")

@@ -293,6 +293,13 @@ class BlockStore(abc.ABC):
             log.warning("shared tier %s is reachable again", self.describe())
         return result
 
+    def _start_down(self) -> None:
+        """Begin unreachable and backing off (opened while the store was down), without a second warning."""
+        with self._lock:
+            self._reachable = False
+            self._down_until = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff_max, self._backoff * 2)
+
     def _failed(self, exc: BaseException) -> None:
         from kvbm.mechanism.remote.urls import scrub
 
