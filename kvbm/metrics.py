@@ -64,6 +64,21 @@ class KvbmCollector:
         yield CounterMetricFamily("kvbm_offload_bytes", "Bytes offloaded device -> host", value=leader.stats.offload_bytes)
         yield CounterMetricFamily("kvbm_onboard_bytes", "Bytes onboarded host/disk -> device", value=leader.stats.onboard_bytes)
         yield CounterMetricFamily("kvbm_load_failures", "Blocks whose load failed (recomputed)", value=policy.onboard_failed)
+        stats = leader.stats
+        yield CounterMetricFamily("kvbm_aborted_loads", "Requests finished (e.g. client disconnects) while their "
+                                  "onboard was in flight; the load is dropped", value=stats.aborted_loads)
+        yield CounterMetricFamily("kvbm_delayed_frees", "Finished requests whose blocks vLLM held until their "
+                                  "stores finished", value=stats.delayed_frees)
+        yield CounterMetricFamily("kvbm_preemptions", "Preempted requests KVBM fenced", value=stats.preemptions)
+        yield CounterMetricFamily("kvbm_fenced_jobs", "Jobs a preemption waited for", value=stats.fenced_jobs)
+        states = GaugeMetricFamily("kvbm_requests", "Requests KVBM tracks, by lifecycle state", labels=["state"])
+        for state, n in leader.states().items():
+            states.add_metric([state], n)
+        yield states
+        yield GaugeMetricFamily("kvbm_jobs_in_flight", "Transfer jobs not yet reported by every rank",
+                                value=leader.jobs_in_flight)
+        yield GaugeMetricFamily("kvbm_disk_tier_up", "1 while the disk tier (G3) is in use",
+                                value=float(leader.manager.disk is not None))
         skipped = CounterMetricFamily("kvbm_offload_skipped_blocks", "Blocks not offloaded", labels=["reason"])
         skipped.add_metric(["host_full"], policy.skipped_full)
         skipped.add_metric(["disk_filter"], policy.dropped_by_filter)

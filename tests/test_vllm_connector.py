@@ -188,8 +188,10 @@ def test_evicted_prefix_ttft_is_far_below_recompute(kvbm_g2):
 def test_full_disk_directory_degrades_to_host_only_with_a_warning(kvbm_g2):
     log = kvbm_g2["log"].read_text(errors="replace")
     assert "disk tier disabled, serving goes on with host memory only" in log
-    assert "kvbm_tier_usage_blocks{tier=\"disk\"}" in kvbm_g2["kvbm"]  # the leader still reports its index
-    assert kvbm_g2["kvbm"]["kvbm_onboard_blocks_d2d"] == 0
+    # the worker told the leader at start-up (handshake): no disk work is planned, and the exporter says so
+    assert "lost its disk tier" in log and kvbm_g2["kvbm"]["kvbm_disk_tier_up"] == 0
+    assert "kvbm_tier_usage_blocks{tier=\"disk\"}" not in kvbm_g2["kvbm"]
+    assert kvbm_g2["kvbm"]["kvbm_onboard_blocks_d2d"] == 0 and kvbm_g2["kvbm"]["kvbm_offload_blocks_h2d"] == 0
 
 
 def test_the_determinism_check_catches_another_prefixs_kv(tiny_model_dir, reference):

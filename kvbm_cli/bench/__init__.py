@@ -5,4 +5,4 @@ prefix_reuse, multi_round, drivers (aiperf / genai-perf), compare (engines x wor
 Importing this package registers the commands on `bench_app`.
 """
 
-from kvbm_cli.bench import compare, multi_round, prefix_reuse  # noqa: F401
+from kvbm_cli.bench import compare, multi_round, prefix_reuse, soak  # noqa: F401

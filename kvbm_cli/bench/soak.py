@@ -1,0 +1,251 @@
+"""`kvbm bench soak`: serving under churn, for as long as you like, against any OpenAI-compatible server.
+
+Concurrent streaming clients send greedy completions over a few shared prefixes (so an engine with KVBM
+offloads, evicts and onboards them); a share of the clients disconnect at a random moment, as client
+timeouts do in production, some while their prefix is being onboarded. Per minute: requests, completions,
+client disconnects, server errors, TTFT p50/p99 and the engine's resident memory (RSS of the server's
+process tree, when its pid is given or found by its port). The same prompt always gets the same greedy
+output from a correct engine, so the texts are kept per prompt for a reference to compare.
+
+Operations:
+  SoakConfig                       the workload
+  soak_prompts(cfg)                the distinct prompts (token ids), by prompt id
+  run_soak(url, model, cfg, pid)   SoakResult: per-minute rows, texts per prompt id
+  server_pid(url)                  the pid listening on the URL's port (this machine only)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Annotated, Optional
+from urllib.parse import urlparse
+
+import psutil
+import typer
+
+from kvbm_cli._console import JsonOpt, err, out
+from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli.app import bench_app
+from kvbm_cli.bench import common
+from kvbm_cli.bench.client import RequestSpec, make_client, send, server_model
+
+
+@dataclass
+class SoakConfig:
+    """Soak workload: prompts are token ids, so every model's server takes them as they are."""
+
+    minutes: float = 1.0
+    concurrency: int = 6
+    num_prefixes: int = 5
+    prefix_tokens: int = 1536
+    num_suffixes: int = 3  # distinct suffixes per prefix: prompts repeat, so outputs can be compared
+    suffix_tokens: int = 64
+    max_tokens: int = 64
+    disconnect_fraction: float = 0.3
+    disconnect_min_s: float = 0.05
+    disconnect_max_s: float = 1.5
+    seed: int = 0
+    vocab: int = 2000
+
+    def validate(self) -> None:
+        """One CliError naming the bad option."""
+        if self.minutes <= 0:
+            raise CliError(f"--minutes must be > 0, got {self.minutes}")
+        if self.concurrency < 1:
+            raise CliError(f"--concurrency must be >= 1, got {self.concurrency}")
+        if not 0 <= self.disconnect_fraction <= 1:
+            raise CliError(f"--disconnect-fraction must be between 0 and 1, got {self.disconnect_fraction}")
+        if self.num_prefixes < 1 or self.num_suffixes < 1:
+            raise CliError("--num-prefixes and --num-suffixes must be >= 1")
+
+
+@dataclass
+class MinuteRow:
+    """What one minute of the soak saw."""
+
+    minute: int
+    requests: int = 0
+    completed: int = 0
+    disconnected: int = 0
+    errors: int = 0
+    ttft_p50_ms: Optional[float] = None
+    ttft_p99_ms: Optional[float] = None
+    rss_mb: Optional[float] = None
+
+
+@dataclass
+class SoakResult:
+    """Per-minute rows, every server error, and the greedy texts of completed requests per prompt id."""
+
+    rows: list[MinuteRow]
+    errors: list[str] = field(default_factory=list)
+    texts: dict[str, list[str]] = field(default_factory=dict)
+    rss_start_mb: Optional[float] = None
+    rss_end_mb: Optional[float] = None
+
+    @property
+    def totals(self) -> dict[str, int]:
+        """Requests, completions, disconnects and errors over the whole soak."""
+        return {k: sum(getattr(r, k) for r in self.rows) for k in ("requests", "completed", "disconnected", "errors")}
+
+
+def soak_prompts(cfg: SoakConfig) -> dict[str, list[int]]:
+    """Prompt id "p<prefix>s<suffix>" -> token ids (prefix then suffix)."""
+    rng = random.Random(cfg.seed)
+    prefixes = [[rng.randrange(10, cfg.vocab) for _ in range(cfg.prefix_tokens)] for _ in range(cfg.num_prefixes)]
+    return {f"p{p}s{s}": prefixes[p] + [rng.randrange(10, cfg.vocab) for _ in range(cfg.suffix_tokens)]
+            for p in range(cfg.num_prefixes) for s in range(cfg.num_suffixes)}
+
+
+def server_pid(url: str) -> Optional[int]:
+    """The pid of the process listening on the URL's port, if it is on this machine and visible."""
+    port = urlparse(url).port
+    try:
+        for conn in psutil.net_connections(kind="tcp"):
+            if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+                return conn.pid
+    except (psutil.AccessDenied, OSError):
+        return None
+    return None
+
+
+def tree_rss_mb(pid: Optional[int]) -> Optional[float]:
+    """Resident memory of a process and all its descendants (vLLM's API server, engine core, workers)."""
+    if pid is None:
+        return None
+    try:
+        root = psutil.Process(pid)
+        procs = [root] + root.children(recursive=True)
+    except psutil.Error:
+        return None
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total / 2**20
+
+
+def _quantile(values: list[float], q: float) -> Optional[float]:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1]
+
+
+async def _soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int], timeout_s: float) -> SoakResult:
+    prompts = soak_prompts(cfg)
+    ids = sorted(prompts)
+    rng = random.Random(cfg.seed + 1)
+    start = time.perf_counter()
+    deadline = start + cfg.minutes * 60
+    n_minutes = max(1, int(-(-cfg.minutes // 1)))
+    rows = [MinuteRow(m) for m in range(n_minutes)]
+    ttfts: list[list[float]] = [[] for _ in rows]
+    result = SoakResult(rows, rss_start_mb=tree_rss_mb(pid))
+    counter = 0
+
+    async def client_loop(client) -> None:
+        nonlocal counter
+        while time.perf_counter() < deadline:
+            counter += 1
+            pid_ = rng.choice(ids)
+            spec = RequestSpec(request_id=f"soak-{counter}", endpoint="completions", max_tokens=cfg.max_tokens,
+                               prompt=prompts[pid_], extra={"temperature": 0})  # type: ignore[arg-type]
+            minute = min(int((time.perf_counter() - start) // 60), n_minutes - 1)
+            row = rows[minute]
+            row.requests += 1
+            cut = rng.uniform(cfg.disconnect_min_s, cfg.disconnect_max_s) if rng.random() < cfg.disconnect_fraction else None
+            try:
+                sent = await asyncio.wait_for(send(client, url, model, spec, run="soak", workload="soak",
+                                                   ignore_eos=True), timeout=cut or timeout_s)
+            except asyncio.TimeoutError:
+                row.disconnected += 1  # the stream is closed: the server sees the client go
+                continue
+            if sent.record.error is not None:
+                row.errors += 1
+                result.errors.append(f"{spec.request_id} ({pid_}): {sent.record.error}")
+                continue
+            row.completed += 1
+            ttfts[minute].append(sent.record.ttft_s * 1000)
+            result.texts.setdefault(pid_, []).append(sent.text)
+
+    async def sampler() -> None:
+        while time.perf_counter() < deadline:
+            await asyncio.sleep(min(5.0, max(0.0, deadline - time.perf_counter())))
+            minute = min(int((time.perf_counter() - start - 1e-6) // 60), n_minutes - 1)
+            rows[minute].rss_mb = tree_rss_mb(pid)
+
+    async with make_client(cfg.concurrency, timeout_s) as client:
+        await asyncio.gather(sampler(), *(client_loop(client) for _ in range(cfg.concurrency)))
+    for row, values in zip(rows, ttfts):
+        row.ttft_p50_ms, row.ttft_p99_ms = _quantile(values, 0.5), _quantile(values, 0.99)
+    result.rss_end_mb = tree_rss_mb(pid)
+    return result
+
+
+def run_soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int] = None, timeout_s: float = 300.0) -> SoakResult:
+    """Run the soak against `url` for `cfg.minutes`."""
+    cfg.validate()
+    return asyncio.run(_soak(url, model, cfg, pid, timeout_s))
+
+
+def _fmt(x: Optional[float], digits: int = 0) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+@bench_app.command("soak")
+def soak(
+    url: common.UrlOpt = "http://localhost:8000",
+    model: common.ModelOpt = None,
+    minutes: Annotated[float, typer.Option(help="How long to run.")] = 1.0,
+    concurrency: Annotated[int, typer.Option(help="Clients in flight.")] = 6,
+    disconnect_fraction: Annotated[float, typer.Option(help="Share of requests whose client disconnects at a "
+                                                            "random moment (0..1).")] = 0.3,
+    num_prefixes: Annotated[int, typer.Option(help="Distinct shared prefixes.")] = 5,
+    prefix_tokens: Annotated[int, typer.Option(help="Tokens per prefix.")] = 1536,
+    suffix_tokens: Annotated[int, typer.Option(help="Tokens after the prefix.")] = 64,
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate per request.")] = 64,
+    pid: Annotated[Optional[int], typer.Option(help="Server pid for RSS (default: the process listening on the "
+                                                    "URL's port, when it is on this machine).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of prompts and disconnects.")] = 0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Churn: concurrent streams, random client disconnects; per minute requests, errors, TTFT, RSS."""
+    cfg = SoakConfig(minutes=minutes, concurrency=concurrency, disconnect_fraction=disconnect_fraction,
+                     num_prefixes=num_prefixes, prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
+                     max_tokens=max_tokens, seed=seed)
+    cfg.validate()
+    model = model or server_model(url)
+    pid = pid or server_pid(url)
+    if pid is None:
+        err().print("kvbm: no server pid found on this machine for RSS; pass --pid to report it")
+    result = run_soak(url, model, cfg, pid)
+    if json_out:
+        import json
+
+        out().print_json(json.dumps({"rows": [asdict(r) for r in result.rows], "totals": result.totals,
+                                     "errors": result.errors[:50], "rss_start_mb": result.rss_start_mb,
+                                     "rss_end_mb": result.rss_end_mb}))
+    else:
+        from rich.table import Table
+
+        table = Table(title=f"soak {url} ({minutes:g} min, {concurrency} clients, "
+                            f"{disconnect_fraction:.0%} disconnect)")
+        for col in ("minute", "requests", "completed", "disconnected", "errors", "TTFT p50 ms", "TTFT p99 ms", "RSS MB"):
+            table.add_column(col, justify="right")
+        for r in result.rows:
+            table.add_row(str(r.minute + 1), str(r.requests), str(r.completed), str(r.disconnected), str(r.errors),
+                          _fmt(r.ttft_p50_ms), _fmt(r.ttft_p99_ms), _fmt(r.rss_mb))
+        out().print(table)
+        out().print(f"RSS {_fmt(result.rss_start_mb)} -> {_fmt(result.rss_end_mb)} MB; totals {result.totals}")
+        for line in result.errors[:10]:
+            err().print(f"error: {line}")
+    if result.totals["errors"]:
+        raise CheckFailed(f"{result.totals['errors']} requests failed on the server (first: {result.errors[0]})")
