@@ -179,7 +179,8 @@ def block_bytes(layout, block_id) -> torch.Tensor:
 
 
 @needs_cuda
-@pytest.mark.parametrize("variant", ["block_major", "segment_major_2d", "segment_major_per_segment", "layers_apart"])
+@pytest.mark.parametrize("variant", ["block_major", "segment_major_layerwise", "segment_major_2d",
+                                     "segment_major_per_segment", "layers_apart"])
 def test_round_trip_through_g2_and_g3_into_other_blocks(tmp_path, variant):
     num_blocks, n = 48, 16
     caches = flash_attn_caches(num_blocks, "cuda", one_buffer=variant != "layers_apart")
@@ -196,7 +197,10 @@ def test_round_trip_through_g2_and_g3_into_other_blocks(tmp_path, variant):
     engine = TransferEngine(layout, host, disk, chunk_bytes=5 * disk.slot_bytes, gpu_chunk_bytes=3 * layout.block_bytes)
     if variant == "segment_major_per_segment":
         engine.cuda.copy_per_segment()
-    assert engine.cuda.uses_2d == (variant == "segment_major_2d")
+    if variant == "segment_major_2d":
+        engine.cuda.use_chunked()
+    assert engine.cuda.uses_layerwise == (variant == "segment_major_layerwise")
+    assert engine.cuda.uses_2d == (variant in ("segment_major_2d", "segment_major_layerwise"))
     assert (engine.cuda.flat is None) == (variant == "layers_apart")
 
     rng = random.Random(5)

@@ -250,15 +250,27 @@ class CudaCopier:
             log.warning("kvbm: the host tier is not pinned; GPU copies will be slow")
         self._lanes: dict[str, _Lane] = {}
         self._disk_staging: list[tuple[torch.Tensor, object]] | None = None
+        # A layer-major pinned host tier: G1<->G2 moves layer by layer (one plain copy per layer and run of
+        # host slots, see kvbm.mechanism.layerwise), measured 0.96-0.98 of pinned memcpy on an H200.
+        self._layerwise = None
+        if host is not None and host.pinned and not self.block_major and use_2d is None:
+            from kvbm.mechanism.layerwise import LayerwiseCopier
+
+            self._layerwise = LayerwiseCopier(layout, host)
 
     @property
     def uses_2d(self) -> bool:
         """True when each host-slot run of a segment-major host tier moves in one 2D copy."""
         return self._driver is not None
 
+    def use_chunked(self) -> None:
+        """Layer-major host tier: move whole chunks with 2D copies instead of layer by layer (the old path)."""
+        self._layerwise = None
+
     def copy_per_segment(self) -> None:
         """Segment-major host tier: one torch copy per segment per run instead of 2D copies (the fallback)."""
         self._driver = None
+        self._layerwise = None
 
     def mark(self) -> "torch.cuda.Event":
         """An event on the current stream of the engine's device (call at submit time)."""
@@ -296,8 +308,19 @@ class CudaCopier:
                 h, g = host.tensor[s, r.slot:r.slot + r.count], staged[s, r.row:r.row + r.count]
                 (h.copy_(g, non_blocking=True) if to_host else g.copy_(h, non_blocking=True))
 
+    @property
+    def uses_layerwise(self) -> bool:
+        """True when G1<->G2 moves layer by layer (layer-major pinned host tier)."""
+        return self._layerwise is not None
+
     def offload(self, block_ids: Sequence[int], slots: Sequence[int], ready=None) -> None:
         """Engine pages `block_ids` -> host `slots`; returns once the bytes are in host memory."""
+        if self._layerwise is not None:
+            with torch.cuda.device(self.device):
+                if ready is None:
+                    ready = torch.cuda.current_stream(self.device).record_event()
+                self._layerwise.start_store(block_ids, slots).finish(ready).wait_blocking()
+            return
         lay = self.layout
         lane = self._lane("offload", self.chunk_blocks * lay.block_bytes)
         if ready is not None:
@@ -333,6 +356,10 @@ class CudaCopier:
 
     def onboard(self, block_ids: Sequence[int], slots: Sequence[int], ready=None) -> None:
         """Host `slots` -> engine pages `block_ids`; returns once the pages hold the bytes."""
+        if self._layerwise is not None:
+            with torch.cuda.device(self.device):
+                self._layerwise.start_load(block_ids, slots, ready).wait_blocking()
+            return
         lay = self.layout
         lane = self._lane("onboard", self.chunk_blocks * lay.block_bytes)
         if ready is not None:
@@ -424,6 +451,8 @@ class CudaCopier:
 
     def close(self) -> None:
         """Wait for the streams and release the staging buffers."""
+        if self._layerwise is not None:
+            self._layerwise.close()
         for lane in self._lanes.values():
             lane.kernel.synchronize()
             lane.copy.synchronize()

@@ -1,9 +1,12 @@
 """How an engine's paged KV cache lies in memory, described rather than assumed.
 
 An engine hands kvbm one tensor per layer (vLLM 0.32: strided views over one shared buffer). Each layer
-tensor has a block dimension; the dimensions before it (e.g. FlashAttention's K/V axis) split a block's
-page into segments, and the dimensions after it must be contiguous. kvbm moves a block as its segments:
-`num_segments` pieces of `segment_bytes` each, viewed as machine words so copies run at memcpy speed.
+tensor has a block dimension. kvbm reads the tensor in its physical order (dimensions sorted by stride, so
+vLLM's permuted layouts such as LBNHC, whose logical [B, H, N, C] view lies as [B, N, H, C], are read as the
+bytes lie); the dimensions physically outside the block dimension (FlashAttention's old K/V axis, the H of
+LHBNC/BHLNC) split a block's page into segments, and the dimensions inside it must be dense. kvbm moves a
+block as its segments: `num_segments` pieces of `segment_bytes` each, viewed as machine words so copies run
+at memcpy speed.
 
 Operations:
   KVLayout.from_layers(layers, block_dim)   describe per-layer tensors; ValueError names what is unsupported
@@ -31,6 +34,35 @@ def word_dtype(nbytes: int) -> torch.dtype:
         if nbytes % dtype.itemsize == 0:
             return dtype
     return torch.uint8
+
+
+def physical_order(t: torch.Tensor) -> tuple[int, ...]:
+    """The dimensions of `t` from outermost to innermost in memory (by stride; size-1 dims keep their place)."""
+    dims = list(range(t.dim()))
+    real = sorted((d for d in dims if t.shape[d] != 1), key=lambda d: -t.stride(d))  # stable: ties keep order
+    it = iter(real)
+    return tuple(d if t.shape[d] == 1 else next(it) for d in dims)
+
+
+def segment_order(t: torch.Tensor, block_dim: int) -> tuple[tuple[int, ...], int]:
+    """(permutation, number of split dims): `t.permute(perm)` is (splits..., blocks, dense...), where the dense
+    dims are the innermost ones that lie densely (the segment) and the splits are every other dim, outermost
+    first. Only dims logically before the block dim may split a page (FlashAttention's old K/V axis): vLLM's
+    LBHNC, LBNHC, BLHNC and BLNHC qualify, LHBNC and BHLNC (a page split per KV head) are refused."""
+    order = [d for d in physical_order(t) if d != block_dim]
+    dense: list[int] = []
+    expected = 1
+    for d in reversed(order):
+        if t.shape[d] != 1 and t.stride(d) != expected:
+            break
+        dense.insert(0, d)
+        expected *= t.shape[d]
+    splits = [d for d in order if d not in dense]
+    if any(d > block_dim for d in splits):
+        raise ValueError(
+            f"KV page is not contiguous within a block (shape {tuple(t.shape)}, strides {t.stride()}); "
+            "kvbm needs each block's page in one piece (vLLM layouts LBHNC, LBNHC, BLHNC, BLNHC)")
+    return tuple(splits + [block_dim] + dense), len(splits)
 
 
 def _segment_view(seg: torch.Tensor, word: torch.dtype) -> torch.Tensor:
@@ -61,6 +93,7 @@ class KVLayout:
     dtype: torch.dtype
     shapes: tuple[tuple[int, ...], ...]
     block_dim: int
+    order: tuple[int, ...] = ()           # physical order of the layer tensors' dims (identity when contiguous)
 
     @classmethod
     def from_layers(cls, layers: Mapping[str, torch.Tensor] | Sequence[torch.Tensor], block_dim: int = 0) -> "KVLayout":
@@ -74,18 +107,24 @@ class KVLayout:
             raise ValueError("no KV cache tensors to describe")
         first = tensors[0]
         num_blocks = first.shape[block_dim]
+        order, split = segment_order(first, block_dim)
         for name, t in zip(names, tensors):
             if t.shape != first.shape or t.dtype != first.dtype or t.device != first.device:
                 raise ValueError(f"layer {name} differs from the first layer in shape, dtype or device; "
                                  "kvbm needs one geometry for all layers")
-        seg_bytes = math.prod(first.shape[block_dim + 1:]) * first.element_size()
+            if segment_order(t, block_dim) != (order, split):
+                raise ValueError(f"layer {name} lies in memory in another order than the first layer; "
+                                 "kvbm needs one layout for all layers")
+        shape = [first.shape[d] for d in order]
+        seg_bytes = math.prod(shape[split + 1:]) * first.element_size()
         word = word_dtype(seg_bytes)
         segments = []
         for t in tensors:
-            for index in itertools.product(*(range(n) for n in t.shape[:block_dim])):
-                segments.append(_segment_view(t[index] if index else t, word))
+            p = t.permute(order)
+            for index in itertools.product(*(range(n) for n in shape[:split])):
+                segments.append(_segment_view(p[index] if index else p, word))
         return cls(names, num_blocks, tuple(segments), seg_bytes, word, first.dtype,
-                   tuple(tuple(t.shape) for t in tensors), block_dim)
+                   tuple(tuple(t.shape) for t in tensors), block_dim, order)
 
     @staticmethod
     def infer_block_dim(tensor: torch.Tensor, num_blocks: int) -> int:
@@ -119,4 +158,6 @@ class KVLayout:
     def fingerprint(self, *, model: str = "", block_size: int = 0, extra: str = "") -> bytes:
         """16 bytes naming what a stored block was computed by: model, dtype, geometry, block size."""
         text = f"{model}|{self.dtype}|{self.shapes}|{self.block_dim}|{block_size}|{extra}"
+        if self.order and self.order != tuple(range(len(self.order))):  # a permuted page holds other bytes
+            text += f"|order{self.order}"
         return xxhash.xxh3_128_digest(text.encode())

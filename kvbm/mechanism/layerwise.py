@@ -1,0 +1,376 @@
+"""Layer-wise onboarding and offload on CUDA: KV moves per layer, overlapped with the forward that uses it.
+
+Onboard (G2->G1, the request runs in the same engine step as its load): `start_load` enqueues, in layer order,
+each layer's H2D copies from the pinned host tier into GPU staging (on kvbm's copy stream) and one scatter
+kernel into the engine pages (on kvbm's kernel stream), with one CUDA event per layer; `wait_layer(i)` makes
+the compute stream wait for layer i's event before layer i's attention (stream.wait_event: no host sync).
+Offload (G1->G2): `start_store` plans the step's stores; `save_layer(i)` (after layer i's attention wrote its
+KV) records an event on the compute stream, and kvbm's gather kernel and D2H copies of layer i wait for it on
+kvbm's streams, so stores overlap the rest of the forward; `finish()` saves layers never saved (a step
+replayed by a full CUDA graph calls no layer hook) and returns the event after which the host holds them.
+
+The host tier is block-major (slot, segment, words) on CUDA (HostTier.for_layout) or layer-major (segment,
+slot, words). A layer of a run of consecutive host slots is then one 2D copy (block-major: one row per slot,
+pitch = a whole slot) or one plain copy (layer-major). scripts/gpu_layerwise.py measures both.
+
+Operations (the pure ones are tested on CPU):
+  choose_onboard_path(num_blocks, ...)          "layerwise" or "async" (the whole-request TransferEngine job)
+  plan_units(block_ids, slots, max_rows)         pure: slot-sorted ids and per-layer units of staging rows
+  layer_copies(unit, seg0, spl, ...)             pure: the copies moving one layer of one unit
+  LayerwiseCopier(layout, host)                  start_load -> LayerLoad, start_store -> LayerStore, close
+  LayerLoad.wait_layer(i) / wait_all() / query() / synchronize()
+  LayerStore.save_layer(i) / finish() / query() / synchronize()
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from kvbm.errors import TransferError
+from kvbm.mechanism.cuda_copy import Copy2D, FlatRows, Run, plan_chunks
+
+log = logging.getLogger("kvbm.layerwise")
+
+# Below this many blocks a layer's copy is a few pages (64 KiB each for Qwen3-4B at block size 16): per-call
+# costs dominate and the whole-request load finishes within the worker's short post-step wait anyway.
+MIN_LAYERWISE_BLOCKS = 4
+
+
+def choose_onboard_path(num_blocks: int, *, from_disk: bool, cuda: bool, enabled: bool = True,
+                        min_blocks: int = MIN_LAYERWISE_BLOCKS, max_blocks: int | None = None) -> str:
+    """How to onboard one request's blocks: "layerwise" (synchronous, per layer, overlapping this step's
+    forward) or "async" (one TransferEngine job; the request runs in a later step).
+
+    Layer-wise pays on CUDA for host (G2) hits of at least `min_blocks` blocks. Disk (G3) reads run at disk
+    speed, far behind a forward, so they stay asynchronous (a synchronous load would stall the whole batch);
+    so do CPU engines (no streams to overlap on: see docs in scripts/gpu_layerwise.py's report). `max_blocks`
+    bounds the stall a layer-wise load can inflict on the other requests of its batch (None: no bound)."""
+    if not (enabled and cuda) or from_disk or num_blocks < min_blocks:
+        return "async"
+    if max_blocks is not None and num_blocks > max_blocks:
+        return "async"
+    return "layerwise"
+
+
+# ---- planning (pure Python) ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Unit:
+    """Staging rows [row0, row0 + rows) of the slot-sorted blocks, and their host-slot runs (rows relative)."""
+
+    row0: int
+    rows: int
+    runs: tuple[Run, ...]
+
+
+def plan_units(block_ids: Sequence[int], slots: Sequence[int], max_rows: int) -> tuple[tuple[int, ...], list[Unit]]:
+    """Sort by host slot; cut the sorted blocks into units of at most `max_rows` blocks (a layer's staging
+    buffer), each with its runs of consecutive host slots. Returns (ids in slot order, units)."""
+    if max_rows < 1:
+        raise ValueError("a unit holds at least one block")
+    if not block_ids:
+        return (), []
+    (chunk,) = plan_chunks(block_ids, slots, len(block_ids))
+    units: list[Unit] = []
+    for row0 in range(0, len(chunk.block_ids), max_rows):
+        end = min(row0 + max_rows, len(chunk.block_ids))
+        runs = []
+        for r in chunk.runs:
+            lo, hi = max(r.row, row0), min(r.row + r.count, end)
+            if lo < hi:
+                runs.append(Run(r.slot + lo - r.row, lo - row0, hi - lo))
+        units.append(Unit(row0, end - row0, tuple(runs)))
+    return chunk.block_ids, units
+
+
+def layer_copies(unit: Unit, seg0: int, spl: int, num_segments: int, num_slots: int, segment_bytes: int,
+                 block_major: bool) -> list[Copy2D]:
+    """Copies moving segments [seg0, seg0 + spl) (one layer) of `unit` between the host tier and staging.
+    Staging is (rows, spl, seg) for a block-major host tier (one 2D copy per run, a row per slot) and
+    (spl, rows, seg) for a layer-major one (one copy per run, a row per segment: plain when spl == 1)."""
+    sb = segment_bytes
+    if block_major:
+        return [Copy2D((r.slot * num_segments + seg0) * sb, num_segments * sb, r.row * spl * sb, spl * sb,
+                       spl * sb, r.count) for r in unit.runs]
+    return [Copy2D((seg0 * num_slots + r.slot) * sb, num_slots * sb, r.row * sb, unit.rows * sb,
+                   r.count * sb, spl) for r in unit.runs]
+
+
+# ---- CUDA ---------------------------------------------------------------------------------------------------
+
+class _Ring:
+    """GPU staging buffers used in turn, with the event after which each may be overwritten."""
+
+    def __init__(self, device: torch.device, nbytes: int, count: int):
+        self.bufs = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
+        self.free: list[torch.cuda.Event | None] = [None] * count
+        self.next = 0
+
+    def take(self) -> int:
+        k = self.next
+        self.next = (k + 1) % len(self.bufs)
+        return k
+
+
+class LayerwiseCopier:
+    """Per-layer loads and stores between a CUDA engine cache and the pinned host tier. Lives in each worker
+    process; every call comes from the thread that runs the forward (vLLM's layer hooks)."""
+
+    def __init__(self, layout, host, staging_bytes: int = 64 << 20, num_buffers: int = 3):
+        if layout.device.type != "cuda":
+            raise TransferError("layer-wise transfers need a CUDA engine cache (CPU engines: keep them off)")
+        if not host.pinned:
+            raise TransferError("layer-wise transfers need a pinned host tier")
+        self.layout, self.host, self.device = layout, host, layout.device
+        self.num_layers = len(layout.layer_names)
+        if layout.num_segments % self.num_layers:
+            raise TransferError(f"{layout.num_segments} segments do not split into {self.num_layers} layers")
+        self.spl = layout.num_segments // self.num_layers  # segments per layer (1 for vLLM 0.32's views)
+        self.layer_bytes_per_block = self.spl * layout.segment_bytes
+        self.max_rows = max(1, staging_bytes // self.layer_bytes_per_block)
+        self.block_major = host.block_major
+        self.flat = FlatRows.of(layout)
+        self._staging_bytes = self.max_rows * self.layer_bytes_per_block
+        self._num_buffers = num_buffers
+        self._host_bytes = host.tensor.view(-1).view(torch.uint8)
+        self._driver = None
+        if any(c.height > 1 for c in self._probe_copies()):
+            from kvbm.mechanism.cuda_copy import _Driver
+
+            try:
+                self._driver = _Driver(self.device.index if self.device.index is not None else torch.cuda.current_device())
+                pitch = max(c.host_pitch for c in self._probe_copies())
+                if pitch > self._driver.max_pitch:
+                    log.warning("kvbm: host pitch %d exceeds the 2D copy limit %d; layer-wise copies go row by row",
+                                pitch, self._driver.max_pitch)
+                    self._driver = None
+            except (OSError, AttributeError, TransferError) as exc:
+                log.warning("kvbm: cuMemcpy2DAsync unavailable (%s); layer-wise copies go row by row", exc)
+        self.h2d = torch.cuda.Stream(self.device)
+        self.load_kernel = torch.cuda.Stream(self.device, priority=-1)  # high: on the forward's critical path
+        self.store_kernel = torch.cuda.Stream(self.device)
+        self.d2h = torch.cuda.Stream(self.device)
+        self._rings: dict[str, _Ring] = {}
+
+    def _probe_copies(self) -> list[Copy2D]:
+        unit = Unit(0, 2, (Run(0, 0, 2),))
+        return layer_copies(unit, 0, self.spl, self.layout.num_segments, self.host.num_slots,
+                            self.layout.segment_bytes, self.block_major)
+
+    def _ring(self, kind: str) -> _Ring:
+        if kind not in self._rings:
+            self._rings[kind] = _Ring(self.device, self._staging_bytes, self._num_buffers)
+        return self._rings[kind]
+
+    def _staged(self, ring: _Ring, k: int, rows: int) -> torch.Tensor:
+        lay = self.layout
+        shape = (rows, self.spl) if self.block_major else (self.spl, rows)
+        return ring.bufs[k][:rows * self.layer_bytes_per_block].view(lay.word).view(*shape, lay.segment_words)
+
+    def _copy(self, c: Copy2D, staged: torch.Tensor, to_host: bool, stream: torch.cuda.Stream) -> None:
+        """One host<->staging copy on `stream` (the caller made it current)."""
+        dense = c.height == 1 or (c.host_pitch == c.width and c.staging_pitch == c.width)
+        if dense:
+            n = c.width * c.height
+            h = self._host_bytes[c.host_offset:c.host_offset + n]
+            g = staged.view(-1).view(torch.uint8)[c.staging_offset:c.staging_offset + n]
+            (h.copy_(g, non_blocking=True) if to_host else g.copy_(h, non_blocking=True))
+        elif self._driver is not None:
+            self._driver.copy2d(c, self._host_bytes.data_ptr(), staged.data_ptr(), to_host, stream.cuda_stream)
+        else:  # no driver: one copy per row
+            g_all = staged.view(-1).view(torch.uint8)
+            for i in range(c.height):
+                ho, so = c.host_offset + i * c.host_pitch, c.staging_offset + i * c.staging_pitch
+                h, g = self._host_bytes[ho:ho + c.width], g_all[so:so + c.width]
+                (h.copy_(g, non_blocking=True) if to_host else g.copy_(h, non_blocking=True))
+
+    def _index(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Flat rows of every (layer, block, segment): (L, n, spl) for block-major staging, (L, spl, n) else."""
+        if self.flat is None:
+            return None
+        base = self.flat.seg_base.view(self.num_layers, self.spl)
+        if self.block_major:
+            return base[:, None, :] + ids[None, :, None] * self.flat.block_stride
+        return base[:, :, None] + ids[None, None, :] * self.flat.block_stride
+
+    def _unit_rows(self, index: torch.Tensor, layer: int, unit: Unit) -> torch.Tensor:
+        sl = slice(unit.row0, unit.row0 + unit.rows)
+        return (index[layer, sl] if self.block_major else index[layer, :, sl]).reshape(-1)
+
+    def _per_segment(self, ids: torch.Tensor, layer: int, unit: Unit, staged: torch.Tensor, load: bool) -> None:
+        """Layers in separate buffers (no flat view): one index op per segment."""
+        sub = ids[unit.row0:unit.row0 + unit.rows]
+        for j in range(self.spl):
+            seg = self.layout.segments[layer * self.spl + j]
+            part = staged[:, j] if self.block_major else staged[j]
+            if load:
+                seg.index_copy_(0, sub, part)
+            else:
+                torch.index_select(seg, 0, sub, out=part)
+
+    def _ids(self, ids: Sequence[int], stream: torch.cuda.Stream) -> torch.Tensor:
+        with torch.cuda.stream(stream):
+            return torch.tensor(ids, dtype=torch.long).pin_memory().to(self.device, non_blocking=True)
+
+    # ---- loads --------------------------------------------------------------------------------------------
+
+    def start_load(self, block_ids: Sequence[int], slots: Sequence[int], ready=None) -> "LayerLoad":
+        """Enqueue every layer's copies (host `slots` -> engine `block_ids`) in layer order; returns at once.
+        The scatters wait for `ready` (default: an event on the current stream: earlier kernels may still
+        read the pages)."""
+        lay = self.layout
+        if ready is None:
+            ready = torch.cuda.current_stream(self.device).record_event()
+        ids_sorted, units = plan_units(block_ids, slots, self.max_rows)
+        events: list[torch.cuda.Event] = []
+        if not units:
+            return LayerLoad(self, [ready] * self.num_layers)
+        ring = self._ring("load")
+        with torch.cuda.device(self.device):
+            self.load_kernel.wait_event(ready)
+            ids = self._ids(ids_sorted, self.load_kernel)
+            with torch.cuda.stream(self.load_kernel):
+                index = self._index(ids)
+            for layer in range(self.num_layers):
+                for unit in units:
+                    k = ring.take()
+                    staged = self._staged(ring, k, unit.rows)
+                    with torch.cuda.stream(self.h2d):
+                        if ring.free[k] is not None:
+                            self.h2d.wait_event(ring.free[k])
+                        for c in layer_copies(unit, layer * self.spl, self.spl, lay.num_segments,
+                                              self.host.num_slots, lay.segment_bytes, self.block_major):
+                            self._copy(c, staged, False, self.h2d)
+                        loaded = self.h2d.record_event()
+                    with torch.cuda.stream(self.load_kernel):
+                        self.load_kernel.wait_event(loaded)
+                        if index is not None:
+                            self.flat.rows.index_copy_(0, self._unit_rows(index, layer, unit),
+                                                       staged.reshape(-1, lay.segment_words))
+                        else:
+                            self._per_segment(ids, layer, unit, staged, load=True)
+                        ring.free[k] = self.load_kernel.record_event()
+                events.append(ring.free[k])
+        return LayerLoad(self, events)
+
+    # ---- stores -------------------------------------------------------------------------------------------
+
+    def start_store(self, block_ids: Sequence[int], slots: Sequence[int]) -> "LayerStore":
+        """Plan a step's stores (engine `block_ids` -> host `slots`); layers move as the forward saves them."""
+        ids_sorted, units = plan_units(block_ids, slots, self.max_rows)
+        return LayerStore(self, ids_sorted, units)
+
+    def _save_layer(self, store: "LayerStore", layer: int, written=None) -> None:
+        lay = self.layout
+        if written is None:  # after this layer's attention, queued on the current stream
+            written = torch.cuda.current_stream(self.device).record_event()
+        ring = self._ring("store")
+        with torch.cuda.device(self.device):
+            self.store_kernel.wait_event(written)
+            if store.ids is None:
+                store.ids = self._ids(store.ids_sorted, self.store_kernel)
+                with torch.cuda.stream(self.store_kernel):
+                    store.index = self._index(store.ids)
+            for unit in store.units:
+                k = ring.take()
+                staged = self._staged(ring, k, unit.rows)
+                with torch.cuda.stream(self.store_kernel):
+                    if ring.free[k] is not None:
+                        self.store_kernel.wait_event(ring.free[k])
+                    if store.index is not None:
+                        torch.index_select(self.flat.rows, 0, self._unit_rows(store.index, layer, unit),
+                                           out=staged.view(-1, lay.segment_words))
+                    else:
+                        self._per_segment(store.ids, layer, unit, staged, load=False)
+                    gathered = self.store_kernel.record_event()
+                with torch.cuda.stream(self.d2h):
+                    self.d2h.wait_event(gathered)
+                    for c in layer_copies(unit, layer * self.spl, self.spl, lay.num_segments,
+                                          self.host.num_slots, lay.segment_bytes, self.block_major):
+                        self._copy(c, staged, True, self.d2h)
+                    ring.free[k] = self.d2h.record_event()
+            store.last = self.d2h.record_event()
+
+    def close(self) -> None:
+        """Wait for kvbm's streams and release the staging buffers."""
+        for s in (self.h2d, self.load_kernel, self.store_kernel, self.d2h):
+            s.synchronize()
+        self._rings.clear()
+
+
+class LayerLoad:
+    """One step's layer-wise onboard: an event per layer. Lives in the worker process, for one step."""
+
+    def __init__(self, copier: LayerwiseCopier, events: list):
+        self.copier = copier
+        self.events = events
+
+    def wait_layer(self, layer: int, stream: torch.cuda.Stream | None = None) -> None:
+        """The compute stream (default: the current one) waits, on the GPU, for layer `layer`'s pages."""
+        (stream or torch.cuda.current_stream(self.copier.device)).wait_event(self.events[layer])
+
+    def wait_all(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Wait for every layer at once (a step run by a full CUDA graph, which calls no layer hook)."""
+        self.wait_layer(len(self.events) - 1, stream)  # layers complete in order on one stream
+
+    def query(self) -> bool:
+        """True once every layer is in place (no blocking)."""
+        return self.events[-1].query()
+
+    def synchronize(self) -> None:
+        """Block this thread until every layer is in place."""
+        self.events[-1].synchronize()
+
+    def wait_blocking(self) -> None:
+        """Block this thread until every layer is in place, sleeping rather than spinning (engine threads)."""
+        done = torch.cuda.Event(blocking=True)
+        done.record(self.copier.load_kernel)
+        done.synchronize()
+
+
+class LayerStore:
+    """One step's layer-wise offload. Lives in the worker process, for one step (and until it completes)."""
+
+    def __init__(self, copier: LayerwiseCopier, ids_sorted: tuple[int, ...], units: list[Unit]):
+        self.copier = copier
+        self.ids_sorted, self.units = ids_sorted, units
+        self.ids: torch.Tensor | None = None
+        self.index: torch.Tensor | None = None
+        self.saved = [False] * copier.num_layers
+        self.last: torch.cuda.Event | None = None
+
+    def save_layer(self, layer: int, written=None) -> None:
+        """Layer `layer`'s attention has run on the current stream (or `written`, an event, has been recorded
+        after it): copy its pages out behind it."""
+        if self.saved[layer] or not self.units:
+            return
+        self.saved[layer] = True
+        self.copier._save_layer(self, layer, written)
+
+    def finish(self, written=None) -> "LayerStore":
+        """After the forward: save the layers no hook saved; the store completes when `query()` is True."""
+        if written is None and not all(self.saved):
+            written = torch.cuda.current_stream(self.copier.device).record_event()
+        for layer in range(self.copier.num_layers):
+            self.save_layer(layer, written)
+        return self
+
+    def wait_blocking(self) -> None:
+        """Block this thread until the host holds every saved layer, sleeping rather than spinning."""
+        if self.last is not None:
+            done = torch.cuda.Event(blocking=True)
+            done.record(self.copier.d2h)
+            done.synchronize()
+
+    def query(self) -> bool:
+        """True once the host holds every saved layer (no blocking)."""
+        return self.last is None or self.last.query()
+
+    def synchronize(self) -> None:
+        """Block this thread until the host holds every saved layer."""
+        if self.last is not None:
+            self.last.synchronize()
