@@ -54,6 +54,7 @@ DEFAULT_SCENARIO = "prefix-reuse-cpu.yaml"
 _VLLM_COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:external_prefix_cache_queries",
                   "vllm:external_prefix_cache_hits", "vllm:prompt_tokens", "vllm:generation_tokens",
                   "vllm:num_preemptions")
+_VLLM_MEANS = ("vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds")
 
 
 class Scenario(BaseModel):
@@ -237,6 +238,10 @@ def metrics_delta(before: dict, after: dict) -> dict[str, Any]:
         "p50": histogram_quantile(0.5, buckets), "p90": histogram_quantile(0.9, buckets),
         "p99": histogram_quantile(0.99, buckets),
         "buckets": [[le if not math.isinf(le) else "+Inf", c] for le, c in buckets]}
+    for name in _VLLM_MEANS:  # the server's own view, which a client starved of CPU cannot skew
+        b, a = histogram(before, name), histogram(after, name)
+        n = a["count"] - b["count"]
+        d[name] = {"sum": a["sum"] - b["sum"], "count": n, "mean": (a["sum"] - b["sum"]) / n if n else None}
     return d
 
 
@@ -265,6 +270,14 @@ def build_comparison(scenario: Scenario, results: dict[str, dict[str, Any]]) -> 
             b, v = values[base], values[n]
             gains[n] = None if not b or not v else (b / v if better == "lower" else v / b)
         rows.append({"metric": label, "better": better, "values": values, "gain_vs_" + base: gains})
+    for label, name in (("vLLM ITL mean (ms)", "vllm:inter_token_latency_seconds"),
+                        ("vLLM E2E mean (ms)", "vllm:e2e_request_latency_seconds")):
+        values = {n: ((results[n]["vllm_metrics"].get(name) or {}).get("mean")) for n in names}
+        values = {n: None if v is None else v * 1000 for n, v in values.items()}
+        if all(v is None for v in values.values()):
+            continue
+        gains = {n: None if not values[base] or not values[n] else values[base] / values[n] for n in names[1:]}
+        rows.append({"metric": label, "better": "lower", "values": values, "gain_vs_" + base: gains})
     extra = []
     for n in names:
         m = results[n]["vllm_metrics"]
