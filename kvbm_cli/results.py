@@ -30,7 +30,7 @@ REQUESTS_FILE = "requests.jsonl"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
 
-Workload = Literal["prefix-reuse", "multi-round"]
+Workload = Literal["prefix-reuse", "multi-round", "soak"]
 Driver = Literal["native", "aiperf", "genai-perf"]
 
 

@@ -141,7 +141,7 @@ def kvbm_g2(tiny_model_dir, full_disk_dir, tmp_path_factory):
         pairs = ttft_pairs(url, str(tiny_model_dir))
         onboarded = scrape(metrics)["kvbm_onboard_blocks_h2d"] - kvbm["kvbm_onboard_blocks_h2d"]
         yield {"rounds": rounds, "kvbm": kvbm, "vllm": vllm, "log": log, "pairs": pairs,
-               "pairs_onboarded": onboarded}
+               "pairs_onboarded": onboarded, "url": url, "metrics": metrics}
 
 
 def ttft_pairs(url: str, model: str) -> list[tuple[float, float]]:
@@ -247,3 +247,4 @@ def test_corrupt_disk_blocks_are_detected_and_recomputed(baseline, kvbm_g3):
     assert after["kvbm_load_failures_total"] > 0, "corruption was not detected"
     assert _texts(kvbm_g3["rounds"][2]) == _texts(baseline[2]), "recomputed like vLLM recomputes them"
     assert after["kvbm_load_failures_total"] >= NUM_PREFIXES, "every prefix's disk blocks are corrupt"
+

@@ -35,7 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvbm.config import KvbmConfig
-from kvbm.integrations.vllm import compat
+from kvbm.integrations.vllm import compat, plugin
 from kvbm.integrations.vllm.stats import KvbmPromMetrics, KvbmStats
 from kvbm.leader import KvbmLeader
 from kvbm.mechanism import KVLayout
@@ -95,6 +95,9 @@ class KvbmConnector(KVConnectorBase_V1):
                         "KVBM passes every request through")
             return
         if role == KVConnectorRole.SCHEDULER:
+            note = plugin.startup_note(vllm_config)
+            if note is not None:
+                log.warning("%s", note)
             disk_filter = AdmitAll() if self.config.disable_disk_offload_filter else FrequencyFilter()
             manager = TierManager(self.host_slots, self.disk_slots, disk_filter)
             self.leader = KvbmLeader(manager, self.geometry.block_size, self.geometry.block_bytes,
