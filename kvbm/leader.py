@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 
 from kvbm.errors import KvbmError
 from kvbm.policy import Location, OffloadPlan, Tier, TierManager
-from kvbm.protocol import BlockMove, Handshake, JobOutcome, LoadSpec, SlotCopy, StepPlan, StoreSpec, WorkerReport
+from kvbm.protocol import BlockMove, Handshake, JobOutcome, LoadSpec, StepPlan, StoreSpec, WorkerReport
 
 log = logging.getLogger("kvbm.leader")
 
@@ -264,7 +264,7 @@ class KvbmLeader:
         self._stores.append(StoreSpec(
             req_id, job_id,
             [BlockMove(loc.block_hash, ids[loc.block_hash], loc.slot, Tier.G2) for loc in plan.stores],
-            [SlotCopy(c.block_hash, c.host_slot, c.disk_slot) for c in plan.cascades], cascade_id))
+            list(plan.cascades), cascade_id))
 
     def on_preempted(self, req_ids: Sequence[str]) -> None:
         """vLLM took these requests' blocks back: fence the jobs that still read them; start afresh later."""

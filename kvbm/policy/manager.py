@@ -19,15 +19,12 @@ from typing import Iterable, Sequence
 from kvbm.policy.filter import AdmitAll, FrequencyFilter
 from kvbm.policy.pool import BlockPool
 from kvbm.policy.types import BlockHash, Location, Tier
+from kvbm.protocol import SlotCopy
 
 
-@dataclass(frozen=True)
-class Cascade:
-    """A block evicted from G2 that goes to G3: copy host slot -> disk slot before the host slot is reused."""
-
-    block_hash: BlockHash
-    host_slot: int
-    disk_slot: int
+# A block evicted from G2 that goes to G3 (copy host slot -> disk slot before the host slot is reused): the
+# same value the workers execute, so the plan travels as it is.
+Cascade = SlotCopy
 
 
 @dataclass(frozen=True)
