@@ -72,21 +72,25 @@ def report(exc: BaseException) -> int:
 
 
 def run_app(app: typer.Typer) -> None:
-    """Run a Typer app with standalone_mode off so errors pass through `report`."""
+    """Run a Typer app with standalone_mode off so errors pass through `report`; usage errors are one line."""
+    import click
+
     try:
         result = app(standalone_mode=False)
     except SystemExit:
         raise
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+        print(f"kvbm: usage: {exc.format_message()}{where}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        print(f"kvbm: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except BaseException as exc:  # noqa: BLE001 - the CLI edge: everything becomes one line
-        import click
-
         if isinstance(exc, click.exceptions.Abort):
             exc = KeyboardInterrupt()
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
         if _debug():
             raise
         sys.exit(report(exc))

@@ -35,13 +35,12 @@ from rich.table import Table
 from kvbm.config import BYTES_PER_GB, ENV_VARS, KvbmConfig, check_disk_dir
 from kvbm.errors import ConfigError, StorageError
 from kvbm.mechanism import fileio
-from kvbm_cli._console import JsonOpt, out, progress
+from kvbm_cli._options import JsonOpt, group
+from kvbm_cli._output import out, progress
 from kvbm_cli._errors import CheckFailed, CliError
-from kvbm_cli.app import app
 
-doctor_app = typer.Typer(help="Check this machine and a disk-cache directory for KVBM; exit 1 when a check fails.",
-                         invoke_without_command=True)
-app.add_typer(doctor_app, name="doctor")
+doctor_app = group(help="Check this machine and a disk-cache directory for KVBM; exit 1 when a check fails.",
+                   no_args_is_help=False, invoke_without_command=True)
 
 DEFAULT_BLOCK_BYTES = 147456 * 16  # Qwen3-4B bf16, 16-token blocks: 2.25 MiB
 

@@ -33,9 +33,9 @@ from typing import Annotated, Any, Optional
 import numpy as np
 import typer
 
-from kvbm_cli._console import JsonOpt, err, out
+from kvbm_cli._options import JsonOpt
+from kvbm_cli._output import err, out
 from kvbm_cli._errors import CheckFailed, CliError
-from kvbm_cli.app import app
 from kvbm_cli.stats import Statistic, bootstrap_ratio
 
 LOWER, HIGHER = "lower", "higher"
@@ -263,7 +263,6 @@ MetricOpt = Annotated[Optional[list[str]], typer.Option(
     f"output_tokens_per_s; NAME=5% sets its own tolerance. Default: {', '.join(DEFAULT_METRICS)}.")]
 
 
-@app.command("gate")
 def gate_cmd(
     baseline: Annotated[Path, typer.Option("--baseline", "-b", help="Baseline run directory (requests.jsonl).")],
     candidate: Annotated[Path, typer.Option("--candidate", "-c", help="Candidate run directory (requests.jsonl).")],

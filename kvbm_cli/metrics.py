@@ -22,13 +22,13 @@ from typing import Annotated, Optional
 import typer
 
 from kvbm_cli import collect as collector
-from kvbm_cli._console import JsonOpt, err, out
+from kvbm_cli._options import JsonOpt, group
+from kvbm_cli._output import emit_json, err, out
+from kvbm_cli._data import data_dir
 from kvbm_cli._errors import CheckFailed, CliError
-from kvbm_cli.app import app
 
-metrics_app = typer.Typer(help="Collect vLLM and KVBM metrics; run Prometheus and Grafana with the KVBM dashboard.",
+metrics_app = group(help="Collect vLLM and KVBM metrics; run Prometheus and Grafana with the KVBM dashboard.",
                           no_args_is_help=True)
-app.add_typer(metrics_app, name="metrics")
 
 LABEL = "kvbm.metrics"
 PROMETHEUS_IMAGE = "prom/prometheus:v2.55.1"
@@ -181,8 +181,8 @@ def _main_thread() -> bool:
 
 
 def dashboards_dir(given: Path | None = None) -> Path:
-    """dashboards/ of this checkout (or `given`), with its compose file."""
-    path = given or Path(__file__).resolve().parents[1] / "dashboards"
+    """The shipped dashboards/ (or `given`), with its compose file."""
+    path = given or data_dir("dashboards")
     if not (path / "prometheus.yml").is_file() or not (path / "grafana" / "dashboards").is_dir():
         raise CliError(f"{path} is not kvbm's dashboards directory (prometheus.yml, grafana/); pass --dashboards DIR")
     return path
@@ -207,6 +207,23 @@ def docker_client():
     return client
 
 
+def containers(folder: Path, grafana_port: int = 3001, prometheus_port: int = 9090) -> list[dict]:
+    """The two containers `kvbm metrics up` runs: name, image and the keyword arguments of containers.run."""
+    grafana = folder / "grafana"
+    return [
+        {"name": "kvbm-prometheus", "image": PROMETHEUS_IMAGE,
+         "command": ["--config.file=/etc/prometheus/prometheus.yml", f"--web.listen-address=:{prometheus_port}"],
+         "volumes": {str(folder / "prometheus.yml"): {"bind": "/etc/prometheus/prometheus.yml", "mode": "ro"}}},
+        {"name": "kvbm-grafana", "image": GRAFANA_IMAGE,
+         "environment": {"GF_SERVER_HTTP_PORT": str(grafana_port), "GF_SECURITY_ADMIN_USER": "dynamo",
+                         "GF_SECURITY_ADMIN_PASSWORD": "dynamo", "GF_USERS_ALLOW_SIGN_UP": "false",
+                         "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH": "/var/lib/grafana/dashboards/kvbm.json",
+                         "KVBM_PROMETHEUS_URL": f"http://127.0.0.1:{prometheus_port}"},
+         "volumes": {str(grafana / "provisioning"): {"bind": "/etc/grafana/provisioning", "mode": "ro"},
+                     str(grafana / "dashboards"): {"bind": "/var/lib/grafana/dashboards", "mode": "ro"}}},
+    ]
+
+
 def _run(client, name: str, image: str, **kwargs):
     import docker
 
@@ -225,23 +242,24 @@ def _run(client, name: str, image: str, **kwargs):
 
 @metrics_app.command("up")
 def up_cmd(
-    dashboards: Annotated[Optional[Path], typer.Option("--dashboards", help="The dashboards directory (default: this checkout's).")] = None,
+    dashboards: Annotated[Optional[Path], typer.Option("--dashboards", help="The dashboards directory (default: the one kvbm ships).")] = None,
     grafana_port: Annotated[int, typer.Option("--grafana-port", help="Grafana's port.")] = 3001,
     prometheus_port: Annotated[int, typer.Option("--prometheus-port", help="Prometheus' port.")] = 9090,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the containers and their mounts; start nothing.")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Start Prometheus (scraping vLLM on 8000 and KVBM on 6880) and Grafana with the KVBM dashboard."""
-    folder = dashboards_dir(dashboards)
+    plan = containers(dashboards_dir(dashboards), grafana_port, prometheus_port)
+    if dry_run:
+        if json_out:
+            emit_json(plan)
+        for c in [] if json_out else plan:
+            mounts = " ".join(f"-v {src}:{v['bind']}:{v['mode']}" for src, v in c["volumes"].items())
+            out().print(f"docker run -d --name {c['name']} --network host {mounts} {c['image']}", markup=False, soft_wrap=True)
+        return
     client = docker_client()
-    _run(client, "kvbm-prometheus", PROMETHEUS_IMAGE,
-         command=["--config.file=/etc/prometheus/prometheus.yml", f"--web.listen-address=:{prometheus_port}"],
-         volumes={str(folder / "prometheus.yml"): {"bind": "/etc/prometheus/prometheus.yml", "mode": "ro"}})
-    _run(client, "kvbm-grafana", GRAFANA_IMAGE,
-         environment={"GF_SERVER_HTTP_PORT": str(grafana_port), "GF_SECURITY_ADMIN_USER": "dynamo",
-                      "GF_SECURITY_ADMIN_PASSWORD": "dynamo", "GF_USERS_ALLOW_SIGN_UP": "false",
-                      "GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH": "/var/lib/grafana/dashboards/kvbm.json",
-                      "KVBM_PROMETHEUS_URL": f"http://127.0.0.1:{prometheus_port}"},
-         volumes={str(folder / "grafana" / "provisioning"): {"bind": "/etc/grafana/provisioning", "mode": "ro"},
-                  str(folder / "grafana" / "dashboards"): {"bind": "/var/lib/grafana/dashboards", "mode": "ro"}})
+    for c in plan:
+        _run(client, **c)
     out().print(f"Grafana http://localhost:{grafana_port} (login dynamo / dynamo, dashboard \"KVBM Dashboard\"); "
                 f"Prometheus http://localhost:{prometheus_port}. Stop with `kvbm metrics down`.", markup=False)
 

@@ -28,9 +28,9 @@ import pandas as pd
 import typer
 
 from kvbm_cli import gate as gating
-from kvbm_cli._console import JsonOpt, out
+from kvbm_cli._options import JsonOpt
+from kvbm_cli._output import out
 from kvbm_cli._errors import CliError
-from kvbm_cli.app import app
 from kvbm_cli.collect import parse_labels
 from kvbm_cli.stats import bootstrap_ratio, ecdf
 
@@ -470,7 +470,6 @@ def build_report(runs: list[Run], out_dir: str | os.PathLike[str], *, n_boot: in
             "table": table.to_dict("records")}
 
 
-@app.command("report")
 def report_cmd(
     runs: Annotated[list[Path], typer.Argument(help="Run directories (requests.jsonl, summary.json, metrics.csv); the first is the reference.")],
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Output directory.")] = Path("report"),

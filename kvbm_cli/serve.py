@@ -32,9 +32,9 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from kvbm_cli._console import JsonOpt, err, out
+from kvbm_cli._options import JsonOpt
+from kvbm_cli._output import err, out
 from kvbm_cli._errors import EXIT_INTERRUPTED, CheckFailed, CliError
-from kvbm_cli.app import app
 
 KVBM_CONNECTOR_MODULE = "kvbm.vllm_integration.connector"
 KV_TRANSFER_CONFIG = json.dumps({"kv_connector": "DynamoConnector", "kv_role": "kv_both",
@@ -437,8 +437,6 @@ def start_and_wait(engine: Engine, timeout_s: float, label: str) -> float:
 
 # --- the command ------------------------------------------------------------------------------------------
 
-@app.command("serve", options_metavar="[OPTIONS] [-- VLLM_ARGS...]",
-             context_settings={"allow_extra_args": True, "ignore_unknown_options": False})
 def serve(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Option(help="Model id or directory. Default: the embedded tiny model "

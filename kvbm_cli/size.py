@@ -18,10 +18,10 @@ from rich.table import Table
 
 from kvbm import sizing
 from kvbm.config import BYTES_PER_GB, KvbmConfig
-from kvbm_cli._console import JsonOpt, err, out
+from kvbm_cli._options import JsonOpt
+from kvbm_cli._output import err, out
 from kvbm_cli._errors import CliError
 from kvbm_cli._models import load_model_config
-from kvbm_cli.app import app
 
 # Fraction of peak a prefill reaches: Qwen3-4B, 20,128 tokens in 0.61 s on an H100 (DESIGN.md section 4).
 DEFAULT_MFU = 0.44
@@ -220,7 +220,6 @@ def _render(r: dict[str, Any]) -> None:
         console.print(b["verdict"])
 
 
-@app.command("size")
 def size(
     model: ModelOpt = None,
     dtype: Annotated[str, typer.Option(help="KV cache dtype: auto (the model's), bf16, fp16, fp32, fp8.")] = "auto",

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kvbm.mechanism import BlockMove, DiskTier, HostTier, KVLayout, OffloadJob, OnboardJob, SlotCopy, TransferEngine  # noqa: E402
 from kvbm.mechanism import fileio  # noqa: E402
 from kvbm.policy import Tier  # noqa: E402
-from kvbm_cli.bench_transfer import engine_cache, run_transfer_bench  # noqa: E402
+from kvbm_cli.bench.transfer import engine_cache, run_transfer_bench  # noqa: E402
 
 MODELS = {"Qwen3-4B": 36, "Llama-3.1-8B": 32}  # layers; both 8 KV heads x head_dim 128, bf16
 KV_HEADS, HEAD_DIM = 8, 128

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvbm.mechanism import BlockMove, HostTier, KVLayout, OffloadJob, OnboardJob, TransferEngine  # noqa: E402
 from kvbm.mechanism import cuda_copy  # noqa: E402
-from kvbm_cli.bench_transfer import engine_cache  # noqa: E402
+from kvbm_cli.bench.transfer import engine_cache  # noqa: E402
 
 
 def med(fn, n=10) -> float:

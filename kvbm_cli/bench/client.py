@@ -20,7 +20,7 @@ from typing import Any, Optional
 
 import httpx
 
-from kvbm_cli._console import err
+from kvbm_cli._output import err
 from kvbm_cli._errors import CliError
 from kvbm_cli.results import RequestRecord
 

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kvbm_cli._console import err, out
+from kvbm_cli._output import err, out
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli.bench.client import server_model
 from kvbm_cli.results import REQUESTS_FILE, SUMMARY_FILE, RequestRecord, Summary, summarize, write_requests, write_summary

@@ -41,15 +41,16 @@ import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvbm_cli._console import JsonOpt, err, out
+from kvbm_cli._options import JsonOpt
+from kvbm_cli._output import err, out
+from kvbm_cli._data import data_dir
 from kvbm_cli._errors import CliError
-from kvbm_cli.app import bench_app
 from kvbm_cli.bench.multi_round import MultiRoundConfig, run_multi_round
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
 from kvbm_cli.collect import background
 from kvbm_cli.serve import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
 
-SCENARIO_DIR = Path(__file__).resolve().parents[2] / "scenarios"
+SCENARIO_DIR = data_dir("scenarios")
 DEFAULT_SCENARIO = "prefix-reuse-cpu.yaml"
 _VLLM_COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:external_prefix_cache_queries",
                   "vllm:external_prefix_cache_hits", "vllm:prompt_tokens", "vllm:generation_tokens",
@@ -108,6 +109,8 @@ def engine_spec(shared: dict[str, Any], config: dict[str, Any]) -> tuple[str, En
 
 def load_scenario(path: Path) -> Scenario:
     """Parse and check a scenario file; CliError (exit 2) naming the first problem."""
+    if not Path(path).exists() and (SCENARIO_DIR / f"{path}.yaml").is_file():
+        path = SCENARIO_DIR / f"{path}.yaml"  # a shipped scenario by name, e.g. prefix-reuse-cpu
     try:
         raw = yaml.safe_load(Path(path).read_text())
     except FileNotFoundError:
@@ -149,7 +152,7 @@ def sweep_points(scenario: Scenario) -> list[tuple[Optional[str], PrefixReuseCon
 
 
 def default_scenario() -> Path:
-    """scenarios/prefix-reuse-cpu.yaml of this checkout."""
+    """The shipped scenarios/prefix-reuse-cpu.yaml."""
     return SCENARIO_DIR / DEFAULT_SCENARIO
 
 
@@ -406,10 +409,9 @@ def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, lau
     return {"summary": summary, "vllm_metrics": delta}
 
 
-@bench_app.command("compare")
 def compare(
     scenario_path: Annotated[Optional[Path], typer.Argument(
-        metavar="[SCENARIO]", help="Scenario YAML (see scenarios/). Default: the CPU prefix-reuse comparison on "
+        metavar="[SCENARIO]", help="Scenario YAML, or the name of a shipped one (prefix-reuse-cpu, no-reuse-cpu, multi-round-cpu, ...). Default: the CPU prefix-reuse comparison on "
                                    "the embedded model.", dir_okay=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Results directory. Default: "
                                                                  "runs/compare-<scenario name>.", file_okay=False)] = None,

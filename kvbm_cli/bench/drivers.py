@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from kvbm_cli._console import err
+from kvbm_cli._output import err
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli.results import RequestRecord, Summary, iso_now
 

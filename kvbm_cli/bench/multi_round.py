@@ -25,9 +25,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kvbm_cli._console import JsonOpt
+from kvbm_cli._options import JsonOpt
 from kvbm_cli._errors import CliError
-from kvbm_cli.app import bench_app
 from kvbm_cli.bench import common
 from kvbm_cli.bench.client import RequestSpec, make_client, progress_bar, send
 from kvbm_cli.bench.prompts import PromptTokenizer
@@ -217,7 +216,6 @@ def run_multi_round(cfg: MultiRoundConfig, *, url: str, model: Optional[str], to
                              config=asdict(cfg) | {"tokenizer": tok_source}, engine=engine)
 
 
-@bench_app.command("multi-round")
 def multi_round(
     url: common.UrlOpt = "http://localhost:8000",
     model: common.ModelOpt = None,

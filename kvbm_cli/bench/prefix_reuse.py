@@ -24,9 +24,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kvbm_cli._console import JsonOpt
+from kvbm_cli._options import JsonOpt
 from kvbm_cli._errors import CliError
-from kvbm_cli.app import bench_app
 from kvbm_cli.bench import common
 from kvbm_cli.bench.client import RequestSpec, run_requests
 from kvbm_cli.bench.prompts import ENDPOINTS, PromptTokenizer, build_prefix, build_prompt
@@ -135,7 +134,6 @@ def run_prefix_reuse(cfg: PrefixReuseConfig, *, url: str, model: Optional[str], 
                              engine=engine, expected={s.request_id: s.expected_input_tokens for s in specs})
 
 
-@bench_app.command("prefix-reuse")
 def prefix_reuse(
     url: common.UrlOpt = "http://localhost:8000",
     model: common.ModelOpt = None,

@@ -27,9 +27,9 @@ from urllib.parse import urlparse
 import psutil
 import typer
 
-from kvbm_cli._console import JsonOpt, err, out
+from kvbm_cli._options import JsonOpt
+from kvbm_cli._output import err, out
 from kvbm_cli._errors import CheckFailed, CliError
-from kvbm_cli.app import bench_app
 from kvbm_cli.bench import common
 from kvbm_cli.bench.client import RequestSpec, make_client, send, server_model
 
@@ -200,7 +200,6 @@ def _fmt(x: Optional[float], digits: int = 0) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
-@bench_app.command("soak")
 def soak(
     url: common.UrlOpt = "http://localhost:8000",
     model: common.ModelOpt = None,

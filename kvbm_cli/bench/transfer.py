@@ -23,7 +23,6 @@ from typing import Annotated, Callable
 import typer
 
 from kvbm_cli._errors import CliError
-from kvbm_cli.app import bench_app
 
 
 @dataclass
@@ -210,7 +209,6 @@ def _disk_io(name: str):
     return NixlDiskIO()
 
 
-@bench_app.command("transfer")
 def transfer(
     layers: Annotated[int, typer.Option(help="Layers of the KV geometry (tiny default model: 4).")] = 4,
     kv_heads: Annotated[int, typer.Option(help="KV heads.")] = 2,

@@ -1,0 +1,194 @@
+"""`kvbm bench ttft`: the same evicted-prefix request, four ways, in one run.
+
+  recompute   vLLM without KVBM, the prefix evicted from its cache: the whole prompt is prefilled again
+  G1 hit      vLLM without KVBM, the prefix still in its own cache
+  G2 onboard  vLLM with KVBM: the prefix evicted from vLLM's cache, loaded back from host memory
+  G3 onboard  vLLM with KVBM and a host tier too small to keep it: loaded back from disk
+
+Three engines are started in turn (baseline, KVBM with a large host tier, KVBM with a tiny host tier and a disk
+tier). Each trial uses a fresh prefix, sends it, pushes it out of vLLM's cache with filler prompts, and times
+the first token of the prefix with a new suffix. KVBM's own metrics confirm which tier served each onboard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import statistics
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kvbm_cli._errors import CheckFailed, CliError
+
+
+@dataclass
+class Case:
+    """One way of serving the evicted prefix, with its measured TTFTs."""
+
+    name: str
+    ttft_s: list[float] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        """Median TTFT in seconds."""
+        return statistics.median(self.ttft_s) if self.ttft_s else math.nan
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_token_seconds(url: str, model: str, tokens: list[int], max_tokens: int = 2) -> float:
+    """Seconds to the first streamed token of a greedy completion of `tokens` (exact token ids)."""
+    body = json.dumps({"model": model, "prompt": tokens, "max_tokens": max_tokens, "temperature": 0,
+                       "stream": True}).encode()
+    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    start = time.perf_counter()
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for line in resp:
+            if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
+                return time.perf_counter() - start
+    raise CheckFailed(f"the engine at {url} streamed no token")
+
+
+def _kvbm_counter(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
+def _run_engine(label: str, spec, trials: list[dict], model: str, measure, health_timeout: float,
+                log_dir: Path) -> None:
+    from kvbm_cli.serve import Engine, build_launch, start_and_wait
+
+    engine = Engine(build_launch(spec), log_path=log_dir / f"{label}.log")
+    try:
+        start_and_wait(engine, health_timeout, label)
+        for trial in trials:
+            measure(engine.launch.url, model, trial)
+    finally:
+        engine.stop()
+
+
+def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size: int, prefix_tokens: int,
+                   suffix_tokens: int, trials: int, g1_blocks: int, health_timeout: float, log_dir: Path,
+                   seed: int = 0) -> list[Case]:
+    """Measure the four cases; returns them in order (recompute first)."""
+    from kvbm_cli.serve import EngineSpec
+
+    rng = random.Random(seed)
+    prompt_blocks = math.ceil((prefix_tokens + suffix_tokens) / block_size)
+    num_fillers = math.ceil(g1_blocks / prompt_blocks) + 1  # enough to push the prefix out of vLLM's cache
+
+    def tokens(n: int) -> list[int]:
+        return [rng.randrange(10, vocab - 10) for _ in range(n)]
+
+    plan = [{"prefix": tokens(prefix_tokens), "suffixes": [tokens(suffix_tokens) for _ in range(3)],
+             "fillers": [tokens(prefix_tokens + suffix_tokens) for _ in range(num_fillers)]} for _ in range(trials)]
+    cases = {name: Case(name) for name in ("recompute", "G1 hit", "G2 onboard", "G3 onboard")}
+    g1_bytes = g1_blocks * block_bytes
+    common = dict(model=str(model_dir), kv_cache_memory_bytes=g1_bytes, block_size=block_size,
+                  max_model_len=min(prompt_blocks * block_size * 2, (g1_blocks - 1) * block_size))
+
+    def evicted(url, model, trial):
+        first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
+        for filler in trial["fillers"]:
+            first_token_seconds(url, model, filler)
+        return first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][2])
+
+    def baseline(url, model, trial):
+        first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
+        cases["G1 hit"].ttft_s.append(first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][1]))
+        for filler in trial["fillers"]:
+            first_token_seconds(url, model, filler)
+        cases["recompute"].ttft_s.append(first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][2]))
+
+    _run_engine("baseline", EngineSpec(connector="none", port=_free_port(), **common), plan, str(model_dir),
+                baseline, health_timeout, log_dir)
+
+    for case, counter, env in (
+            ("G2 onboard", "kvbm_onboard_blocks_h2d", {"DYN_KVBM_CPU_CACHE_GB": "1"}),
+            ("G3 onboard", "kvbm_onboard_blocks_d2d", {
+                "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": str(prompt_blocks + 2), "DYN_KVBM_DISK_CACHE_GB": "0.5",
+                "DYN_KVBM_DISK_CACHE_DIR": str(log_dir), "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"})):
+        metrics_port = _free_port()
+        env = env | {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(metrics_port)}
+
+        def kvbm(url, model, trial, case=case, counter=counter, metrics_port=metrics_port):
+            before = None
+            first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
+            for filler in trial["fillers"]:
+                first_token_seconds(url, model, filler)
+            before = _kvbm_counter(metrics_port, counter)
+            cases[case].ttft_s.append(first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][2]))
+            loaded = _kvbm_counter(metrics_port, counter) - before
+            if loaded < prefix_tokens // block_size:
+                cases[case].note = f"only {loaded:.0f} blocks came from {case.split()[0]} in a trial"
+
+        _run_engine(case.split()[0].lower(), EngineSpec(connector="kvbm", port=_free_port(), env=env, **common),
+                    plan, str(model_dir), kvbm, health_timeout, log_dir)
+    return list(cases.values())
+
+
+def ttft(
+    model: Annotated[Optional[str], typer.Option(help="Local model directory (default: the embedded tiny model).")] = None,
+    prefix_tokens: Annotated[int, typer.Option(min=1, help="Tokens of the shared prefix.")] = 1536,
+    suffix_tokens: Annotated[int, typer.Option(min=1, help="New tokens after the prefix.")] = 64,
+    trials: Annotated[int, typer.Option(min=1, help="Fresh prefixes measured per case (median reported).")] = 5,
+    g1_blocks: Annotated[int, typer.Option(min=4, help="vLLM's own cache size in blocks (small, so prefixes are evicted).")] = 48,
+    block_size: Annotated[int, typer.Option(help="Tokens per block (vLLM's CPU build: a multiple of 32).")] = 128,
+    health_timeout: Annotated[float, typer.Option(help="Seconds each engine may take to become healthy.")] = 300.0,
+    out: Annotated[Optional[Path], typer.Option(help="Directory for engine logs and the JSON result (default: a temp dir).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """TTFT of one evicted-prefix request: recompute, vLLM G1 hit, KVBM onboard from G2 and from G3."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvbm import sizing
+    from kvbm_cli._models import load_model_config
+    from kvbm_cli.tiny_model import default_model_dir
+
+    model_dir = Path(model).expanduser() if model else default_model_dir()
+    if not (model_dir / "config.json").is_file():
+        raise CliError(f"--model {model_dir}: not a model directory (no config.json); give a local model directory")
+    _, cfg, _ = load_model_config(str(model_dir))
+    geometry = sizing.ModelGeometry.from_config(cfg)
+    block_bytes = geometry.kv_bytes_per_token() * block_size
+    if (prefix_tokens + suffix_tokens) // block_size + 2 > g1_blocks:
+        raise CliError(f"--g1-blocks {g1_blocks} cannot hold one {prefix_tokens + suffix_tokens}-token prompt; raise it")
+    log_dir = out or Path(tempfile.mkdtemp(prefix="kvbm-bench-ttft-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cases = run_ttft_bench(model_dir=model_dir, vocab=int(cfg.get("vocab_size", 2048)), block_bytes=block_bytes,
+                           block_size=block_size, prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
+                           trials=trials, g1_blocks=g1_blocks, health_timeout=health_timeout, log_dir=log_dir)
+    recompute = cases[0].median
+    rows = [{"case": c.name, "ttft_p50_ms": round(c.median * 1e3, 2), "speedup_vs_recompute": round(recompute / c.median, 2),
+             "ttft_ms": [round(t * 1e3, 2) for t in c.ttft_s], "note": c.note} for c in cases]
+    (log_dir / "ttft.json").write_text(json.dumps(rows, indent=2))
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"kvbm bench ttft: {prefix_tokens}-token prefix + {suffix_tokens} new tokens, "
+                        f"{trials} trials, G1 {g1_blocks} blocks of {block_size} tokens")
+    for col in ("case", "TTFT p50 (ms)", "speedup vs recompute", "trials (ms)", "note"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["case"], f"{r['ttft_p50_ms']:.1f}", f"{r['speedup_vs_recompute']:.2f}x",
+                      " ".join(f"{t:.0f}" for t in r["ttft_ms"]), r["note"])
+    Console().print(table)
+    print(f"logs and ttft.json in {log_dir}")
