@@ -43,7 +43,10 @@ class BlockPool:
             raise ValueError(f"num_slots must be >= 0, got {num_slots}")
         self.tier = tier
         self.num_slots = num_slots
-        self._free: list[int] = list(range(num_slots - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+        # Slots never used are handed out by a counter (0, 1, 2, ...), so a pool of any size costs nothing
+        # until it fills; slots given back go on the _free list and are reused first.
+        self._fresh = 0
+        self._free: list[int] = []
         self._slot: dict[BlockHash, int] = {}
         self._pending: set[BlockHash] = set()
         self._pins: dict[BlockHash, int] = {}
@@ -58,7 +61,7 @@ class BlockPool:
     @property
     def num_free(self) -> int:
         """Slots holding no block."""
-        return len(self._free)
+        return len(self._free) + self.num_slots - self._fresh
 
     @property
     def num_evictable(self) -> int:
@@ -77,7 +80,7 @@ class BlockPool:
 
     def can_allocate(self, n: int = 1) -> bool:
         """True when `n` new blocks fit, counting evictable blocks."""
-        return len(self._free) + len(self._lru) >= n
+        return self.num_free + len(self._lru) >= n
 
     def allocate(self, block_hash: BlockHash) -> Allocation:
         """A pending, pinned slot for a new block; evicts the least recent ready block when none is free."""
@@ -86,6 +89,8 @@ class BlockPool:
         evicted = None
         if self._free:
             slot = self._free.pop()
+        elif self._fresh < self.num_slots:
+            slot, self._fresh = self._fresh, self._fresh + 1
         elif self._lru:
             evicted, _ = self._lru.popitem(last=False)
             slot = self._slot.pop(evicted)
@@ -146,7 +151,8 @@ class BlockPool:
         slots = list(self._slot.values())
         assert len(slots) == len(set(slots)), "a slot holds two blocks"
         assert not set(slots) & set(self._free), "a used slot is also free"
-        assert len(slots) + len(self._free) == self.num_slots, "slots lost or invented"
+        assert all(s < self._fresh for s in list(slots) + self._free), "a slot handed out twice"
+        assert len(slots) + self.num_free == self.num_slots, "slots lost or invented"
         assert all(0 <= s < self.num_slots for s in slots), "slot out of range"
         assert self._pending <= set(self._slot), "pending block without a slot"
         assert set(self._pins) <= set(self._slot), "pinned block without a slot"
