@@ -57,6 +57,9 @@ ENV_VARS: tuple[EnvVar, ...] = (
            "address the metrics endpoint binds (0.0.0.0 to expose it)", "host"),
     EnvVar("DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER", "disable_disk_offload_filter", "false",
            "offload every block evicted from CPU to disk (no SSD-lifespan frequency filter)", "bool"),
+    EnvVar("DYN_KVBM_LAYERWISE", "layerwise", "true",
+           "GPU engines: onboard host (G2) hits layer by layer, overlapped with the forward that uses them, and "
+           "offload per layer (needs PIECEWISE CUDA graphs); false = whole-request transfers only", "bool"),
     EnvVar("DYN_KVBM_REMOTE_URL", "remote_url", None,
            "shared tier (G4) store: redis://[user:pass@]host:port/db, rediss:// (TLS), or file:///shared/dir; "
            "needs a CPU tier", "url"),
@@ -153,6 +156,7 @@ class KvbmConfig(BaseModel):
     metrics_port: int = 6880
     metrics_host: str = "127.0.0.1"
     disable_disk_offload_filter: bool = False
+    layerwise: bool = True
     remote_url: str | None = None
     remote_cache_gb: float | None = None
     remote_secret: SecretStr | None = None

@@ -107,10 +107,14 @@ class KvbmLeader:
         self.world_size = world_size
         self.ranks = frozenset(range(world_size))
         self.detach_cascades = False
+        # GPU engines: a host (G2) hit of at least this many blocks is onboarded layer by layer within the step
+        # that runs the request (LoadSpec.layerwise); None = every load is asynchronous (CPU engines, disk hits).
+        self.layerwise_min_blocks: int | None = None
         self.stats = LeaderStats()
         self.disk_lost: str | None = None
         self._reqs: dict[str, _Request] = {}
-        self._lookups: dict[str, tuple[int, int, int]] = {}  # req_id -> (engine tokens, matched tokens, queried blocks)
+        # req_id -> (engine tokens, matched tokens, queried blocks, load layer-wise)
+        self._lookups: dict[str, tuple[int, int, int, bool]] = {}
         self._loads: list[LoadSpec] = []
         self._stores: list[StoreSpec] = []
         self._fences: dict[str, tuple[str, ...]] = {}
@@ -155,11 +159,21 @@ class KvbmLeader:
         start = num_computed_tokens // self.block_size
         usable = max(0, (num_tokens - 1) // self.block_size)
         n = 0
+        layerwise = False
         queried = max(0, min(usable, len(block_hashes)) - start)
         if queried:
-            n = len(self.manager.match(block_hashes[start:usable])) * self.block_size
-        self._lookups[req_id] = (num_computed_tokens, n, queried)
+            locs = self.manager.match(block_hashes[start:usable])
+            n = len(locs) * self.block_size
+            layerwise = (self.layerwise_min_blocks is not None and len(locs) >= self.layerwise_min_blocks
+                         and all(loc.tier is Tier.G2 for loc in locs))
+        self._lookups[req_id] = (num_computed_tokens, n, queried, layerwise)
         return n
+
+    def load_is_async(self, req_id: str) -> bool:
+        """How the last lookup's tokens load: False = layer-wise, in the step that runs the request (a GPU
+        engine and a host hit long enough to pay); True = asynchronously, the request waits for the load."""
+        lookup = self._lookups.get(req_id)
+        return lookup is None or not lookup[3]
 
     # ---- planning ------------------------------------------------------------------------------------------
 
@@ -177,7 +191,7 @@ class KvbmLeader:
                 return self._unexpected_alloc(req_id, block_hashes, block_ids, num_external_tokens)
             req = self._reqs[req_id] = _Request(req_id, block_hashes, block_ids=list(block_ids))
             return AllocResult()
-        num_computed, num_matched, queried = lookup
+        num_computed, num_matched, queried, layerwise = lookup
         start = num_computed // self.block_size
         if req is None or req.state is ReqState.PREEMPTED:
             if req is None:
@@ -201,7 +215,9 @@ class KvbmLeader:
         if log.isEnabledFor(logging.DEBUG):
             log.debug("onboarding %d blocks for %s after %d engine hits: %s%s", len(moves), req_id, start,
                       [(m.block_id, m.tier.value, m.slot) for m in moves], f", {len(missing)} evicted" if missing else "")
-        self._plan_load(req, moves, missing, locs)
+        # the lookup's answer is binding: vLLM runs a layer-wise request in this step (what could not be
+        # pinned is reported missing and recomputed)
+        self._plan_load(req, moves, missing, locs, layerwise)
         return AllocResult(n_host * self.block_size, (len(locs) - n_host) * self.block_size, list(missing))
 
     def _unexpected_alloc(self, req_id: str, block_hashes: Sequence, block_ids: Sequence[int],
@@ -218,11 +234,16 @@ class KvbmLeader:
         self._plan_load(req, [], missing, [])
         return AllocResult(unavailable_block_ids=list(missing))
 
-    def _plan_load(self, req: _Request, moves: list[BlockMove], missing: list[int], locs: list[Location]) -> None:
+    def _plan_load(self, req: _Request, moves: list[BlockMove], missing: list[int], locs: list[Location],
+                   layerwise: bool = False) -> None:
+        """A layer-wise load runs within the request's next step (the request is RUNNING at once; its job
+        stays in flight, pinning the host blocks, until every rank reported it); any other load parks the
+        request until every rank finished it."""
         job_id = f"load:{req.req_id}:{next(self._ids)}"
         self._jobs[job_id] = _Job("load", req.req_id, locs)
-        self._loads.append(LoadSpec(req.req_id, job_id, moves, list(missing)))
-        req.state, req.load_job = ReqState.WAITING_FOR_LOAD, job_id
+        self._loads.append(LoadSpec(req.req_id, job_id, moves, list(missing), layerwise))
+        req.state = ReqState.RUNNING if layerwise else ReqState.WAITING_FOR_LOAD
+        req.load_job = job_id
 
     def on_scheduled(self, req_id: str, block_ids: Sequence[int] | None, num_computed_after: int,
                      replace: bool = False) -> None:

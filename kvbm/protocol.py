@@ -70,6 +70,9 @@ class LoadSpec:
     job_id: str
     moves: list[BlockMove]
     unavailable_block_ids: list[int] = field(default_factory=list)  # cannot be loaded: the engine recomputes
+    # Layer-wise: the request runs in this very step; the worker copies layer i before layer i's attention
+    # (host hits only, on GPU engines). Otherwise asynchronous: the request waits for "finished receiving".
+    layerwise: bool = False
 
 
 @dataclass

@@ -10,6 +10,7 @@ Operations:
   handshake(block_size)                    this rank's geometry for the leader's start-up check
   fence(plan)                              wait for the jobs reading preempted requests' blocks (only those)
   start_loads(plan) / start_stores(plan)   submit the step's onboards and offloads; note its releases
+  wait_layer(name) / save_layer(name)      layer-wise loads and stores of this step (GPU engines), per layer
   poll()                                   what finished: finished sending/receiving, failed blocks, a report
   close()
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -26,7 +28,7 @@ from kvbm.errors import StorageError
 from kvbm.mechanism import DiskTier, HostTier, KVLayout, OffloadJob, OnboardJob, TransferEngine
 from kvbm.mechanism.fileio import PosixDiskIO
 from kvbm.mechanism.transfer import JobResult
-from kvbm.protocol import Handshake, JobOutcome, StepPlan, WorkerReport
+from kvbm.protocol import Handshake, JobOutcome, LoadSpec, StepPlan, Tier, WorkerReport
 
 log = logging.getLogger("kvbm.worker")
 
@@ -96,10 +98,18 @@ class KvbmWorker:
         self._local: list[JobResult] = []  # jobs answered without the engine (tiers not registered)
         self._load_errors: set[int] = set()
         self._warned_unregistered = False
+        # Layer-wise transfers (GPU engines): the copier, layer name -> index, this step's loads and stores,
+        # and the layer-wise jobs whose copies are still in flight on kvbm's streams (job id -> handle, result).
+        self.layerwise = None
+        self._layer_index: dict[str, int] = {}
+        self._step_loads: list = []
+        self._step_stores: list[tuple[str, object, JobResult]] = []
+        self._lw_open: dict[str, tuple[object, JobResult, float]] = {}
 
     # ---- start-up ------------------------------------------------------------------------------------------
 
-    def register(self, layout: KVLayout, host_slots: int, disk_slots: int, fingerprint: bytes) -> None:
+    def register(self, layout: KVLayout, host_slots: int, disk_slots: int, fingerprint: bytes,
+                 layer_names: list[str] | None = None) -> None:
         """Allocate this rank's tiers for `layout` (the host tier pre-faulted within the init timeout). A disk
         tier that cannot be created is left out, with a warning; the leader then plans no disk work at all."""
         timeout = self.config.leader_worker_init_timeout_secs
@@ -114,6 +124,11 @@ class KvbmWorker:
                 self.disk_error = str(exc)
                 log.warning("kvbm: disk tier disabled, serving goes on with host memory only: %s", exc)
         self.engine = TransferEngine(layout, host, disk)
+        if layout.device.type == "cuda" and self.config.layerwise:
+            from kvbm.mechanism.layerwise import LayerwiseCopier
+
+            self.layerwise = LayerwiseCopier(layout, host)
+        self._layer_index = {name: i for i, name in enumerate(layer_names or ())}
         self.host_slots, self.disk_slots = host_slots, disk_slots
         log.info("kvbm worker %d: G2 %d blocks (%.2f GB)%s", self.rank, host_slots, host.nbytes / 1e9,
                  f", G3 {disk_slots} blocks at {disk.path} ({disk.nbytes / 1e9:.2f} GB)" if disk else "")
@@ -123,6 +138,11 @@ class KvbmWorker:
         block_bytes = self.engine.layout.block_bytes if self.engine is not None else 0
         return Handshake(self.rank, self.world_size, block_size, block_bytes, self.host_slots, self.disk_slots,
                          self.disk_error)
+
+    @property
+    def layerwise_enabled(self) -> bool:
+        """True when host hits can be onboarded layer by layer here (a GPU engine cache, DYN_KVBM_LAYERWISE)."""
+        return self.layerwise is not None
 
     @property
     def has_disk(self) -> bool:
@@ -135,6 +155,8 @@ class KvbmWorker:
         """Blocks of preempted requests are about to be reused: wait for the jobs that still read or write
         them, and for nothing else (other requests' stores and every disk write go on)."""
         jobs = {job for ids in plan.fences.values() for job in ids}
+        for job in jobs & set(self._lw_open):
+            self._lw_open[job][0].synchronize()
         if jobs and self.engine is not None:
             self.engine.wait_jobs(jobs)
 
@@ -151,8 +173,11 @@ class KvbmWorker:
         for spec in plan.loads:
             if not self._accepted.add(spec.job_id):
                 continue  # a plan delivered twice: the job runs once
-            self._load_req[spec.job_id] = spec.req_id
             self._load_errors.update(spec.unavailable_block_ids)
+            if spec.layerwise and self.engine is not None:
+                self._start_layerwise_load(spec)
+                continue
+            self._load_req[spec.job_id] = spec.req_id
             if self.engine is None:
                 self._unregistered()
                 self._local.append(JobResult(spec.job_id, "onboard", error="tiers not registered",
@@ -161,10 +186,57 @@ class KvbmWorker:
                 continue
             self.engine.submit_onboard(OnboardJob(spec.job_id, spec.moves))
             self._loads_this_step = True
+        if self.layerwise is not None:
+            for spec in plan.stores:  # stores without cascades move per layer, behind the forward's layers
+                if not spec.cascades and spec.stores and self._accepted.add(spec.job_id):
+                    handle = self.layerwise.start_store([m.block_id for m in spec.stores], [m.slot for m in spec.stores])
+                    result = JobResult(spec.job_id, "offload", {"g1_g2": len(spec.stores), "g2_g3": 0},
+                                       len(spec.stores) * self.engine.layout.block_bytes)
+                    self._step_stores.append((spec.job_id, handle, result))
+
+    def _start_layerwise_load(self, spec: LoadSpec) -> None:
+        """The request runs in this step: its host blocks move per layer (wait_layer orders each layer's
+        attention behind its copy). Without a copier, or for a block not in host memory, the load runs here
+        and now, before the forward (correct, only slower)."""
+        moves = list(spec.moves)
+        nbytes = len(moves) * self.engine.layout.block_bytes
+        if self.layerwise is not None and all(m.tier is Tier.G2 for m in moves):
+            handle = self.layerwise.start_load([m.block_id for m in moves], [m.slot for m in moves])
+            self._step_loads.append(handle)
+            self._lw_open[spec.job_id] = (handle, JobResult(spec.job_id, "onboard", {"g2_g1": len(moves), "g3_g1": 0},
+                                                            nbytes), time.perf_counter())
+            return
+        result = self.engine.run_onboard(OnboardJob(spec.job_id, moves))
+        if self.engine.cuda is not None:
+            import torch
+
+            torch.cuda.synchronize(self.engine.layout.device)
+        self._load_errors.update(result.failed_block_ids)
+        self._local.append(result)
+
+    def wait_layer(self, layer_name: str) -> None:
+        """Before layer `layer_name`'s attention: its pages of this step's layer-wise loads are in place (the
+        compute stream waits on the GPU; the host thread does not block)."""
+        if self._step_loads:
+            i = self._layer_index.get(layer_name)
+            for load in self._step_loads:
+                load.wait_layer(i) if i is not None else load.wait_all()
+
+    def save_layer(self, layer_name: str) -> None:
+        """After layer `layer_name`'s attention wrote its KV: copy that layer of this step's stores out."""
+        if self._step_stores:
+            i = self._layer_index.get(layer_name)
+            if i is not None:
+                for _, store, _ in self._step_stores:
+                    store.save_layer(i)
 
     def start_stores(self, plan: StepPlan) -> None:
-        """Submit the step's offloads (call after the forward wrote the blocks' KV)."""
+        """Submit the step's offloads (call after the forward wrote the blocks' KV, every step): layer-wise
+        stores save the layers no hook saved; the others go to the transfer engine."""
         self._note(plan)
+        for job_id, store, result in self._step_stores:
+            self._lw_open[job_id] = (store.finish(), result, time.perf_counter())
+        self._step_stores, self._step_loads = [], []
         for spec in plan.stores:
             if not self._accepted.add(spec.job_id):
                 continue
@@ -193,6 +265,11 @@ class KvbmWorker:
             self.engine.wait(self.load_wait_s, kind="onboard")
             self._loads_this_step = False
         results, self._local = self._local + (self.engine.get_finished() if self.engine is not None else []), []
+        for job_id, (handle, result, t0) in list(self._lw_open.items()):
+            if handle.query():
+                del self._lw_open[job_id]
+                result.seconds = time.perf_counter() - t0
+                results.append(result)
         for result in results:
             report.jobs[result.job_id] = JobOutcome(frozenset({self.rank}), result.failed_hashes,
                                                     result.failed_block_ids, result.nbytes, result.seconds,
@@ -210,7 +287,7 @@ class KvbmWorker:
             report.disk_lost[self.rank] = self.disk_error
             self._disk_reported = True
         for req_id, job_ids in list(self._releases.items()):
-            if self.engine is None or not any(self.engine.is_open(j) for j in job_ids):
+            if self.engine is None or not any(self.engine.is_open(j) or j in self._lw_open for j in job_ids):
                 del self._releases[req_id]
                 if self._released.add(req_id):
                     out.finished_sending.add(req_id)
@@ -220,6 +297,12 @@ class KvbmWorker:
 
     def close(self) -> None:
         """Finish in-flight jobs and release the tiers (the disk cache file is removed)."""
+        for handle, _, _ in self._lw_open.values():
+            handle.synchronize()
+        self._lw_open.clear()
+        if self.layerwise is not None:
+            self.layerwise.close()
+            self.layerwise = None
         if self.engine is not None:
             self.engine.close()
             self.engine = None

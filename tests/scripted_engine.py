@@ -102,7 +102,7 @@ class ScriptedEngine:
     """vLLM's scheduler side plus `world_size` workers, one step at a time."""
 
     def __init__(self, tmp_path, world_size: int = 1, num_blocks: int = 24, host_slots: int = 8,
-                 disk_slots: int = 16, seed: int = 0, num_prefixes: int = 4):
+                 disk_slots: int = 16, seed: int = 0, num_prefixes: int = 4, layerwise_min_blocks: int | None = None):
         self.rng = random.Random(seed)
         self.world_size = world_size
         self.num_blocks = num_blocks
@@ -122,6 +122,11 @@ class ScriptedEngine:
             block_bytes = layout.block_bytes
         self.leader = KvbmLeader(TierManager(host_slots, disk_slots, AdmitAll()), BS, block_bytes, world_size)
         self.leader.check_handshake({r: w.handshake(BS) for r, w in enumerate(self.workers)})
+        # the GPU engines' protocol: host hits of at least this many blocks load within the step that runs the
+        # request (on CPU the worker moves them before the forward; the protocol is the same)
+        self.leader.layerwise_min_blocks = layerwise_min_blocks
+        self.sync_checks: list[tuple[str, int]] = []  # (request, loaded blocks) to check after this step's loads
+        self.num_sync_loads = 0
         self.free = list(range(1, num_blocks))  # block 0 is vLLM's null block
         self.requests: dict[str, Req] = {}
         self.waiting: deque[str] = deque()
@@ -234,12 +239,18 @@ class ScriptedEngine:
                 budget -= 1
                 hashes = req.hashes
                 n_ext = self.leader.num_matched_tokens(req_id, hashes, 0, len(req.tokens))
+                is_async = self.leader.load_is_async(req_id)
+                assert not (is_async is False and n_ext == 0), "a layer-wise answer with nothing to load"
                 got = self._alloc(-(-len(req.tokens) // BS))
                 if got is None:
                     continue
                 req.block_ids = got
                 self.leader.on_alloc(req_id, hashes, req.block_ids, n_ext)
-                if n_ext:
+                if n_ext and not is_async:  # vLLM runs it now, its KV loaded within this step
+                    req.num_computed = n_ext
+                    self.sync_checks.append((req_id, n_ext // BS))
+                    self.num_sync_loads += 1
+                elif n_ext:
                     self.waiting.remove(req_id)
                     req.status, req.num_computed, req.ext_blocks = "WAITING_FOR_REMOTE_KVS", n_ext, n_ext // BS
                     continue
@@ -292,6 +303,14 @@ class ScriptedEngine:
                 for i in range(req.num_computed // BS, -(-(req.num_computed + n) // BS)):
                     self.caches[rank].write(req.block_ids[i], hashes[i] if i < len(hashes) else None)
             worker.start_loads(mine)
+            for req_id, n in self.sync_checks:  # a layer-wise load is in place before the forward reads it
+                req = self.requests[req_id]
+                bad = set(worker._load_errors)
+                for i in range(n):
+                    if req.block_ids[i] not in bad:
+                        assert self.caches[rank].holds(req.block_ids[i], req.hashes[i]), \
+                            f"{req_id}: layer-wise block {i} (engine block {req.block_ids[i]}) wrong on rank {rank}"
+                self.num_loaded_blocks += n
             worker.start_stores(mine)
             if faults.duplicate_plan:
                 again = pickle.loads(wire)
@@ -305,6 +324,7 @@ class ScriptedEngine:
         while self.late and self.late[0][0] <= self.step_no:
             _, rank, result = self.late.popleft()
             outputs.append((rank, result))
+        self.sync_checks = []
         self._update_from_output(outputs, scheduled, faults)
         return plan
 

@@ -20,7 +20,17 @@ from kvbm.errors import KvbmError
 from kvbm.leader import KvbmLeader, ReqState
 from kvbm.policy import TierManager
 from kvbm.protocol import Handshake, JobOutcome, StepPlan, WorkerReport
+from kvbm.mechanism.transfer import JobResult
+from kvbm.worker import KvbmWorker
 from scripted_engine import BS, Faults, ScriptedEngine
+
+
+class _Done:
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
 
 STEP = st.fixed_dictionaries({
     "add": st.integers(0, 2),
@@ -270,3 +280,45 @@ def test_handshake_mismatch_names_the_cause():
         leader.check_handshake({0: good})
     leader.check_handshake({0: good, 1: Handshake(1, 2, 16, 4096, 100, 10, disk_error="no space")})
     assert leader.disk_lost == "rank 1: no space" and leader.manager.disk is None
+
+
+# ---- layer-wise loads (GPU engines): the request runs in the step that loads it ------------------------------
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(steps=st.lists(STEP, min_size=5, max_size=40), seed=st.integers(0, 2**16), ranks=st.sampled_from([1, 2]))
+def test_random_schedules_with_layerwise_loads(tmp_path_factory, steps, seed, ranks):
+    """The same invariants when host hits load within the step that runs the request (vLLM's synchronous
+    load: get_num_new_matched_tokens answers (n, False)), disk hits still asynchronously."""
+    run_schedule(tmp_path_factory.mktemp("lw"), steps, world_size=ranks, seed=seed, layerwise_min_blocks=1)
+
+
+def _layerwise_round(tmp_path, **kw):
+    eng = ScriptedEngine(tmp_path, world_size=2, seed=1, host_slots=16, disk_slots=0, num_prefixes=3,
+                         layerwise_min_blocks=1, **kw)
+    for _ in range(2):
+        for p in range(3):
+            req_id = eng.add_request()
+            eng.requests[req_id].tokens = list(eng.prefixes[p]) + [1500 + p] * 3
+            eng.requests[req_id].num_prompt = len(eng.requests[req_id].tokens)
+            eng.run_to_completion(req_id)
+    return eng
+
+
+def test_a_layerwise_load_runs_the_request_in_the_same_step_and_releases_its_pins(tmp_path):
+    eng = _layerwise_round(tmp_path)
+    try:
+        assert eng.num_sync_loads >= 3 and eng.leader.manager.stats.onboarded_from_host >= 3
+        eng.check_quiescent()  # the load jobs reported by both ranks: no pins left
+    finally:
+        eng.close()
+
+
+def test_the_layerwise_check_catches_a_load_that_is_not_in_place_before_the_forward(tmp_path, monkeypatch):
+    """Negative control: a worker whose layer-wise load is not in place when the forward runs (it reports the
+    job but never copied the bytes) leaves the request reading blocks without its KV; the engine sees it."""
+    def not_in_place(self, spec):  # the copy has not happened when the forward runs
+        self._lw_open[spec.job_id] = (_Done(), JobResult(spec.job_id, "onboard"), 0.0)
+
+    monkeypatch.setattr(KvbmWorker, "_start_layerwise_load", not_in_place)
+    with pytest.raises(AssertionError, match="layer-wise block"):
+        _layerwise_round(tmp_path)

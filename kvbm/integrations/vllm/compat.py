@@ -43,6 +43,12 @@ def kv_geometry(vllm_config, kv_cache_config) -> Geometry:
                     world_size=parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
 
 
+def device_type(vllm_config) -> str:
+    """The engine's device type ("cuda", "cpu", ...)."""
+    device = getattr(getattr(vllm_config, "device_config", None), "device_type", None)
+    return str(device or "cpu")
+
+
 def tp_rank() -> int:
     """This worker's tensor-parallel rank (parallel_config.rank is 0 on every rank in 0.32)."""
     try:

@@ -102,6 +102,10 @@ class KvbmConnector(KVConnectorBase_V1):
             manager = TierManager(self.host_slots, self.disk_slots, disk_filter)
             self.leader = KvbmLeader(manager, self.geometry.block_size, self.geometry.block_bytes,
                                      self.geometry.world_size)
+            if self.config.layerwise and compat.device_type(vllm_config) == "cuda":
+                from kvbm.mechanism.layerwise import MIN_LAYERWISE_BLOCKS
+
+                self.leader.layerwise_min_blocks = MIN_LAYERWISE_BLOCKS
             if self.config.metrics:
                 from kvbm.metrics import serve_metrics
 
@@ -112,6 +116,13 @@ class KvbmConnector(KVConnectorBase_V1):
         elif role == KVConnectorRole.WORKER:
             self.worker = KvbmWorker(self.config, rank=compat.tp_rank(), world_size=self.geometry.world_size)
 
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Layer-wise loads and stores run in the attention layers' hooks, which a full CUDA graph replays
+        without calling: with KVBM active and DYN_KVBM_LAYERWISE on (the default), vLLM must use PIECEWISE."""
+        config = KvbmConfig.from_env(check_paths=False)
+        return config.layerwise and config.host_requested
+
     @property
     def requires_kv_delivery(self) -> bool:
         """A cache is best effort: a dropped store is a future miss, never a reason to recompute."""
@@ -120,14 +131,15 @@ class KvbmConnector(KVConnectorBase_V1):
     # ==== scheduler side ========================================================================================
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
-        """Tokens KVBM can load beyond vLLM's own prefix hit; loaded asynchronously. No side effects on tiers."""
+        """Tokens KVBM can load beyond vLLM's own prefix hit, and whether they load asynchronously (the request
+        waits) or layer by layer in the step that runs it (GPU engines, host hits). No side effects on tiers."""
         if self.leader is None:
             return 0, False
         n = self.leader.num_matched_tokens(request.request_id, request.block_hashes, num_computed_tokens,
                                            request.num_tokens)  # a resumed request's generated blocks too
         if n and log.isEnabledFor(logging.DEBUG):
             log.debug("%s: %d tokens in vLLM's cache, %d more in KVBM", request.request_id, num_computed_tokens, n)
-        return n, n > 0
+        return n, n > 0 and self.leader.load_is_async(request.request_id)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         """Pin the matched blocks and plan their load into the blocks vLLM allocated."""
@@ -195,7 +207,7 @@ class KvbmConnector(KVConnectorBase_V1):
         fingerprint = layout.fingerprint(model=compat.model_identity(self._vllm_config),
                                          block_size=self.geometry.block_size,
                                          extra=f"rank{self.worker.rank}/{self.geometry.world_size}")
-        self.worker.register(layout, self.host_slots, self.disk_slots, fingerprint)
+        self.worker.register(layout, self.host_slots, self.disk_slots, fingerprint, layer_names=list(kv_caches))
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         """This rank's geometry, checked by the leader at start-up."""
@@ -216,21 +228,26 @@ class KvbmConnector(KVConnectorBase_V1):
             self.worker.fence(kv_connector_metadata.plan)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
-        """Submit this step's loads; requests wait for them (loads are asynchronous)."""
+        """Submit this step's loads (asynchronous ones: their requests wait; layer-wise ones: their requests
+        run now) and begin its layer-wise stores."""
         plan = self._plan()
         if plan is not None and not plan.empty:
             self.worker.start_loads(plan)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        """Nothing to wait for: loads are asynchronous, their requests do not run until they finish."""
+        """Layer-wise loads: this layer's attention waits (on the GPU) for its pages; nothing else waits."""
+        if self.worker is not None:
+            self.worker.wait_layer(layer_name)
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
-        """Stores are submitted once per step in wait_for_save, after the forward wrote every layer."""
+        """Layer-wise stores: this layer's pages are copied out behind its attention."""
+        if self.worker is not None:
+            self.worker.save_layer(layer_name)
 
     def wait_for_save(self) -> None:
-        """Submit this step's stores (asynchronous): the forward has written the blocks they read."""
+        """Submit this step's other stores (asynchronous): the forward has written the blocks they read."""
         plan = self._plan()
-        if plan is not None and plan.stores:
+        if plan is not None:
             self.worker.start_stores(plan)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
