@@ -73,24 +73,20 @@ def report(exc: BaseException) -> int:
 
 def run_app(app: typer.Typer) -> None:
     """Run a Typer app with standalone_mode off so errors pass through `report`; usage errors are one line."""
-    import click
-
     try:
         result = app(standalone_mode=False)
     except SystemExit:
         raise
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.UsageError as exc:
-        where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+    except (KeyboardInterrupt, typer.Abort):
+        sys.exit(report(KeyboardInterrupt()))
+    except typer.TyperException as exc:  # click's own errors (typer vendors click): bad option, missing value
+        ctx = getattr(exc, "ctx", None)
+        where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
         print(f"kvbm: usage: {exc.format_message()}{where}", file=sys.stderr)
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        print(f"kvbm: {exc.format_message()}", file=sys.stderr)
-        sys.exit(exc.exit_code)
+        sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
     except BaseException as exc:  # noqa: BLE001 - the CLI edge: everything becomes one line
-        if isinstance(exc, click.exceptions.Abort):
-            exc = KeyboardInterrupt()
         if _debug():
             raise
         sys.exit(report(exc))

@@ -23,8 +23,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -32,8 +30,9 @@ from typing import Annotated, Callable, Optional
 
 import typer
 
-from kvbm_cli._options import JsonOpt
+from kvbm_cli._options import Connector, JsonOpt, ModelOpt, PortOpt, HealthTimeoutOpt, BlockSizeOpt
 from kvbm_cli._output import err, out
+from kvbm_cli import _reaper, httpclient
 from kvbm_cli._errors import EXIT_INTERRUPTED, CheckFailed, CliError
 
 KVBM_CONNECTOR_MODULE = "kvbm.vllm_integration.connector"
@@ -41,6 +40,7 @@ KV_TRANSFER_CONFIG = json.dumps({"kv_connector": "DynamoConnector", "kv_role": "
                                  "kv_connector_module_path": KVBM_CONNECTOR_MODULE}, separators=(",", ":"))
 BYTES_PER_GB = 1_000_000_000  # as DYN_KVBM_*_GB
 DEFAULT_MAX_MODEL_LEN = 16384  # for the embedded default model
+TINY_SERVED_NAME = "kvbm-tiny"  # what requests name the embedded model (its path is accepted too)
 TINY_KV_BYTES_PER_TOKEN = 2048  # 4 layers x (K, V) x 2 KV heads x 64 x 2 bytes
 KVBM_ENV = ("DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CACHE_DIR")
 _SIZE_FLAGS = ("--kv-cache-memory-bytes", "--num-gpu-blocks-override")
@@ -84,7 +84,7 @@ class Launch:
     env_set: dict[str, str]
     env_unset: list[str]
     notes: list[str]
-    model: str
+    model: str  # what a request names: the served name (kvbm-tiny for the embedded model), else the model
     url: str
     spec: EngineSpec
 
@@ -189,6 +189,10 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
         argv += ["--max-model-len", str(max_len)]
     if spec.connector == "kvbm":
         argv += ["--kv-transfer-config", KV_TRANSFER_CONFIG]
+    served = model
+    if tiny and not any(a.split("=")[0] == "--served-model-name" for a in spec.vllm_args):
+        served = TINY_SERVED_NAME
+        argv += ["--served-model-name", served, model]  # a friendly name first; the path still works
     argv += list(spec.vllm_args)
 
     env_set: dict[str, str] = dict(spec.env)
@@ -215,7 +219,7 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     if cpu and spec.connector == "kvbm":
         _keep_cpu_reservation(environ, env_set, notes, spec.vllm_args)
     host = spec.host if spec.host not in (None, "0.0.0.0", "::") else "127.0.0.1"
-    return Launch(argv, env_set, env_unset, notes, model, f"http://{host}:{spec.port}", spec)
+    return Launch(argv, env_set, env_unset, notes, served, f"http://{host}:{spec.port}", spec)
 
 
 def _ranks(vllm_args: list[str]) -> int:
@@ -312,8 +316,9 @@ class Engine:
     """A vLLM server process group: start, wait for /health, stop. The log goes to a file and/or a callback."""
 
     def __init__(self, launch: Launch, *, log_path: Optional[Path] = None,
-                 on_line: Optional[Callable[[str], None]] = None):
+                 on_line: Optional[Callable[[str], None]] = None, die_with_parent: bool = True):
         self.launch = launch
+        self.die_with_parent = die_with_parent
         self.log_path = log_path
         self.on_line = on_line
         self.proc: Optional[subprocess.Popen] = None
@@ -324,8 +329,12 @@ class Engine:
         spec = self.launch.spec
         if port_in_use(spec.port, spec.host):
             raise CliError(f"port in use: {spec.port} already has a listener; choose another with --port")
-        self.proc = subprocess.Popen(self.launch.argv, env=self.launch.environ(), stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        # The engine's group dies with this process, even by SIGKILL: kvbm_cli._reaper heads the group and gets
+        # the parent-death signal (PR_SET_PDEATHSIG); it stops the whole group, vLLM's engine core included.
+        preexec = _reaper.die_with_parent(signal.SIGTERM, os.getpid()) if self.die_with_parent else None
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvbm_cli._reaper", *self.launch.argv],
+                                     env=self.launch.environ(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=preexec)
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
 
@@ -346,11 +355,7 @@ class Engine:
                 log.close()
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(self.launch.url + "/health", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            return False
+        return httpclient.healthy(self.launch.url)
 
     def failure(self) -> str:
         if self._reader:
@@ -439,10 +444,9 @@ def start_and_wait(engine: Engine, timeout_s: float, label: str) -> float:
 
 def serve(
     ctx: typer.Context,
-    model: Annotated[Optional[str], typer.Option(help="Model id or directory. Default: the embedded tiny model "
-                                                      "(random weights, vLLM's CPU build).")] = None,
-    connector: Annotated[str, typer.Option(help="kvbm: vLLM + KVBM (Dynamo's DynamoConnector); none: baseline.")] = "none",
-    port: Annotated[int, typer.Option(help="Engine HTTP port.")] = 8000,
+    model: ModelOpt = None,
+    connector: Annotated[Connector, typer.Option(help="kvbm: vLLM + KVBM (Dynamo's DynamoConnector); none: baseline.")] = Connector.none,
+    port: PortOpt = 8000,
     host: Annotated[Optional[str], typer.Option(help="Address to bind (vLLM's default: all).")] = None,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(
         help="GPU: fraction of GPU memory vLLM may use (weights + G1). No effect on the CPU build.",
@@ -452,7 +456,7 @@ def serve(
              "block is 256 KiB.", rich_help_panel="G1")] = None,
     gpu_cache_gb: Annotated[Optional[float], typer.Option(
         help="G1 size in GB (10^9 bytes); same as --kv-cache-memory-bytes.", rich_help_panel="G1")] = None,
-    block_size: Annotated[Optional[int], typer.Option(help="Tokens per KV block (CPU: a multiple of 32, default 128).")] = None,
+    block_size: BlockSizeOpt = None,
     enable_prefix_caching: Annotated[bool, typer.Option(
         "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM's own prefix cache in G1.")] = True,
     max_model_len: Annotated[Optional[int], typer.Option(
@@ -465,7 +469,7 @@ def serve(
         help="Directory of the disk tier: sets DYN_KVBM_DISK_CACHE_DIR.", rich_help_panel="KVBM")] = None,
     log_file: Annotated[Optional[Path], typer.Option(help="Write the engine's log here instead of streaming it "
                                                           "to stderr.", dir_okay=False)] = None,
-    health_timeout: Annotated[float, typer.Option(help="Seconds to wait for /health.")] = 600.0,
+    health_timeout: HealthTimeoutOpt = 600.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and environment; start nothing.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -475,6 +479,7 @@ def serve(
     --kv-cache-memory-bytes or --gpu-cache-gb. KVBM's tiers: --cpu-cache-gb (G2), --disk-cache-gb and
     --disk-cache-dir (G3); the DYN_KVBM_* variables already in the environment work as well.
     """
+    connector = Connector(connector).value
     spec = EngineSpec(model=model, connector=connector, port=port, host=host,
                       gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
                       gpu_cache_gb=gpu_cache_gb, block_size=block_size, enable_prefix_caching=enable_prefix_caching,

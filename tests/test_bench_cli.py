@@ -89,7 +89,7 @@ def test_serve_gpu_memory_utilization_is_passed_and_explained_on_cpu():
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--connector", "lmcache"], ["--connector must be kvbm or none"]),
+    (["--connector", "lmcache"], ["'--connector'", "'lmcache' is not one of 'kvbm', 'none'"]),
     (["--kv-cache-memory-bytes", "1000", "--gpu-cache-gb", "1"], ["not both"]),
     (["--model", "/no/such/model/dir"], ["model not found", "/no/such/model/dir"]),
     (["--block-size", "100"], ["multiple of 32"]),

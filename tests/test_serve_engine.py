@@ -45,7 +45,8 @@ def test_serve_until_sigterm_stops_the_whole_group(tiny_model_dir, tmp_path):
         ready = proc.stdout.readline()
         assert ready.startswith(f"ready: http://127.0.0.1:{port}"), (ready, proc.stderr.read() if proc.poll() else "")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as resp:
-            assert str(tiny_model_dir) in resp.read().decode()
+            models = resp.read().decode()
+        assert '"id":"kvbm-tiny"' in models.replace(" ", "") and str(tiny_model_dir) in models  # friendly name first
         assert "Application startup complete" in log.read_text() or "Starting vLLM" in log.read_text()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 130
@@ -59,6 +60,29 @@ def test_serve_until_sigterm_stops_the_whole_group(tiny_model_dir, tmp_path):
     # nothing of the engine is left: no process has the engine's port argument any more
     left = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
     assert [p for p in left if int(p) != proc.pid] == []
+
+
+def test_sigkill_of_kvbm_serve_leaves_no_engine_behind(tiny_model_dir, tmp_path):
+    """kill -9 of `kvbm serve` (no cleanup of its own can run): the engine's processes go with it."""
+    port = free_port()
+    proc = subprocess.Popen(KVBM + ["serve", "--model", str(tiny_model_dir), "--port", str(port), "--host",
+                                    "127.0.0.1", "--kv-cache-memory-bytes", str(64 * 256 * 1024), "--log-file",
+                                    str(tmp_path / "engine.log"), "--health-timeout", "240"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
+    try:
+        assert proc.stdout.readline().startswith("ready:")
+        engine = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
+        assert [p for p in engine if int(p) != proc.pid], "the engine runs"
+        proc.kill()
+        proc.wait()
+        deadline, left = time.monotonic() + 40, ["?"]
+        while left and time.monotonic() < deadline:
+            time.sleep(0.5)
+            left = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
+        assert left == [], f"engine processes {left} outlived kvbm serve"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def test_connector_import_error_is_one_line(tiny_model_dir):
