@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, TypeVar
-
-import typer
 
 from kvbm.errors import ConfigError, KvbmError, StorageError, TransferError
 
@@ -45,9 +42,6 @@ _TABLE: list[tuple[type[BaseException], str, int]] = [
     (PermissionError, "permission denied", EXIT_USAGE),
 ]
 
-F = TypeVar("F", bound=Callable)
-
-
 def _debug() -> bool:
     return os.environ.get("KVBM_DEBUG", "").lower() in ("1", "true", "yes")
 
@@ -71,8 +65,10 @@ def report(exc: BaseException) -> int:
     return EXIT_FAILED
 
 
-def run_app(app: typer.Typer) -> None:
+def run_app(app) -> None:
     """Run a Typer app with standalone_mode off so errors pass through `report`; usage errors are one line."""
+    import typer
+
     try:
         result = app(standalone_mode=False)
     except SystemExit:

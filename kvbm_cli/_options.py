@@ -56,8 +56,9 @@ class DiskIO(str, Enum):
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for tools instead of tables.")]
 ModelOpt = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Model id or local directory (a client: the served name to request). Default: the "
-    "embedded tiny model, served as kvbm-tiny (a client: the server's first model).")]
+    "--model", "-m", help="Model id, local directory or config.json (kvbm size also knows built-ins such as "
+    "Qwen/Qwen3-4B; a client: the served name to request). Default: the embedded tiny model, served as kvbm-tiny "
+    "(a client: the server's first model).")]
 UrlOpt = Annotated[str, typer.Option("--url", "-u", help="Base URL of the OpenAI-compatible server.")]
 TokenizerOpt = Annotated[Optional[str], typer.Option(
     "--tokenizer", help="Tokenizer (model dir or cached model id) for exact prompt lengths. Default: the "
@@ -76,3 +77,8 @@ NBootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same inputs, same result).")]
 BlockSizeOpt = Annotated[Optional[int], typer.Option("--block-size", help="Tokens per KV block (vLLM's CPU build: "
                                                                           "a multiple of 32, default 128).")]
+StoreUrlOpt = Annotated[Optional[str], typer.Option("--url", help="Shared-tier store (default: DYN_KVBM_REMOTE_URL): "
+                                                    "redis://[user:pass@]host:port/db, rediss://, file:///dir.")]
+MetricsUrlsOpt = Annotated[Optional[list[str]], typer.Option(
+    "--url", "-u", help="A /metrics URL or host:port, repeatable. Default: vLLM on 127.0.0.1:8000 and KVBM on "
+    "127.0.0.1:$DYN_KVBM_METRICS_PORT (6880).")]

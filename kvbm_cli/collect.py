@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
+
+from kvbm_cli import prom
 
 COLUMNS = ("t", "source", "name", "labels", "value")
 # vLLM's metrics and KVBM's; python_*/process_* of either process are left out unless --match asks for them.
@@ -76,13 +77,8 @@ def scrape(client: httpx.Client, url: str, match: str = DEFAULT_MATCH) -> list[t
     resp = client.get(url)
     resp.raise_for_status()
     pattern = re.compile(match)
-    rows = []
-    for family in text_string_to_metric_families(resp.text):
-        for sample in family.samples:
-            if sample.name.endswith("_created") or not pattern.search(sample.name):
-                continue
-            rows.append((sample.name, format_labels(sample.labels), float(sample.value)))
-    return rows
+    return [(name, format_labels(labels), value) for name, samples in prom.parse(resp.text).items()
+            if pattern.search(name) for labels, value in samples]
 
 
 @dataclass

@@ -35,7 +35,7 @@ from rich.table import Table
 from kvbm.config import BYTES_PER_GB, ENV_VARS, KvbmConfig, check_disk_dir
 from kvbm.errors import ConfigError, StorageError
 from kvbm.mechanism import fileio
-from kvbm_cli._options import JsonOpt, group
+from kvbm_cli._options import JsonOpt, StoreUrlOpt, group
 from kvbm_cli._output import out, progress
 from kvbm_cli._errors import CheckFailed, CliError
 
@@ -280,7 +280,7 @@ def disk(
 
 @doctor_app.command("store")
 def store(
-    url: Annotated[Optional[str], typer.Option("--url", help="Shared-tier store (default: DYN_KVBM_REMOTE_URL): redis://[user:pass@]host:port/db, rediss://, file:///dir.")] = None,
+    url: StoreUrlOpt = None,
     blocks: Annotated[int, typer.Option(help="Values of each size put and read back in the throughput test.")] = 16,
     as_json: JsonOpt = False,
 ) -> None:

@@ -36,6 +36,7 @@ import typer
 from kvbm_cli._options import JsonOpt
 from kvbm_cli._output import err, out
 from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli.results import RequestRecord, measured_requests
 from kvbm_cli.stats import Statistic, bootstrap_ratio
 
 LOWER, HIGHER = "lower", "higher"
@@ -84,41 +85,24 @@ def metric_spec(name: str, direction: str | None = None) -> MetricSpec:
 METRICS = tuple(f"{b}_{s}" for b in _BASES for s in _STATS) + ("output_tokens_per_s",)
 
 
-def load_requests(run: str | os.PathLike[str]) -> list[dict[str, Any]]:
+def load_requests(run: str | os.PathLike[str]) -> list[RequestRecord]:
     """Measured requests of a run directory (or a requests.jsonl path): no warm-up, no errors."""
-    path = Path(run)
-    if path.is_dir():
-        path = path / "requests.jsonl"
-    if not path.is_file():
-        raise CliError(f"{run}: no requests.jsonl (pass a `kvbm bench ... --artifact-dir` directory)")
-    rows = []
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError:
-                raise CliError(f"{path}:{lineno}: not a JSON line") from None
-            if row.get("warmup") or row.get("error"):
-                continue
-            rows.append(row)
-    return rows
+    return measured_requests(run)
 
 
 def _num(value) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
 
 
-def samples(requests: list[dict[str, Any]], spec: MetricSpec) -> np.ndarray:
+def samples(requests: list[RequestRecord], spec: MetricSpec) -> np.ndarray:
     """The per-request values `spec` is computed on (finite ones only); (n, 2) pairs for output_tokens_per_s."""
     if spec.base == "throughput":
-        pairs = np.array([(_num(r.get("output_tokens")), _num(r.get("e2e_s"))) for r in requests], dtype=float)
+        pairs = np.array([(_num(r.output_tokens), _num(r.e2e_s)) for r in requests], dtype=float)
         pairs = pairs.reshape(-1, 2)
         return pairs[np.isfinite(pairs).all(axis=1) & (pairs[:, 1] > 0)]
     values = []
     for r in requests:
-        ttft, e2e, n_out, itl = _num(r.get("ttft_s")), _num(r.get("e2e_s")), _num(r.get("output_tokens")), r.get("itl_s") or []
+        ttft, e2e, n_out, itl = _num(r.ttft_s), _num(r.e2e_s), _num(r.output_tokens), r.itl_s or []
         if spec.base == "ttft":
             values.append(ttft)
         elif spec.base == "e2e":

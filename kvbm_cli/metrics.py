@@ -22,7 +22,7 @@ from typing import Annotated, Optional
 import typer
 
 from kvbm_cli import collect as collector
-from kvbm_cli._options import JsonOpt, group
+from kvbm_cli._options import JsonOpt, MetricsUrlsOpt, group
 from kvbm_cli._output import emit_json, err, out
 from kvbm_cli._data import data_dir
 from kvbm_cli._errors import CheckFailed, CliError
@@ -86,7 +86,7 @@ def _pid_alive(pid: int) -> bool:
 @metrics_app.command("collect")
 def collect_cmd(
     out_arg: Annotated[Path, typer.Option("--out", "-o", help="Run directory (gets metrics.csv) or a .csv path.")] = Path("."),
-    url: Annotated[Optional[list[str]], typer.Option("--url", "-u", help="A /metrics URL or host:port, repeatable. Default: vLLM on 127.0.0.1:8000 and KVBM on 127.0.0.1:$DYN_KVBM_METRICS_PORT (6880).")] = None,
+    url: MetricsUrlsOpt = None,
     interval: Annotated[float, typer.Option("--interval", "-i", help="Seconds between scrapes (the step with --prometheus).")] = 1.0,
     duration: Annotated[Optional[float], typer.Option("--duration", "-d", help="Stop after this many seconds.")] = None,
     until_file: Annotated[Optional[Path], typer.Option("--until-file", help="Stop once this file exists (e.g. the bench's summary.json).")] = None,

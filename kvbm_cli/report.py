@@ -28,6 +28,7 @@ import pandas as pd
 import typer
 
 from kvbm_cli import gate as gating
+from kvbm_cli import results
 from kvbm_cli._options import JsonOpt
 from kvbm_cli._output import out
 from kvbm_cli._errors import CliError
@@ -64,48 +65,28 @@ class Run:
     errors: int
     summary: dict[str, Any] = field(default_factory=dict)
     metrics: pd.DataFrame | None = None
-
-    @property
-    def rows(self) -> list[dict[str, Any]]:
-        return self.requests.to_dict("records")
+    rows: list = field(default_factory=list)  # the measured RequestRecords (what gate's samples() take)
 
 
 def load_run(path: str | os.PathLike[str]) -> Run:
-    """Read requests.jsonl (required), summary.json and metrics.csv (optional) of a run directory."""
-    root = Path(path)
-    req_path = root / "requests.jsonl" if root.is_dir() else root
-    if not req_path.is_file():
-        raise CliError(f"{path}: no requests.jsonl (pass `kvbm bench ... --artifact-dir` directories)")
-    root = req_path.parent
-    try:
-        frame = pd.read_json(req_path, lines=True)
-    except ValueError as exc:
-        raise CliError(f"{req_path}: not JSON lines ({str(exc).splitlines()[0]})") from None
-    if frame.empty or "ttft_s" not in frame:
-        raise CliError(f"{req_path}: no requests with ttft_s (is it a `kvbm bench` requests.jsonl?)")
-    for col, default in (("warmup", False), ("error", None), ("itl_s", None), ("start_s", np.nan),
-                         ("e2e_s", np.nan), ("output_tokens", np.nan)):
-        if col not in frame:
-            frame[col] = default
-    warm = frame["warmup"].fillna(False).astype(bool)
-    failed = frame["error"].notna() & (frame["error"].astype(str) != "")
-    measured = frame[~warm & ~failed].copy()
-    summary = {}
-    if (root / "summary.json").is_file():
-        try:
-            summary = json.loads((root / "summary.json").read_text())
-        except ValueError:
-            raise CliError(f"{root / 'summary.json'}: not JSON") from None
+    """Read requests.jsonl (required; the one reader, kvbm_cli.results), summary.json and metrics.csv."""
+    req_path = results.find_requests(path)
+    root, records = req_path.parent, results.read_requests(req_path)
+    if not records:
+        raise CliError(f"{req_path}: no requests (is it a `kvbm bench` requests.jsonl?)")
+    measured = [r for r in records if results.is_measured(r)]
+    frame = pd.DataFrame([r.model_dump() for r in measured], columns=list(results.RequestRecord.model_fields))
+    summary = json.loads((root / results.SUMMARY_FILE).read_text()) if (root / results.SUMMARY_FILE).is_file() else {}
     metrics = None
-    if (root / "metrics.csv").is_file():
-        metrics = pd.read_csv(root / "metrics.csv", keep_default_na=False, na_values=["NaN"],
+    if (root / results.METRICS_FILE).is_file():
+        metrics = pd.read_csv(root / results.METRICS_FILE, keep_default_na=False, na_values=["NaN"],
                               dtype={"labels": str, "source": str, "name": str})
         metrics["value"] = pd.to_numeric(metrics["value"], errors="coerce")
         if metrics.empty:
             metrics = None
-    name = str(summary.get("run") or (frame["run"].iloc[0] if "run" in frame and frame["run"].notna().any() else root.name))
-    return Run(root, name, measured.reset_index(drop=True), len(frame), int(warm.sum()), int((failed & ~warm).sum()),
-               summary, metrics)
+    warm = sum(r.warmup for r in records)
+    return Run(root, str(summary.get("run") or records[0].run or root.name), frame, len(records), warm,
+               sum(bool(r.error) and not r.warmup for r in records), summary, metrics, measured)
 
 
 def _unique_names(runs: list[Run]) -> None:

@@ -9,7 +9,8 @@ Operations:
   RequestRecord, Stats, Summary       pydantic models of the two files
   stats_of(values)                    mean/p50/p90/p99/min/max of a list (None fields when empty)
   summarize(records, ...)             a Summary from request records
-  write_requests / read_requests      requests.jsonl
+  write_requests / read_requests      requests.jsonl (a bad line: one CliError naming file and line)
+  measured_requests(run)              the requests gate and report count (no warm-up, no failures)
   append_request(path, record)        one line, flushed (a run that dies keeps what it measured)
   write_summary / read_summary        summary.json
   write_run / read_run                both files of one artifact dir
@@ -24,7 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvbm_cli._errors import CliError
 
 REQUESTS_FILE = "requests.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -159,13 +162,37 @@ def append_request(path: str | Path, record: RequestRecord) -> None:
 
 
 def read_requests(path: str | Path) -> list[RequestRecord]:
-    """Records of a requests.jsonl (blank lines ignored); a bad line raises pydantic's ValidationError."""
+    """Records of a requests.jsonl (blank lines ignored); a bad line is a CliError naming the file and line."""
     out = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for lineno, line in enumerate(f, 1):
             if line.strip():
-                out.append(RequestRecord.model_validate_json(line))
+                try:
+                    out.append(RequestRecord.model_validate_json(line))
+                except ValidationError as exc:
+                    e = exc.errors()[0]
+                    where = ".".join(str(x) for x in e["loc"])
+                    raise CliError(f"{path}:{lineno}: not a kvbm request record ({where}: {e['msg']})") from None
     return out
+
+
+def find_requests(run: str | Path) -> Path:
+    """The requests.jsonl of a run directory (or the path itself); CliError when there is none."""
+    path = Path(run)
+    path = path / REQUESTS_FILE if path.is_dir() else path
+    if not path.is_file():
+        raise CliError(f"{run}: no requests.jsonl (pass `kvbm bench ... --artifact-dir` directories)")
+    return path
+
+
+def is_measured(r: RequestRecord) -> bool:
+    """Neither warm-up nor failed: what statistics, gates and reports count."""
+    return not r.warmup and not r.error
+
+
+def measured_requests(run: str | Path) -> list[RequestRecord]:
+    """The measured requests of a run directory or requests.jsonl: the one reader gate and report use."""
+    return [r for r in read_requests(find_requests(run)) if is_measured(r)]
 
 
 def write_summary(path: str | Path, summary: Summary) -> None:

@@ -23,15 +23,18 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
 import typer
 
+from kvbm_cli.bench.common import Keys
 from kvbm_cli._options import Connector, JsonOpt, ModelOpt, PortOpt, HealthTimeoutOpt, BlockSizeOpt
 from kvbm_cli._output import err, out
+from pydantic import Field
+
 from kvbm_cli import _reaper, httpclient
 from kvbm_cli._errors import EXIT_INTERRUPTED, CheckFailed, CliError
 
@@ -55,8 +58,7 @@ def vllm_is_cpu_build() -> bool:
         return False
 
 
-@dataclass
-class EngineSpec:
+class EngineSpec(Keys):
     """One engine configuration; field names follow the `kvbm serve` options (and scenario YAML keys)."""
 
     model: Optional[str] = None
@@ -72,8 +74,8 @@ class EngineSpec:
     cpu_cache_gb: Optional[float] = None
     disk_cache_gb: Optional[float] = None
     disk_cache_dir: Optional[str] = None
-    vllm_args: list[str] = field(default_factory=list)
-    env: dict[str, str] = field(default_factory=dict)
+    vllm_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
 
 
 @dataclass
@@ -304,6 +306,13 @@ def port_in_use(port: int, host: Optional[str]) -> bool:
         except OSError:
             return True
     return False
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 # --- the process ------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from kvbm import sizing
 from kvbm.config import BYTES_PER_GB, KvbmConfig
-from kvbm_cli._options import JsonOpt
+from kvbm_cli._options import JsonOpt, ModelOpt
 from kvbm_cli._output import err, out
 from kvbm_cli._errors import CliError
 from kvbm_cli._models import load_model_config
@@ -28,7 +28,6 @@ DEFAULT_MFU = 0.44
 # Disk read bandwidth when neither given nor measured: the H100 machine's disk with O_DIRECT (DESIGN.md 4).
 DEFAULT_DISK_READ_GBPS = 1.8
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Local model dir or config.json, HF id in the local HF cache, or a built-in (e.g. Qwen/Qwen3-4B); default: the embedded tiny model.")]
 
 
 def read_doctor_json(path: Path) -> float:

@@ -1,7 +1,8 @@
-"""Statistics for reports and gates, numpy only: quantiles, ECDFs and bootstrap confidence intervals of ratios.
+"""Statistics for reports and gates (numpy, scipy): quantiles, ECDFs and bootstrap confidence intervals of ratios.
 
 Operations:
-  hd_weights(n, p)                  Harrell-Davis weights: the p-quantile as a weighted sum of order statistics
+  hd_weights(n, p)                  Harrell-Davis weights (scipy.special.betainc): the p-quantile as a weighted
+                                    sum of order statistics; quantile() equals scipy.stats.mstats.hdquantiles
   quantile(x, p, method=)           one quantile ("hd" Harrell-Davis, or "sample" as numpy computes it)
   summary(x)                        mean, p50, p90, p99, min, max, n of a sample
   ecdf(x)                           sorted values and cumulative probabilities, for CDF plots
@@ -17,57 +18,17 @@ so the same inputs always give the same interval.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the regularized incomplete beta (modified Lentz)."""
-    tiny, eps = 1e-300, 3e-16
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c
-        c = c if abs(c) > tiny else tiny
-        delta = d * c
-        h *= delta
-        if abs(delta - 1.0) < eps:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b) for a, b > 0 and 0 <= x <= 1."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+from scipy.special import betainc
 
 
 @lru_cache(maxsize=256)
-def _hd_weights(n: int, p: float) -> tuple[float, ...]:
-    a, b = p * (n + 1), (1.0 - p) * (n + 1)
-    cdf = [betainc(a, b, i / n) for i in range(n + 1)]
-    return tuple(cdf[i + 1] - cdf[i] for i in range(n))
+def _hd_weights(n: int, p: float) -> np.ndarray:
+    cdf = betainc(p * (n + 1), (1.0 - p) * (n + 1), np.arange(n + 1) / n)  # scipy's regularized incomplete beta
+    return np.diff(cdf)
 
 
 def hd_weights(n: int, p: float) -> np.ndarray:
@@ -76,7 +37,7 @@ def hd_weights(n: int, p: float) -> np.ndarray:
         raise ValueError("need at least one value")
     if not 0.0 < p < 1.0:
         raise ValueError(f"quantile {p} is not strictly between 0 and 1")
-    return np.asarray(_hd_weights(int(n), float(p)))
+    return _hd_weights(int(n), float(p)).copy()
 
 
 def quantile(x, p: float, method: str = "hd") -> float:

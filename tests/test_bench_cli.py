@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from kvbm_cli import prom
 from kvbm_cli.bench import compare
 from kvbm_cli.bench.drivers import import_aiperf
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, make_requests
@@ -176,9 +177,9 @@ def test_too_short_prefix_names_the_template(tok):
 @pytest.mark.parametrize("args, code, needles", [
     (["--concurrency", "2", "--request-rate", "1"], 2, ["--concurrency or --request-rate"]),
     (["--prefix-prompt-length", "100"], 2, ["go together"]),
-    (["--endpoint-type", "embeddings"], 2, ["--endpoint-type must be chat or completions"]),
+    (["--endpoint-type", "embeddings"], 2, ["'--endpoint-type'", "'chat', 'completions'"]),
     (["--driver", "genai-perf"], 2, ["perf_analyzer", "PyPI"]),
-    (["--driver", "vegeta"], 2, ["--driver must be"]),
+    (["--driver", "vegeta"], 2, ["'--driver'", "'native', 'aiperf', 'genai-perf'"]),
     (["--url", "http://127.0.0.1:9"], 1, ["no OpenAI-compatible server at http://127.0.0.1:9"]),
 ])
 def test_prefix_reuse_errors(tmp_path, args, code, needles):
@@ -234,8 +235,10 @@ def test_shipped_scenarios_load():
     ("name: x\nworkload: {type: prefix-reuse}\nconfigs: [{name: a}]\n", "at least two configs"),
     ("name: x\nworkload: {type: chat}\nconfigs: [{name: a}, {name: b}]\n", "prefix-reuse or multi-round"),
     ("name: x\nworkload: {type: prefix-reuse, prefix-length: 5}\nconfigs: [{name: a}, {name: b}]\n",
-     "unknown keys: prefix-length"),
-    ("name: x\nworkload: {type: prefix-reuse}\nconfigs: [{name: a}, {name: b, cpu-gb: 1}]\n", "unknown keys: cpu-gb"),
+     "workload.prefix-length: unknown key"),
+    ("name: x\nworkload: {type: prefix-reuse}\nconfigs: [{name: a}, {name: b, cpu-gb: 1}]\n", "configs (b).cpu-gb: unknown key"),
+    ("name: x\nworkload: {type: prefix-reuse, request-count: lots}\nconfigs: [{name: a}, {name: b}]\n",
+     "workload.request-count: Input should be a valid integer"),
     ("name: x\nworkload: {type: prefix-reuse}\nconfigs: [{name: a}, {name: a}]\n", "unique"),
     ("name: [x\n", "not valid YAML"),
     ("workload: {type: prefix-reuse}\nconfigs: []\n", "name"),
@@ -257,10 +260,10 @@ def test_histogram_quantiles_as_prometheus_estimates_them():
         vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 20.0
         vllm:prefix_cache_hits_total{engine="0",model_name="m"} 256.0
         """)
-    m = compare.parse_prometheus(text)
+    m = prom.parse(text)
     d = compare.metrics_delta({}, m)
     t = d["vllm:time_to_first_token_seconds"]
     assert (t["count"], t["sum"], t["mean"]) == (20.0, 1.2, 0.06)
     assert t["p50"] == pytest.approx(0.05) and t["p90"] == pytest.approx(0.09)
     assert d["vllm:prefix_cache_hits"] == 256.0
-    assert compare.histogram_quantile(0.25, [(0.01, 0), (0.05, 10), (0.1, 20)]) == pytest.approx(0.03)
+    assert prom.histogram_quantile(0.25, [(0.01, 0), (0.05, 10), (0.1, 20)]) == pytest.approx(0.03)

@@ -22,7 +22,7 @@ def test_transfer_bench_bad_input_is_one_line():
     assert out.exit_code == 2 and "--dir /nonexistent/kvbm is not a directory" in out.stderr
     assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
     out = run_kvbm("bench", "transfer", "--io", "tape")
-    assert out.exit_code == 2 and "choose posix or nixl" in out.stderr
+    assert out.exit_code == 2 and "'tape' is not one of 'posix', 'nixl'" in out.stderr
 
 
 def test_ttft_bench_bad_input_is_one_line(tmp_path):

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from kvbm_cli.bench.compare import parse_prometheus
+from kvbm_cli.prom import parse as parse_prometheus
 from kvbm_cli.results import read_run
 from kvbm_runner import run_kvbm
 from vllm_server import vllm_server

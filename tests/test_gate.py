@@ -16,6 +16,14 @@ from kvbm_runner import run_kvbm
 SEEDS = 400
 
 
+@pytest.mark.parametrize("n,p", [(2, 0.5), (7, 0.1), (30, 0.5), (30, 0.9), (200, 0.99)])
+def test_harrell_davis_equals_scipys(n, p):
+    from scipy.stats.mstats import hdquantiles
+
+    x = np.random.default_rng(n).lognormal(0, 0.5, n)
+    assert quantile(x, p) == pytest.approx(float(hdquantiles(x, prob=[p])[0]), rel=1e-12)
+
+
 def test_incomplete_beta_matches_closed_forms():
     for x in (0.0, 0.1, 0.37, 0.5, 0.9, 1.0):
         assert betainc(1, 1, x) == pytest.approx(x, abs=1e-12)            # uniform
@@ -99,8 +107,11 @@ def test_a_change_inside_the_tolerance_is_not_a_regression_even_when_significant
 
 
 def test_metric_specs_and_samples_from_request_rows():
-    rows = [{"ttft_s": 0.1, "e2e_s": 1.1, "output_tokens": 11, "itl_s": [0.1] * 10},
-            {"ttft_s": None, "e2e_s": 2.0, "output_tokens": 0, "itl_s": []}]
+    from kvbm_cli.results import RequestRecord
+
+    common = {"run": "r", "workload": "prefix-reuse", "start_s": 0.0, "input_tokens": 1}
+    rows = [RequestRecord(request_id="a", ttft_s=0.1, e2e_s=1.1, output_tokens=11, itl_s=[0.1] * 10, **common),
+            RequestRecord(request_id="b", ttft_s=None, e2e_s=2.0, output_tokens=0, itl_s=[], **common)]
     assert list(gate.samples(rows, gate.metric_spec("ttft_p50"))) == [0.1]
     assert gate.samples(rows, gate.metric_spec("tpot_mean"))[0] == pytest.approx(0.1)
     assert gate.samples(rows, gate.metric_spec("output_tokens_per_s")).shape == (2, 2)

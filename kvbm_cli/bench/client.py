@@ -4,7 +4,6 @@ Operations:
   RequestSpec                         one request to send (prompt or messages, max tokens, labels)
   send(client, url, model, spec)      stream it; RequestRecord (TTFT, inter-token latencies, e2e, tokens, error)
   run_requests(specs, ...)            send with a concurrency limit or at a request rate, with a progress bar
-  server_model(url)                   the first model id the server lists
   progress_bar(disable)               rich progress on stderr (terminal only)
 """
 
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,8 +18,8 @@ from typing import Any, Optional
 
 import httpx
 
-from kvbm_cli._output import err
-from kvbm_cli._errors import CliError
+from kvbm_cli._output import progress
+from kvbm_cli import httpclient
 from kvbm_cli.results import RequestRecord
 
 
@@ -143,16 +141,10 @@ async def send(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpe
 
 def progress_bar(disable: bool = False):
     """A request-counting progress bar on stderr (only on a terminal)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TextColumn("{task.fields[note]}"), console=err(), transient=True,
-                    disable=disable or not sys.stderr.isatty())
+    return progress("requests", disable)
 
 
-def make_client(concurrency: int, timeout_s: float) -> httpx.AsyncClient:
-    limits = httpx.Limits(max_connections=max(concurrency, 1) + 4, max_keepalive_connections=max(concurrency, 1) + 4)
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0), limits=limits)
+make_client = httpclient.async_client
 
 
 async def run_requests(specs: Sequence[RequestSpec], url: str, model: str, *, run: str, workload: str,
@@ -198,14 +190,3 @@ async def run_requests(specs: Sequence[RequestSpec], url: str, model: str, *, ru
                 else:
                     await asyncio.gather(*(one(i) for i in group))
     return [r for r in records if r is not None]
-
-
-def server_model(url: str, timeout_s: float = 10.0) -> str:
-    """The first model id of GET /v1/models; CliError when the server does not answer."""
-    try:
-        resp = httpx.get(url.rstrip("/") + "/v1/models", timeout=timeout_s)
-        resp.raise_for_status()
-        return resp.json()["data"][0]["id"]
-    except (httpx.HTTPError, KeyError, IndexError, ValueError) as exc:
-        raise CliError(f"no OpenAI-compatible server at {url} ({type(exc).__name__}: {exc}); start one with "
-                       "`kvbm serve` or pass --url", code=1) from None

@@ -11,36 +11,30 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
-import typer
+from pydantic import BaseModel, ConfigDict
 
 from kvbm_cli._output import err, out
 from kvbm_cli._errors import CheckFailed, CliError
-from kvbm_cli.bench.client import server_model
+from kvbm_cli._options import Driver
+from kvbm_cli.httpclient import server_model
 from kvbm_cli.results import REQUESTS_FILE, SUMMARY_FILE, RequestRecord, Summary, summarize, write_requests, write_summary
 
-UrlOpt = Annotated[str, typer.Option("--url", "-u", help="Base URL of the OpenAI-compatible server.")]
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model name to request. Default: the "
-                                                                        "server's first model.")]
-TokenizerOpt = Annotated[Optional[str], typer.Option(help="Tokenizer (model dir or cached model id) for exact "
-                                                          "prompt lengths. Default: the model.")]
-ArtifactOpt = Annotated[Optional[Path], typer.Option(help="Where requests.jsonl and summary.json go. Default: "
-                                                          "runs/<workload>.", file_okay=False)]
-RunOpt = Annotated[Optional[str], typer.Option("--run", help="Run label stored in the results. Default: the "
-                                                              "artifact dir's name.")]
-DriverOpt = Annotated[str, typer.Option(help="native (built-in async client), aiperf or genai-perf (run that tool "
-                                              "and import its export).")]
-TimeoutOpt = Annotated[float, typer.Option("--request-timeout", help="Seconds one request may take.")]
+class Keys(BaseModel):
+    """A typed block of a scenario file: keys spelled as the flags (kebab-case), unknown keys refused."""
+
+    model_config = ConfigDict(extra="forbid", alias_generator=lambda name: name.replace("_", "-"),
+                              populate_by_name=True)
 
 
 def resolve_model_and_tokenizer(url: str, model: Optional[str], tokenizer: Optional[str]) -> tuple[str, str]:
     """(model name to send, tokenizer source)."""
-    served = server_model(url)
+    served, root = server_model(url)  # root: what the server loaded (the tiny model's directory for kvbm-tiny)
     model = model or served
     source = tokenizer or model
-    if tokenizer is None and not Path(source).expanduser().exists() and Path(served).exists():
-        source = served
+    if tokenizer is None and not Path(source).expanduser().exists() and Path(root).exists():
+        source = root
     return model, source
 
 
@@ -61,13 +55,14 @@ class ArtifactWriter:
 
 
 def finish_run(records: list[RequestRecord], artifact_dir: Path, *, run: str, workload: str, url: str, model: str,
-               driver: str, started_at: str, duration_s: float, config: dict[str, Any],
+               driver: str, started_at: str, config: dict[str, Any],
                engine: Optional[dict[str, Any]], expected: Optional[dict[str, int]] = None) -> Summary:
-    """Write both files (requests sorted by start) and warn when the server counted other prompt lengths."""
+    """Write both files (requests sorted by start; the duration is the measured requests' first start to last
+    finish) and warn when the server counted other prompt lengths."""
     records = sorted(records, key=lambda r: r.start_s)
     write_requests(artifact_dir / REQUESTS_FILE, records)
     summary = summarize(records, run=run, workload=workload, url=url, model=model, driver=driver,
-                        started_at=started_at, duration_s=duration_s, config=config, engine=engine)
+                        started_at=started_at, config=config, engine=engine)
     write_summary(artifact_dir / SUMMARY_FILE, summary)
     if expected:
         off = [r for r in records if r.error is None and r.request_id in expected
@@ -113,5 +108,6 @@ def print_summary(summary: Summary, artifact_dir: Path, json_out: bool) -> None:
 
 
 def check_driver(driver: str) -> None:
-    if driver not in ("native", "aiperf", "genai-perf"):
+    """A CliError unless `driver` is one of the Driver choices."""
+    if driver not in {d.value for d in Driver}:
         raise CliError(f"--driver must be native, aiperf or genai-perf, not {driver!r}")

@@ -24,7 +24,7 @@ Operations:
   default_scenario()                  the CPU prefix-reuse comparison on the embedded model (`make demo`)
   sweep_points(scenario)              (label, workload config) per sweep value; one (None, ...) without a sweep
   run_compare(scenario, out_dir)      run everything; returns the comparison dict
-  parse_prometheus / histogram_quantile    vLLM's metrics, and quantiles estimated from histogram buckets
+  metrics_delta(before, after)        what a run added to vLLM's counters (kvbm_cli.prom parses them)
 """
 
 from __future__ import annotations
@@ -32,8 +32,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import urllib.request
-from dataclasses import fields
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -43,11 +41,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvbm_cli._options import JsonOpt
 from kvbm_cli._output import err, out
+from kvbm_cli import prom
 from kvbm_cli._data import data_dir
 from kvbm_cli._errors import CliError
 from kvbm_cli.bench.multi_round import MultiRoundConfig, run_multi_round
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
 from kvbm_cli.collect import background
+from kvbm_cli.serve import free_port as _free_port
 from kvbm_cli.serve import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
 
 SCENARIO_DIR = data_dir("scenarios")
@@ -73,42 +73,46 @@ class Scenario(BaseModel):
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
 
-def _key(k: str) -> str:
-    return k.replace("-", "_")
+def _problem(exc: ValidationError, where: str) -> str:
+    """The first mistake pydantic found, as `where.key: what is wrong` (keys spelled as in the file)."""
+    e = exc.errors()[0]
+    key = ".".join(str(p) for p in (where, *e["loc"]) if p != "")
+    return f"{key}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
 
 
 def _workload_config(wl: dict[str, Any]) -> PrefixReuseConfig | MultiRoundConfig:
-    wl = {_key(k): v for k, v in wl.items()}
+    wl = dict(wl)
     kind = wl.pop("type", None)
     cls = {"prefix-reuse": PrefixReuseConfig, "multi-round": MultiRoundConfig}.get(kind)
     if cls is None:
-        raise CliError(f"scenario workload type must be prefix-reuse or multi-round, not {kind!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(wl) - known)
-    if unknown:
-        raise CliError(f"scenario workload ({kind}) has unknown keys: {', '.join(k.replace('_', '-') for k in unknown)}")
-    cfg = cls(**wl)
+        raise CliError(f"workload.type: must be prefix-reuse or multi-round, not {kind!r}")
+    try:
+        cfg = cls.model_validate(wl)
+    except ValidationError as exc:
+        raise CliError(_problem(exc, "workload")) from None
     cfg.validate()
     return cfg
 
 
 def engine_spec(shared: dict[str, Any], config: dict[str, Any]) -> tuple[str, EngineSpec]:
     """(config name, EngineSpec) from the shared `engine:` keys overridden by one `configs:` entry."""
-    merged = {_key(k): v for k, v in {**shared, **config}.items()}
+    merged = {**shared, **config}
     name = merged.pop("name", None)
     if not name or not re.fullmatch(r"[\w.-]+", str(name)):
         raise CliError(f"every scenario config needs a name of letters, digits, '-', '_' or '.' (got {name!r})")
-    known = {f.name for f in fields(EngineSpec)}
-    unknown = sorted(set(merged) - known)
-    if unknown:
-        raise CliError(f"scenario config {name!r} has unknown keys: {', '.join(k.replace('_', '-') for k in unknown)}")
-    merged["vllm_args"] = [str(a) for a in merged.get("vllm_args") or []]
-    merged["env"] = {str(k): str(v) for k, v in (merged.get("env") or {}).items()}
-    return str(name), EngineSpec(**merged)
+    for key in ("vllm-args", "vllm_args"):
+        if key in merged:
+            merged[key] = [str(a) for a in merged[key] or []]
+    if isinstance(merged.get("env"), dict):
+        merged["env"] = {str(k): str(v) for k, v in merged["env"].items()}
+    try:
+        return str(name), EngineSpec.model_validate(merged)
+    except ValidationError as exc:
+        raise CliError(_problem(exc, f"configs ({name})")) from None
 
 
 def load_scenario(path: Path) -> Scenario:
-    """Parse and check a scenario file; CliError (exit 2) naming the first problem."""
+    """Parse and check a scenario file; one CliError (exit 2) naming the file and the first wrong key."""
     if not Path(path).exists() and (SCENARIO_DIR / f"{path}.yaml").is_file():
         path = SCENARIO_DIR / f"{path}.yaml"  # a shipped scenario by name, e.g. prefix-reuse-cpu
     try:
@@ -121,13 +125,14 @@ def load_scenario(path: Path) -> Scenario:
         raise CliError(f"scenario {path} must be a mapping with name, workload, engine and configs")
     try:
         scenario = Scenario.model_validate(raw)
+        if len(scenario.configs) < 2:
+            raise CliError("needs at least two configs (a baseline and one to compare)")
+        sweep_points(scenario)
+        names = [engine_spec(scenario.engine, c)[0] for c in scenario.configs]
     except ValidationError as exc:
-        e = exc.errors()[0]
-        raise CliError(f"scenario {path}: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
-    if len(scenario.configs) < 2:
-        raise CliError(f"scenario {path} needs at least two configs (a baseline and one to compare)")
-    sweep_points(scenario)
-    names = [engine_spec(scenario.engine, c)[0] for c in scenario.configs]
+        raise CliError(f"scenario {path}: {_problem(exc, '')}") from None
+    except CliError as exc:
+        raise CliError(f"scenario {path}: {exc}") from None
     if len(set(names)) != len(names):
         raise CliError(f"scenario {path}: config names must be unique ({', '.join(names)})")
     return scenario
@@ -158,71 +163,15 @@ def default_scenario() -> Path:
 
 # --- vLLM's /metrics ---------------------------------------------------------------------------------------
 
-def parse_prometheus(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
-    """{metric name: [(labels, value), ...]} of a Prometheus text exposition."""
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r"([^{\s]+)(?:\{(.*)\})?\s+(\S+)", line)
-        if not m:
-            continue
-        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-        try:
-            out.setdefault(m.group(1), []).append((labels, float(m.group(3))))
-        except ValueError:
-            continue
-    return out
-
-
-def _total(metrics: dict, name: str, **match: str) -> float:
-    return sum(v for labels, v in metrics.get(name, []) if all(labels.get(k) == w for k, w in match.items()))
-
-
-def histogram(metrics: dict, name: str) -> dict[str, Any]:
-    """sum, count and cumulative buckets [(le, count)] of a histogram (summed over label sets)."""
-    buckets: dict[float, float] = {}
-    for labels, v in metrics.get(name + "_bucket", []):
-        le = float(labels.get("le", "inf").replace("+Inf", "inf"))
-        buckets[le] = buckets.get(le, 0.0) + v
-    return {"sum": _total(metrics, name + "_sum"), "count": _total(metrics, name + "_count"),
-            "buckets": sorted(buckets.items())}
-
-
-def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> Optional[float]:
-    """Prometheus' histogram_quantile: linear interpolation inside the bucket holding the q-th observation."""
-    if not buckets or buckets[-1][1] <= 0:
-        return None
-    rank = q * buckets[-1][1]
-    prev_le, prev_count = 0.0, 0.0
-    for le, count in buckets:
-        if count >= rank:
-            if math.isinf(le):
-                return prev_le
-            if count == prev_count:
-                return le
-            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
-        prev_le, prev_count = le, count
-    return prev_le
-
-
-def scrape(url: str) -> dict:
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=10) as resp:
-            return parse_prometheus(resp.read().decode())
-    except OSError:
-        return {}
-
-
 def metrics_delta(before: dict, after: dict) -> dict[str, Any]:
     """What the run added to vLLM's counters, and its TTFT histogram (sum, count, bucket-estimated quantiles)."""
     d: dict[str, Any] = {}
     for name in _VLLM_COUNTERS:
-        d[name] = _total(after, name + "_total") - _total(before, name + "_total")
+        d[name] = prom.total(after, name + "_total") - prom.total(before, name + "_total")
     for source in ("device", "host", "disk", "external_unspecified"):
         key = "vllm:prompt_tokens_cached_by_source_total"
-        d[f"vllm:prompt_tokens_cached_by_source{{{source}}}"] = (_total(after, key, source=source)
-                                                               - _total(before, key, source=source))
+        d[f"vllm:prompt_tokens_cached_by_source{{{source}}}"] = (prom.total(after, key, source=source)
+                                                               - prom.total(before, key, source=source))
     kvbm = {}
     for name, values in after.items():
         if name.startswith("vllm:kvbm_") and name.endswith("_total"):
@@ -231,18 +180,18 @@ def metrics_delta(before: dict, after: dict) -> dict[str, Any]:
                 prev = sum(bv for bl, bv in before.get(name, []) if bl == labels)
                 kvbm[f"{name}{{{tag}}}"] = v - prev
     d["kvbm"] = kvbm
-    hb, ha = histogram(before, "vllm:time_to_first_token_seconds"), histogram(after, "vllm:time_to_first_token_seconds")
+    hb, ha = prom.histogram(before, "vllm:time_to_first_token_seconds"), prom.histogram(after, "vllm:time_to_first_token_seconds")
     before_b = dict(hb["buckets"])
     buckets = [(le, c - before_b.get(le, 0.0)) for le, c in ha["buckets"]]
     count = ha["count"] - hb["count"]
     d["vllm:time_to_first_token_seconds"] = {
         "sum": ha["sum"] - hb["sum"], "count": count,
         "mean": (ha["sum"] - hb["sum"]) / count if count else None,
-        "p50": histogram_quantile(0.5, buckets), "p90": histogram_quantile(0.9, buckets),
-        "p99": histogram_quantile(0.99, buckets),
+        "p50": prom.histogram_quantile(0.5, buckets), "p90": prom.histogram_quantile(0.9, buckets),
+        "p99": prom.histogram_quantile(0.99, buckets),
         "buckets": [[le if not math.isinf(le) else "+Inf", c] for le, c in buckets]}
     for name in _VLLM_MEANS:  # the server's own view, which a client starved of CPU cannot skew
-        b, a = histogram(before, name), histogram(after, name)
+        b, a = prom.histogram(before, name), prom.histogram(after, name)
         n = a["count"] - b["count"]
         d[name] = {"sum": a["sum"] - b["sum"], "count": n, "mean": (a["sum"] - b["sum"]) / n if n else None}
     return d
@@ -321,14 +270,6 @@ def comparison_markdown(comp: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None,
                 show_progress: bool = True) -> dict:
     """Launch, measure and stop each configuration in turn; write per-config results and the comparison."""
@@ -396,7 +337,7 @@ def comparison_text(comp: dict[str, Any]) -> str:
 def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, launch, sources: list[str],
                run_dir: Path, name: str, show_progress: bool) -> dict[str, Any]:
     """One workload run on a running engine: results in run_dir; {"summary", "vllm_metrics"}."""
-    before = scrape(launch.url)
+    before = prom.scrape(launch.url)
     common_kw = dict(url=launch.url, model=None, tokenizer=None, artifact_dir=run_dir, run=name,
                      engine=launch.engine_info(), show_progress=show_progress)
     with background(sources, run_dir / "metrics.csv"):  # vLLM's and KVBM's series, for kvbm report
@@ -404,7 +345,7 @@ def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, lau
             summary = run_prefix_reuse(wl, driver=scenario.driver, **common_kw)
         else:
             summary = run_multi_round(wl, driver=scenario.driver, **common_kw)
-    delta = metrics_delta(before, scrape(launch.url))
+    delta = metrics_delta(before, prom.scrape(launch.url))
     (run_dir / "vllm_metrics.json").write_text(json.dumps(delta, indent=2) + "\n")
     return {"summary": summary, "vllm_metrics": delta}
 

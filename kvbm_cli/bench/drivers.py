@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -132,19 +131,15 @@ def run_external(driver: str, workload: str, cfg: Any, *, url: str, model: str, 
     env.pop("HF_HUB_OFFLINE", None)  # aiperf 0.13 cannot load a local tokenizer directory in offline mode
     log = artifact_dir / f"{driver}.log"
     err().print(f"running {driver}: {' '.join(cmd)}", markup=False, soft_wrap=True)
-    started_at, t0 = iso_now(), time.perf_counter()
+    started_at = iso_now()
     with open(log, "wb") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    duration = time.perf_counter() - t0
     export = tool_dir / ("profile_export.jsonl" if driver == "aiperf" else "profile_export.json")
     if rc != 0 or not export.is_file():
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
         raise CheckFailed(f"{driver} exited with status {rc} (log {log}): {tail[0].strip()[:200]}")
     records = (import_aiperf(export, run, workload) if driver == "aiperf"
                else import_genai_perf(export, run, workload, cfg.warmup_request_count))
-    measured = [r for r in records if not r.warmup and r.e2e_s is not None]
-    if measured:
-        duration = max(r.start_s + r.e2e_s for r in measured) - min(r.start_s for r in measured)
     return common.finish_run(records, artifact_dir, run=run, workload=workload, url=url, model=model, driver=driver,
-                             started_at=started_at, duration_s=duration, config=config | {"driver_command": cmd},
+                             started_at=started_at, config=config | {"driver_command": cmd},
                              engine=engine)

@@ -19,24 +19,23 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from kvbm_cli._options import JsonOpt
+from kvbm_cli._options import ArtifactOpt, Driver, DriverOpt, JsonOpt, ModelOpt, RunOpt, TimeoutOpt, TokenizerOpt, UrlOpt
 from kvbm_cli._errors import CliError
 from kvbm_cli.bench import common
 from kvbm_cli.bench.client import RequestSpec, make_client, progress_bar, send
 from kvbm_cli.bench.prompts import PromptTokenizer
-from kvbm_cli.results import RequestRecord, Summary, iso_now
+from kvbm_cli.results import Summary, iso_now
 
 WORKLOAD = "multi-round"
 
 
-@dataclass
-class MultiRoundConfig:
+class MultiRoundConfig(common.Keys):
     """LMBenchmark multi-round-qa.py options (long_input_short_output_run.sh values as defaults)."""
 
     num_users: int = 15
@@ -209,17 +208,15 @@ def run_multi_round(cfg: MultiRoundConfig, *, url: str, model: Optional[str], to
     writer = common.ArtifactWriter(artifact_dir)
     started_at = iso_now()
     asyncio.run(_drive(cfg, tok, url, model, run, timeout_s, writer, show_progress))
-    measured: list[RequestRecord] = [r for r in writer.records if not r.warmup]
-    duration = (max(r.start_s + (r.e2e_s or 0.0) for r in measured) - min(r.start_s for r in measured)) if measured else 0.0
     return common.finish_run(writer.records, artifact_dir, run=run, workload=WORKLOAD, url=url, model=model,
-                             driver="native", started_at=started_at, duration_s=duration,
-                             config=asdict(cfg) | {"tokenizer": tok_source}, engine=engine)
+                             driver="native", started_at=started_at,
+                             config=cfg.model_dump() | {"tokenizer": tok_source}, engine=engine)
 
 
 def multi_round(
-    url: common.UrlOpt = "http://localhost:8000",
-    model: common.ModelOpt = None,
-    tokenizer: common.TokenizerOpt = None,
+    url: UrlOpt = "http://localhost:8000",
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
     num_users: Annotated[int, typer.Option(help="Users active at once.")] = 15,
     num_rounds: Annotated[int, typer.Option(help="Questions per user.")] = 20,
     qps: Annotated[float, typer.Option(help="Overall requests per second (each user asks every num_users/qps s).")] = 0.1,
@@ -232,10 +229,10 @@ def multi_round(
                                                                    "users finish.")] = 100.0,
     warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="1 user, 2 rounds at QPS 2 first.")] = True,
     random_seed: Annotated[int, typer.Option(help="Seed of the prompt words.")] = 0,
-    artifact_dir: common.ArtifactOpt = None,
-    run: common.RunOpt = None,
-    driver: common.DriverOpt = "native",
-    request_timeout: common.TimeoutOpt = 600.0,
+    artifact_dir: ArtifactOpt = None,
+    run: RunOpt = None,
+    driver: DriverOpt = Driver.native,
+    request_timeout: TimeoutOpt = 600.0,
     json_out: JsonOpt = False,
 ) -> None:
     """LMBenchmark's synthetic multi-round QA: long shared context, growing per-user chat history."""
@@ -243,7 +240,7 @@ def multi_round(
                            user_history_prompt=user_history_prompt, answer_len=answer_len, init_user_id=init_user_id,
                            time=time_s or None, warmup=warmup, random_seed=random_seed)
     cfg.validate()
-    common.check_driver(driver)
+    driver = Driver(driver).value
     artifact_dir = artifact_dir or Path("runs") / WORKLOAD
     summary = run_multi_round(cfg, url=url, model=model, tokenizer=tokenizer, artifact_dir=artifact_dir,
                               run=run or artifact_dir.name, timeout_s=request_timeout, show_progress=not json_out,

@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from kvbm_cli._options import JsonOpt
+from kvbm_cli._options import ArtifactOpt, Driver, DriverOpt, Endpoint, JsonOpt, ModelOpt, PrefixOrder, RunOpt, TimeoutOpt, TokenizerOpt, UrlOpt
 from kvbm_cli._errors import CliError
 from kvbm_cli.bench import common
 from kvbm_cli.bench.client import RequestSpec, run_requests
@@ -34,8 +32,7 @@ from kvbm_cli.results import Summary, iso_now
 WORKLOAD = "prefix-reuse"
 
 
-@dataclass
-class PrefixReuseConfig:
+class PrefixReuseConfig(common.Keys):
     """Options of the prefix-reuse workload; names follow genai-perf's flags."""
 
     prefix_prompt_length: int = 0
@@ -112,7 +109,7 @@ def run_prefix_reuse(cfg: PrefixReuseConfig, *, url: str, model: Optional[str], 
     cfg.validate()
     common.check_driver(driver)
     model, tok_source = common.resolve_model_and_tokenizer(url, model, tokenizer)
-    config = asdict(cfg) | {"tokenizer": tok_source}
+    config = cfg.model_dump() | {"tokenizer": tok_source}
     if driver != "native":
         from kvbm_cli.bench import drivers
 
@@ -121,23 +118,19 @@ def run_prefix_reuse(cfg: PrefixReuseConfig, *, url: str, model: Optional[str], 
     tok = PromptTokenizer(tok_source)
     specs = make_requests(cfg, tok)
     writer = common.ArtifactWriter(artifact_dir)
-    started_at, t0 = iso_now(), time.perf_counter()
+    started_at = iso_now()
     asyncio.run(run_requests(specs, url, model, run=run, workload=WORKLOAD, concurrency=cfg.concurrency,
                              request_rate=cfg.request_rate, streaming=cfg.streaming, ignore_eos=cfg.ignore_eos,
                              timeout_s=timeout_s, on_done=writer.add, show_progress=show_progress))
-    duration = time.perf_counter() - t0
-    measured = [r for r in writer.records if not r.warmup]
-    if measured:
-        duration = max(r.start_s + (r.e2e_s or 0.0) for r in measured) - min(r.start_s for r in measured)
     return common.finish_run(writer.records, artifact_dir, run=run, workload=WORKLOAD, url=url, model=model,
-                             driver=driver, started_at=started_at, duration_s=duration, config=config,
+                             driver=driver, started_at=started_at, config=config,
                              engine=engine, expected={s.request_id: s.expected_input_tokens for s in specs})
 
 
 def prefix_reuse(
-    url: common.UrlOpt = "http://localhost:8000",
-    model: common.ModelOpt = None,
-    tokenizer: common.TokenizerOpt = None,
+    url: UrlOpt = "http://localhost:8000",
+    model: ModelOpt = None,
+    tokenizer: TokenizerOpt = None,
     prefix_prompt_length: Annotated[int, typer.Option(help="Tokens of each shared prefix (template head included).")] = 0,
     num_prefix_prompts: Annotated[int, typer.Option(help="How many distinct prefixes the requests cycle through.")] = 0,
     synthetic_input_tokens_mean: Annotated[int, typer.Option(help="Tokens after the prefix (mean).")] = 550,
@@ -151,16 +144,16 @@ def prefix_reuse(
                                                                "--concurrency.")] = None,
     request_count: Annotated[int, typer.Option(help="Measured requests.")] = 10,
     warmup_request_count: Annotated[int, typer.Option(help="Requests sent first and left out of the statistics.")] = 0,
-    endpoint_type: Annotated[str, typer.Option(help="chat (/v1/chat/completions) or completions (/v1/completions).")] = "chat",
+    endpoint_type: Annotated[Endpoint, typer.Option(help="chat (/v1/chat/completions) or completions (/v1/completions).")] = Endpoint.chat,
     streaming: Annotated[bool, typer.Option("--streaming/--no-streaming", help="Stream tokens (TTFT and ITL need "
                                                                                "it).")] = True,
     random_seed: Annotated[int, typer.Option(help="Seed of prefixes, suffixes and prefix choice.")] = 0,
-    prefix_order: Annotated[str, typer.Option(help="random (genai-perf) or round-robin (each prefix returns after "
-                                                   "all others: worst case for an LRU cache).")] = "random",
-    artifact_dir: common.ArtifactOpt = None,
-    run: common.RunOpt = None,
-    driver: common.DriverOpt = "native",
-    request_timeout: common.TimeoutOpt = 600.0,
+    prefix_order: Annotated[PrefixOrder, typer.Option(help="random (genai-perf) or round-robin (each prefix returns "
+                                                           "after all others: worst case for an LRU cache).")] = PrefixOrder.random,
+    artifact_dir: ArtifactOpt = None,
+    run: RunOpt = None,
+    driver: DriverOpt = Driver.native,
+    request_timeout: TimeoutOpt = 600.0,
     json_out: JsonOpt = False,
 ) -> None:
     """Shared long prefixes cycling through the engine's cache (Dynamo's KVBM demo with genai-perf's flags)."""
@@ -172,8 +165,9 @@ def prefix_reuse(
                             output_tokens_mean=output_tokens_mean, output_tokens_stddev=output_tokens_stddev,
                             concurrency=None if request_rate else (concurrency or 1), request_rate=request_rate,
                             request_count=request_count, warmup_request_count=warmup_request_count,
-                            endpoint_type=endpoint_type, streaming=streaming, random_seed=random_seed,
-                            prefix_order=prefix_order)
+                            endpoint_type=Endpoint(endpoint_type).value, streaming=streaming,
+                            random_seed=random_seed, prefix_order=PrefixOrder(prefix_order).value)
+    driver = Driver(driver).value
     cfg.validate()
     common.check_driver(driver)
     if driver != "native":

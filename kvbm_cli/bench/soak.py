@@ -27,11 +27,12 @@ from urllib.parse import urlparse
 import psutil
 import typer
 
-from kvbm_cli._options import JsonOpt
+from kvbm_cli._options import JsonOpt, ModelOpt, UrlOpt
 from kvbm_cli._output import err, out
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli.bench import common
-from kvbm_cli.bench.client import RequestSpec, make_client, send, server_model
+from kvbm_cli.bench.client import RequestSpec, make_client, send
+from kvbm_cli.httpclient import server_model
 
 
 @dataclass
@@ -201,8 +202,8 @@ def _fmt(x: Optional[float], digits: int = 0) -> str:
 
 
 def soak(
-    url: common.UrlOpt = "http://localhost:8000",
-    model: common.ModelOpt = None,
+    url: UrlOpt = "http://localhost:8000",
+    model: ModelOpt = None,
     minutes: Annotated[float, typer.Option(help="How long to run.")] = 1.0,
     concurrency: Annotated[int, typer.Option(help="Clients in flight.")] = 6,
     disconnect_fraction: Annotated[float, typer.Option(help="Share of requests whose client disconnects at a "
@@ -221,7 +222,7 @@ def soak(
                      num_prefixes=num_prefixes, prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
                      max_tokens=max_tokens, seed=seed)
     cfg.validate()
-    model = model or server_model(url)
+    model = model or server_model(url)[0]
     pid = pid or server_pid(url)
     if pid is None:
         err().print("kvbm: no server pid found on this machine for RSS; pass --pid to report it")

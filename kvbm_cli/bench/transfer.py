@@ -11,8 +11,8 @@ FlashAttention's per-layer (2, blocks, block_size, heads, head_dim); one strided
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 import statistics
 import tempfile
 import time
@@ -23,6 +23,8 @@ from typing import Annotated, Callable
 import typer
 
 from kvbm_cli._errors import CliError
+from kvbm_cli._options import DiskIO, JsonOpt
+from kvbm_cli._output import emit_json, note, out, table
 
 
 @dataclass
@@ -219,19 +221,13 @@ def transfer(
     no_disk: Annotated[bool, typer.Option("--no-disk", help="Measure only G1<->G2.")] = False,
     buffered: Annotated[bool, typer.Option("--buffered", help="Buffered I/O instead of O_DIRECT (as DYN_KVBM_DISK_DISABLE_O_DIRECT=true).")] = False,
     repeats: Annotated[int, typer.Option(min=1, help="Measurements per path (median reported).")] = 5,
-    io: Annotated[str, typer.Option("--io", help="Disk I/O backend: posix (positional I/O on threads) or nixl (NIXL's POSIX backend).")] = "posix",
+    io: Annotated[DiskIO, typer.Option("--io", help="Disk I/O backend: posix (positional I/O on threads) or nixl (NIXL's POSIX backend).")] = DiskIO.posix,
     device: Annotated[str, typer.Option(help="Where the engine cache lives: cpu (vLLM CPU layout) or cuda "
                                              "(FlashAttention layout; references are pinned H2D/D2H copies).")] = "cpu",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Measure offload/onboard throughput of each tier path against the raw copy of the same bytes."""
-    import sys
-
-    from rich.console import Console
-    from rich.table import Table
-
-    if io not in ("posix", "nixl"):
-        raise CliError(f"--io {io!r}: choose posix or nixl")
+    io = DiskIO(io).value
     if blocks < 1:
         raise CliError(f"--blocks {blocks} must be at least 1")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
@@ -246,20 +242,18 @@ def transfer(
         directory = disk_dir or Path(os.environ.get("DYN_KVBM_DISK_CACHE_DIR") or "/tmp")
         if not directory.is_dir():
             raise CliError(f"--dir {directory} is not a directory; create it or pass another with --dir")
-    err = Console(stderr=True)
-    show = (lambda msg: err.print(f"[dim]measuring {msg} ...[/dim]")) if sys.stderr.isatty() and not as_json else (lambda m: None)
+    show = (lambda msg: note(f"measuring {msg} ...")) if sys.stderr.isatty() and not as_json else (lambda m: None)
     results = run_transfer_bench(layers=layers, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
                                  num_blocks=blocks, directory=directory, direct=not buffered, repeats=repeats, io=io,
                                  device=device, progress=show)
     if as_json:
-        print(json.dumps([asdict(r) | {"ratio": r.ratio} for r in results], indent=2))
+        emit_json([asdict(r) | {"ratio": r.ratio} for r in results])
         return
     nbytes = results[0].nbytes
-    table = Table(title=f"kvbm bench transfer ({device}): {blocks} blocks x {nbytes // blocks // 1024} KiB = "
-                        f"{nbytes / 2**20:.0f} MiB per measurement, median of {repeats}")
-    for col in ("path", "reference", "kvbm GB/s", "raw GB/s", "ratio"):
-        table.add_column(col, justify="right" if col not in ("path", "reference") else "left")
+    t = table(f"kvbm bench transfer ({device}): {blocks} blocks x {nbytes // blocks // 1024} KiB = "
+              f"{nbytes / 2**20:.0f} MiB per measurement, median of {repeats}",
+              ["path", "reference", "kvbm GB/s>", "raw GB/s>", "ratio>"])
     for r in results:
         style = "green" if r.ratio >= 0.8 else "yellow"
-        table.add_row(r.path, r.reference, f"{r.ours_gbps:.2f}", f"{r.raw_gbps:.2f}", f"[{style}]{r.ratio:.2f}[/{style}]")
-    Console().print(table)
+        t.add_row(r.path, r.reference, f"{r.ours_gbps:.2f}", f"{r.raw_gbps:.2f}", f"[{style}]{r.ratio:.2f}[/{style}]")
+    out().print(t)

@@ -18,14 +18,18 @@ import random
 import statistics
 import tempfile
 import time
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
+import httpx
 import typer
 
+from kvbm_cli import prom
 from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli._options import JsonOpt, ModelOpt
+from kvbm_cli._output import emit_json, out, table
+from kvbm_cli.serve import free_port as _free_port
 
 
 @dataclass
@@ -42,33 +46,16 @@ class Case:
         return statistics.median(self.ttft_s) if self.ttft_s else math.nan
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def first_token_seconds(url: str, model: str, tokens: list[int], max_tokens: int = 2) -> float:
     """Seconds to the first streamed token of a greedy completion of `tokens` (exact token ids)."""
-    body = json.dumps({"model": model, "prompt": tokens, "max_tokens": max_tokens, "temperature": 0,
-                       "stream": True}).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    body = {"model": model, "prompt": tokens, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     start = time.perf_counter()
-    with urllib.request.urlopen(req, timeout=600) as resp:
-        for line in resp:
-            if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as resp:
+        resp.raise_for_status()
+        for line in resp.iter_lines():
+            if line.startswith("data: ") and not line.startswith("data: [DONE]"):
                 return time.perf_counter() - start
     raise CheckFailed(f"the engine at {url} streamed no token")
-
-
-def _kvbm_counter(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
-        for line in resp.read().decode().splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[-1])
-    return 0.0
 
 
 def _run_engine(label: str, spec, trials: list[dict], model: str, measure, health_timeout: float,
@@ -79,7 +66,7 @@ def _run_engine(label: str, spec, trials: list[dict], model: str, measure, healt
     try:
         start_and_wait(engine, health_timeout, label)
         for trial in trials:
-            measure(engine.launch.url, model, trial)
+            measure(engine.launch.url, engine.launch.model, trial)  # the served name (kvbm-tiny for the tiny one)
     finally:
         engine.stop()
 
@@ -133,9 +120,9 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size:
             first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
             for filler in trial["fillers"]:
                 first_token_seconds(url, model, filler)
-            before = _kvbm_counter(metrics_port, counter)
+            before = prom.total(prom.scrape(f"http://127.0.0.1:{metrics_port}"), counter)
             cases[case].ttft_s.append(first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][2]))
-            loaded = _kvbm_counter(metrics_port, counter) - before
+            loaded = prom.total(prom.scrape(f"http://127.0.0.1:{metrics_port}"), counter) - before
             if loaded < prefix_tokens // block_size:
                 cases[case].note = f"only {loaded:.0f} blocks came from {case.split()[0]} in a trial"
 
@@ -145,7 +132,7 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size:
 
 
 def ttft(
-    model: Annotated[Optional[str], typer.Option(help="Local model directory (default: the embedded tiny model).")] = None,
+    model: ModelOpt = None,
     prefix_tokens: Annotated[int, typer.Option(min=1, help="Tokens of the shared prefix.")] = 1536,
     suffix_tokens: Annotated[int, typer.Option(min=1, help="New tokens after the prefix.")] = 64,
     trials: Annotated[int, typer.Option(min=1, help="Fresh prefixes measured per case (median reported).")] = 5,
@@ -153,12 +140,9 @@ def ttft(
     block_size: Annotated[int, typer.Option(help="Tokens per block (vLLM's CPU build: a multiple of 32).")] = 128,
     health_timeout: Annotated[float, typer.Option(help="Seconds each engine may take to become healthy.")] = 300.0,
     out: Annotated[Optional[Path], typer.Option(help="Directory for engine logs and the JSON result (default: a temp dir).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """TTFT of one evicted-prefix request: recompute, vLLM G1 hit, KVBM onboard from G2 and from G3."""
-    from rich.console import Console
-    from rich.table import Table
-
     from kvbm import sizing
     from kvbm_cli._models import load_model_config
     from kvbm_cli.tiny_model import default_model_dir
@@ -181,14 +165,13 @@ def ttft(
              "ttft_ms": [round(t * 1e3, 2) for t in c.ttft_s], "note": c.note} for c in cases]
     (log_dir / "ttft.json").write_text(json.dumps(rows, indent=2))
     if as_json:
-        print(json.dumps(rows, indent=2))
+        emit_json(rows)
         return
-    table = Table(title=f"kvbm bench ttft: {prefix_tokens}-token prefix + {suffix_tokens} new tokens, "
-                        f"{trials} trials, G1 {g1_blocks} blocks of {block_size} tokens")
-    for col in ("case", "TTFT p50 (ms)", "speedup vs recompute", "trials (ms)", "note"):
-        table.add_column(col)
+    t = table(f"kvbm bench ttft: {prefix_tokens}-token prefix + {suffix_tokens} new tokens, {trials} trials, "
+              f"G1 {g1_blocks} blocks of {block_size} tokens",
+              ["case", "TTFT p50 (ms)>", "speedup vs recompute>", "trials (ms)", "note"])
     for r in rows:
-        table.add_row(r["case"], f"{r['ttft_p50_ms']:.1f}", f"{r['speedup_vs_recompute']:.2f}x",
+        t.add_row(r["case"], f"{r['ttft_p50_ms']:.1f}", f"{r['speedup_vs_recompute']:.2f}x",
                       " ".join(f"{t:.0f}" for t in r["ttft_ms"]), r["note"])
-    Console().print(table)
-    print(f"logs and ttft.json in {log_dir}")
+    out().print(t)
+    out().print(f"logs and ttft.json in {log_dir}", markup=False, soft_wrap=True)
