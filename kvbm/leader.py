@@ -13,9 +13,9 @@ Who frees the engine's blocks is decided here, once: `request_finished` answers 
 store still reads them, and the next step plan tells the workers which store jobs to finish before they
 report the request as finished sending. A request aborted while its load is in flight is never delayed: vLLM
 itself waits for the load's "finished receiving" and frees the blocks then. A preempted request's blocks go
-back to vLLM at once; the step plan fences exactly the jobs that still read them. (The mechanism can detach a
-G2 -> G3 cascade into a job of its own, so that a disk write never holds an engine block; `detach_cascades`
-is off until a wrong-KV race seen with it under concurrent serving is understood.)
+back to vLLM at once; the step plan fences exactly the jobs that still read them. A G2 -> G3 cascade is a job
+of its own (`detach_cascades`): its host slots are snapshotted before the store overwrites them, so a disk
+write never holds an engine block nor delays a free.
 
 Operations:
   num_matched_tokens(req_id, hashes, computed, num_tokens)  tokens G2/G3 can supply (no side effects on tiers)
@@ -106,7 +106,7 @@ class KvbmLeader:
         self.block_bytes = block_bytes
         self.world_size = world_size
         self.ranks = frozenset(range(world_size))
-        self.detach_cascades = False
+        self.detach_cascades = True
         # GPU engines: a host (G2) hit of at least this many blocks is onboarded layer by layer within the step
         # that runs the request (LoadSpec.layerwise); None = every load is asynchronous (CPU engines, disk hits).
         self.layerwise_min_blocks: int | None = None
@@ -274,9 +274,9 @@ class KvbmLeader:
                       [(ids[loc.block_hash], loc.slot) for loc in plan.stores], len(plan.cascades))
         n = next(self._ids)
         job_id = f"store:{req_id}:{n}"
-        # Detached cascades (snapshot, own disk thread) are off: under concurrent serving on vLLM CPU they served
-        # wrong KV from G3 (tests/test_vllm_lifecycle.py, root cause not found yet); the cascade then runs inside
-        # the store job, before its stores, as it did before.
+        # Detached cascades (snapshot, own disk thread): the store job reports when the engine blocks are read,
+        # the cascade when the disk holds the evicted blocks. (A wrong-KV race once blamed on them was the
+        # lifecycle test comparing one seed's prompts with another's answers.)
         cascade_id = f"cascade:{n}" if plan.cascades and self.detach_cascades else None
         self._jobs[job_id] = _Job("store", req_id, plan) if cascade_id is not None else _Job("offload", req_id, plan)
         if cascade_id is not None:

@@ -57,6 +57,14 @@ def sync(dev: str) -> None:
         torch.cuda.synchronize()
 
 
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-for-bit equality (torch.equal says NaN != NaN, and this stand-in, which has no normalisation,
+    overflows to inf/NaN in its deep layers: byte-identical pages then compared unequal)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
@@ -297,12 +305,12 @@ def ttft_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
                 ref["g1_first"] = ref["g1"].clone()
             if name != "g1_hit":
                 idx2 = torch.tensor(g2[:prefix_blocks], device=dev)
-                same = all(torch.equal(seg[idx2], seg[idx1]) for seg in layout.segments)
+                same = all(bits_equal(seg[idx2], seg[idx1]) for seg in layout.segments)
                 exact[name] = exact.get(name, True) and same
                 diff = (ref[key].float() - ref["g1"].float()).abs().max().item()
                 out.setdefault("output_max_abs_diff_vs_g1", {})[name] = max(
                     diff, out.get("output_max_abs_diff_vs_g1", {}).get(name, 0.0))
-                out.setdefault("output_bitwise_equal_g1", {})[name] = torch.equal(ref[key], ref["g1"]) and \
+                out.setdefault("output_bitwise_equal_g1", {})[name] = bits_equal(ref[key], ref["g1"]) and \
                     out.get("output_bitwise_equal_g1", {}).get(name, True)
         if rep % 3 == 0:  # recompute is slow: every third round
             sync(dev)
@@ -311,7 +319,7 @@ def ttft_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
             sync(dev)
             if rep:
                 times["recompute"].append(time.perf_counter() - t)
-    out["g1_hit_bitwise_repeatable"] = torch.equal(ref["g1"], ref["g1_first"])  # determinism control
+    out["g1_hit_bitwise_repeatable"] = bits_equal(ref["g1"], ref["g1_first"])  # determinism control
     med = {k: median(v) for k, v in times.items() if v}
     out.update({f"{k}_s": v for k, v in med.items()})
     out["byte_exact"] = exact
@@ -381,7 +389,7 @@ def ttft_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
         store = copiers[k].start_store(store_ids, store_slots)
         model.forward(x_full, g1, prompt, Hooks(store=store))
         store.finish().synchronize()
-        exact[f"store_{k}"] = all(torch.equal(h.segment(j)[:prefix_blocks].to(dev), seg[idx])
+        exact[f"store_{k}"] = all(bits_equal(h.segment(j)[:prefix_blocks].to(dev), seg[idx])
                                   for j, seg in enumerate(layout.segments))
     bm = {k: median(v) for k, v in b.items() if v}
     out["offload"] = bm
@@ -487,7 +495,7 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
     idx_src, idx_dst = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
 
     def check(name):
-        exact[name] = all(torch.equal(seg[idx_src], seg[idx_dst]) for seg in layout.segments)
+        exact[name] = all(bits_equal(seg[idx_src], seg[idx_dst]) for seg in layout.segments)
 
     def poison():
         for seg in layout.segments:
@@ -522,12 +530,183 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
         torch.cuda.empty_cache()
 
 
+# ---- A2: the same TTFT through kvbm's own leader and worker, called as the connector calls them -------------
+
+class WorkerHooks:
+    """The connector's per-layer hooks (wait_for_layer_load / save_kv_layer), by layer name, on a KvbmWorker."""
+
+    def __init__(self, worker, names: list[str]):
+        self.worker, self.names = worker, names
+
+    def wait_for_layer_load(self, layer: int) -> None:
+        self.worker.wait_layer(self.names[layer])
+
+    def save_kv_layer(self, layer: int) -> None:
+        self.worker.save_layer(self.names[layer])
+
+
+def hooks_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
+    """KvbmLeader + KvbmWorker (the objects the vLLM connector drives; vllm itself is not on the device) on the
+    replayed vLLM cache: a fill request stores the prefix per layer during its prefill (save_kv_layer), then
+    each G2-hit request is looked up (get_num_new_matched_tokens must answer a synchronous, layer-wise load),
+    allocated, planned, and run in the same step: start_load_kv, the forward with wait_for_layer_load /
+    save_kv_layer per layer, wait_for_save, get_finished."""
+    from kvbm.config import KvbmConfig
+    from kvbm.leader import KvbmLeader
+    from kvbm.mechanism.layerwise import MIN_LAYERWISE_BLOCKS
+    from kvbm.policy import AdmitAll, TierManager
+    from kvbm.worker import KvbmWorker
+
+    dev = args.device
+    raw, views, layout = build(desc, dev)
+    names = list(views)
+    model = StandIn(desc, views, dev, args.quick)
+    bs = desc["block_size"]
+    prompt, new = args.prompt_blocks * bs, 128 if not args.quick else 32
+    prefix_blocks = (prompt - new) // bs
+    g = torch.Generator().manual_seed(2)
+    perm = torch.randperm(desc["num_blocks"] - 1, generator=g)[:2 * args.prompt_blocks] + 1
+    g1, g2 = perm[:args.prompt_blocks].tolist(), perm[args.prompt_blocks:].tolist()
+    g2_table = g2[:prefix_blocks] + g1[prefix_blocks:]
+    x_full = torch.randn(prompt, model.hidden, device=dev, dtype=torch.bfloat16)
+    x_new = x_full[-new:].clone()
+    model.calibrate(prompt, prompt, g1, TARGET_PREFILL_S if not args.quick else 0)
+    model.calibrate(new, prompt, g1, TARGET_SUFFIX_S if not args.quick else 0)
+    host_slots = 3 * prefix_blocks
+    worker = KvbmWorker(KvbmConfig.from_env({}), load_wait_s=0.0)
+    worker.register(layout, host_slots, 0, layout.fingerprint(model="standin", block_size=bs), layer_names=names)
+    leader = KvbmLeader(TierManager(host_slots, 0, AdmitAll()), bs, layout.block_bytes)
+    leader.layerwise_min_blocks = MIN_LAYERWISE_BLOCKS if worker.layerwise_enabled else None
+    leader.check_handshake({0: worker.handshake(bs)})
+    hooks = WorkerHooks(worker, names)
+    out: dict = {"part": "hooks", "layout": desc["layout"], "prefix_blocks": prefix_blocks,
+                 "layerwise": worker.layerwise_enabled}
+
+    def step(plan, x, table, ctx):
+        """One engine step: start_load_kv, the forward with the layer hooks, wait_for_save; then get_finished
+        until the step's jobs are reported (outside the timed region)."""
+        worker.fence(plan)
+        worker.start_loads(plan)
+        y = model.forward(x, table, ctx, hooks)
+        worker.start_stores(plan)
+        return y
+
+    def settle():
+        sync(dev)
+        for _ in range(2000):
+            leader.on_report(worker.poll().report)
+            if not leader.jobs_in_flight:
+                return
+            time.sleep(0.001)
+        raise RuntimeError("kvbm jobs never finished")
+
+    ids = iter(range(10 ** 9))
+
+    def run_request(hashes, table, x, ctx, computed_expect=None):
+        rid = f"r{next(ids)}"
+        n = leader.num_matched_tokens(rid, hashes, 0, ctx)
+        is_async = leader.load_is_async(rid)
+        leader.on_alloc(rid, hashes, table, n)
+        leader.on_scheduled(rid, table, ctx, replace=True)
+        plan = leader.build_step()
+        return rid, n, is_async, plan
+
+    # fill: the prompt's prefill stores its prefix blocks per layer (hashes 0..prefix_blocks-1)
+    base = [("p", i) for i in range(prefix_blocks)]
+    rid, n, _, plan = run_request(base, g1, x_full, prompt)
+    assert n == 0 and plan.stores and not plan.stores[0].cascades
+    step(plan, x_full, g1, prompt)
+    settle()
+    leader.request_finished(rid)
+    assert leader.manager.match(base) and len(leader.manager.match(base)) == prefix_blocks, "the fill did not store"
+    # the reference: the G1 hit (pages computed by the fill's prefill)
+    g1_out = model.forward(x_new, g1, prompt)
+    idx1 = torch.tensor(g1[:prefix_blocks], device=dev)
+    idx2 = torch.tensor(g2[:prefix_blocks], device=dev)
+
+    t_g1, t_g2, t_rec, exact, out_equal, sync_answers = [], [], [], True, True, set()
+    for rep in range(args.ttft_repeats + 1):
+        sync(dev)
+        t = time.perf_counter()
+        y1 = model.forward(x_new, g1, prompt)
+        sync(dev)
+        if rep:
+            t_g1.append(time.perf_counter() - t)
+        for seg in layout.segments:  # poison the blocks the G2 hit loads into
+            seg.index_fill_(0, idx2, -1)
+        rid, n, is_async, plan = run_request(base + [("s", rep, i) for i in range(args.prompt_blocks - prefix_blocks)],
+                                             g2_table, x_new, prompt)
+        sync_answers.add((n, is_async, bool(plan.loads and plan.loads[0].layerwise)))
+        # the engine computes only the new tokens: num_computed = n (the loaded prefix)
+        sync(dev)
+        t = time.perf_counter()
+        if is_async:  # the whole-request path: the request runs in a later step, once its load is reported
+            worker.start_loads(plan)
+            settle()
+            plan = leader.build_step()
+        y2 = step(plan, x_new, g2_table, prompt)
+        sync(dev)
+        if rep:
+            t_g2.append(time.perf_counter() - t)
+        settle()
+        leader.request_finished(rid)
+        exact &= all(bits_equal(seg[idx2], seg[idx1]) for seg in layout.segments)
+        out_equal &= bits_equal(y2, y1) and bits_equal(y1, g1_out)
+        if rep % 3 == 1:
+            sync(dev)
+            t = time.perf_counter()
+            model.forward(x_full, g1, prompt)
+            sync(dev)
+            if rep:
+                t_rec.append(time.perf_counter() - t)
+    # offload per layer on / off: prefill forwards storing fresh blocks (no cascades: the host tier has room)
+    on, off = [], []
+    for rep in range(args.offload_repeats + 1):
+        sync(dev)
+        t = time.perf_counter()
+        model.forward(x_full, g1, prompt)
+        sync(dev)
+        if rep:
+            off.append(time.perf_counter() - t)
+        rid, n, _, plan = run_request([("o", rep, i) for i in range(prefix_blocks)], g1, x_full, prompt)
+        sync(dev)
+        t = time.perf_counter()
+        step(plan, x_full, g1, prompt)
+        sync(dev)
+        if rep:
+            on.append(time.perf_counter() - t)
+        settle()
+        leader.request_finished(rid)
+        for h in [("o", rep, i) for i in range(prefix_blocks)]:
+            leader.manager.host.remove(h)  # room for the next round (no eviction: no cascade)
+    med = {"g1_hit_s": median(t_g1), "g2_hit_hooks_s": median(t_g2), "recompute_s": median(t_rec),
+           "prefill_offload_off_s": median(off), "prefill_offload_on_s": median(on)}
+    out.update(med)
+    out.update({"g2_over_g1": med["g2_hit_hooks_s"] / med["g1_hit_s"], "recompute_over_g2": med["recompute_s"] / med["g2_hit_hooks_s"],
+                "offload_on_over_off": med["prefill_offload_on_s"] / med["prefill_offload_off_s"],
+                "pages_exact": exact, "output_bitwise_equal_g1": out_equal,
+                "lookup_answers": sorted(map(str, sync_answers)),
+                "leader_stats": {"onboard_bytes": leader.stats.onboard_bytes, "offload_bytes": leader.stats.offload_bytes}})
+    rows.append(out)
+    log(lines, f"-- through KvbmLeader/KvbmWorker hooks, layout {desc['layout']}: layer-wise {worker.layerwise_enabled}, "
+               f"lookup answers (tokens, async, layerwise spec) {sorted(sync_answers)}")
+    log(lines, f"   G1 hit {med['g1_hit_s']:.4f} s, G2 hit {med['g2_hit_hooks_s']:.4f} s ({out['g2_over_g1']:.3f}x G1), "
+               f"recompute {med['recompute_s']:.4f} s ({out['recompute_over_g2']:.2f}x over G2)")
+    log(lines, f"   prefill with per-layer offload {med['prefill_offload_on_s']:.4f} s vs without {med['prefill_offload_off_s']:.4f} s "
+               f"({out['offload_on_over_off']:.4f}); pages {'exact' if exact else 'NOT EXACT'}, "
+               f"outputs bitwise equal to the G1 hit: {out_equal}")
+    worker.close()
+    del raw, views, layout, model
+    if dev != "cpu":
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test of this script)")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: ttft,transfer")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: ttft,hooks,transfer")
     args = ap.parse_args()
     args.block_sizes = [16, 32, 64, 128] if not args.quick else [16, 32]
     args.repeats = 10 if not args.quick else 2
@@ -559,6 +738,18 @@ def main() -> int:
                 log(lines, f"ttft {lay} FAILED: {exc!r}")
                 traceback.print_exc()
             print(f"[ttft {lay}: {time.perf_counter() - t0:.1f} s]", flush=True)
+            save()
+    if "hooks" not in skip:
+        log(lines, "")
+        log(lines, "== A2. TTFT and per-layer offload through kvbm's leader and worker (the connector's calls), medians")
+        for lay in layouts:
+            t0 = time.perf_counter()
+            try:
+                hooks_part(args, descs[f"ttft-{lay}-bs16"], lines, rows)
+            except Exception as exc:  # noqa: BLE001
+                log(lines, f"hooks {lay} FAILED: {exc!r}")
+                traceback.print_exc()
+            print(f"[hooks {lay}: {time.perf_counter() - t0:.1f} s]", flush=True)
             save()
     if "transfer" not in skip:
         log(lines, "")

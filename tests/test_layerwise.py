@@ -212,3 +212,19 @@ def test_finish_saves_layers_no_hook_saved_and_wait_all():
     empty.wait_layer(0)
     assert cp.start_store([], []).finish().query()
     cp.close()
+
+
+def test_piecewise_cuda_graphs_are_required_only_while_layerwise_kvbm_is_on(monkeypatch):
+    """Full CUDA graphs replay a step without calling the layer hooks: vLLM must use PIECEWISE when kvbm's
+    layer-wise transfers may run (KVBM active, DYN_KVBM_LAYERWISE on), and need not otherwise."""
+    from kvbm.integrations.vllm.connector import KvbmConnector
+
+    monkeypatch.delenv("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", raising=False)
+    monkeypatch.delenv("DYN_KVBM_LAYERWISE", raising=False)
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_GB", "8")
+    assert KvbmConnector.requires_piecewise_for_cudagraph({}) is True
+    monkeypatch.setenv("DYN_KVBM_LAYERWISE", "false")
+    assert KvbmConnector.requires_piecewise_for_cudagraph({}) is False
+    monkeypatch.delenv("DYN_KVBM_LAYERWISE")
+    monkeypatch.delenv("DYN_KVBM_CPU_CACHE_GB")
+    assert KvbmConnector.requires_piecewise_for_cudagraph({}) is False  # KVBM inactive: pass-through
