@@ -146,3 +146,18 @@ def test_engine_memory_is_flat_after_warm_up(soaked):
     rss_warm, rss_end = soaked["rss"]
     assert soaked["pid"] is not None and rss_warm and rss_end
     assert rss_end <= rss_warm * 1.05 + 64, f"RSS grew from {rss_warm:.0f} MB to {rss_end:.0f} MB"
+
+
+def test_a_host_tier_larger_than_the_machine_stops_start_up_with_one_line(tiny_model_dir, tmp_path):
+    """DYN_KVBM_CPU_CACHE_GB=100000: the engine exits at start-up (no hang, no out-of-memory kill under load),
+    and the error names the variable and a value that fits. (Before the slot pool handed out slots lazily, the
+    scheduler built a list of 400M free slots and `kvbm serve` did not exit within 240 s.)"""
+    log = tmp_path / "server.log"
+    with pytest.raises(RuntimeError, match="exited with"):  # not "not healthy after": it must not hang
+        with vllm_server(tiny_model_dir, ["--kv-transfer-config", KV_TRANSFER], ENV | {
+                "VLLM_CPU_KVCACHE_SPACE": "1", "DYN_KVBM_CPU_CACHE_GB": "100000"},
+                max_model_len=4096, startup_timeout_s=180, log_path=log):
+            pass
+    text = log.read_text(errors="replace")
+    assert re.search(r"DYN_KVBM_CPU_CACHE_GB asks for 100000\.00 GB of host memory .* lower DYN_KVBM_CPU_CACHE_GB "
+                     r"\(e\.g\. DYN_KVBM_CPU_CACHE_GB=[0-9.]+\)", text), text[-2000:]
