@@ -20,7 +20,6 @@ import os
 import random
 import resource
 import shutil
-import socket
 import stat
 import time
 from dataclasses import asdict, dataclass
@@ -36,6 +35,7 @@ from kvbm.config import BYTES_PER_GB, ENV_VARS, KvbmConfig, check_disk_dir
 from kvbm.errors import ConfigError, StorageError
 from kvbm.mechanism import fileio
 from kvbm_cli._options import JsonOpt, StoreUrlOpt, group
+from kvbm_cli.serve import port_busy
 from kvbm_cli._output import out, progress
 from kvbm_cli._errors import CheckFailed, CliError
 
@@ -309,17 +309,6 @@ def _version(*names: str) -> str | None:
     return None
 
 
-def _port_free(host: str, port: int) -> str | None:
-    """None when (host, port) can be bound now, else why not."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            return exc.strerror or str(exc)
-    return None
-
-
 def _variables(env: dict[str, str]) -> tuple[KvbmConfig | None, list[Check], list[dict[str, Any]]]:
     """Parse the DYN_KVBM_* variables; on an error, find which variable by parsing each on its own."""
     try:
@@ -400,12 +389,12 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
 
     metrics_on = bool(config and config.metrics)
     if config:
-        why = _port_free(config.metrics_host, config.metrics_port)
+        why = port_busy(config.metrics_host, config.metrics_port)
         checks.append(Check("metrics port", "ok" if why is None else ("fail" if metrics_on else "warn"),
                             f"{config.metrics_host}:{config.metrics_port} " + ("free" if why is None else f"in use ({why})")
                             + ("" if metrics_on else "; DYN_KVBM_METRICS is off"),
                             "" if why is None else f"stop what listens there or set DYN_KVBM_METRICS_PORT={config.metrics_port + 1}"))
-    why = _port_free("0.0.0.0", serve_port)
+    why = port_busy("0.0.0.0", serve_port)
     checks.append(Check("serve port", "ok" if why is None else "warn", f"{serve_port} " + ("free" if why is None else f"in use ({why})"),
                         "" if why is None else "stop what listens there or serve on another --port"))
     if config and config.disk_requested:

@@ -297,15 +297,16 @@ def explain_failure(log_text: str, returncode: Optional[int]) -> str:
     return f"the engine exited with status {returncode}: {last[-300:]}"
 
 
-def port_in_use(port: int, host: Optional[str]) -> bool:
-    """True when something already listens on (host, port)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+def port_busy(host: Optional[str], port: int) -> Optional[str]:
+    """None when (host, port) can be bound now, else why not (kvbm serve refuses it, kvbm doctor reports it)."""
+    host = host or "0.0.0.0"
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind((host if host not in (None, "") else "0.0.0.0", port))
-        except OSError:
-            return True
-    return False
+            sock.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
 
 
 def free_port() -> int:
@@ -336,7 +337,7 @@ class Engine:
 
     def start(self) -> None:
         spec = self.launch.spec
-        if port_in_use(spec.port, spec.host):
+        if port_busy(spec.host, spec.port):
             raise CliError(f"port in use: {spec.port} already has a listener; choose another with --port")
         # The engine's group dies with this process, even by SIGKILL: kvbm_cli._reaper heads the group and gets
         # the parent-death signal (PR_SET_PDEATHSIG); it stops the whole group, vLLM's engine core included.
