@@ -136,7 +136,8 @@ def test_flat_rows_refuse_layers_apart():
 
 
 def test_block_major_host_tier_round_trip_on_cpu(tmp_path):
-    """The host layout GPU caches get (HostTier.for_layout): slots whole, G2 -> G3 from one piece per block."""
+    """A block-major host tier (HostTier offers it; for_layout gives segment-major everywhere): slots whole,
+    G2 -> G3 from one piece per block."""
     caches = flash_attn_caches(10)
     randomize(caches, 7)
     layout = KVLayout.from_layers(caches, block_dim=1)
@@ -189,7 +190,7 @@ def test_round_trip_through_g2_and_g3_into_other_blocks(tmp_path, variant):
     if variant.startswith("segment_major"):
         host = HostTier(40, layout.num_segments, layout.segment_words, layout.word)
     else:
-        host = HostTier.for_layout(layout, 40)
+        host = HostTier(40, layout.num_segments, layout.segment_words, layout.word, block_major=True)
     assert host.pinned and host.block_major == (not variant.startswith("segment_major"))
     direct = fileio.probe_o_direct(tmp_path) is None
     disk = DiskTier.create(tmp_path, 32, layout.block_bytes, layout.fingerprint(model="t"), direct=direct)

@@ -9,8 +9,8 @@ KV) records an event on the compute stream, and kvbm's gather kernel and D2H cop
 kvbm's streams, so stores overlap the rest of the forward; `finish()` saves layers never saved (a step
 replayed by a full CUDA graph calls no layer hook) and returns the event after which the host holds them.
 
-The host tier is block-major (slot, segment, words) on CUDA (HostTier.for_layout) or layer-major (segment,
-slot, words). A layer of a run of consecutive host slots is then one 2D copy (block-major: one row per slot,
+The host tier is layer-major (segment, slot, words: HostTier.for_layout, the faster here) or block-major (slot,
+segment, words). A layer of a run of consecutive host slots is then one 2D copy (block-major: one row per slot,
 pitch = a whole slot) or one plain copy (layer-major). scripts/gpu_layerwise.py measures both.
 
 Operations (the pure ones are tested on CPU):
