@@ -85,9 +85,15 @@ class Req:
     scheduled_before: bool = False
     resumed: bool = False
 
+    live_hashes: list = field(default_factory=list)
+
     @property
     def hashes(self) -> list:
-        return chain_hashes(self.tokens)
+        """vLLM's request.block_hashes: one list, extended in place as tokens complete blocks (the connector
+        keeps the reference it was given and sees it grow)."""
+        full = chain_hashes(self.tokens)
+        self.live_hashes.extend(full[len(self.live_hashes):])
+        return self.live_hashes
 
 
 @dataclass

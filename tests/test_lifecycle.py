@@ -100,6 +100,7 @@ def test_the_scripted_engine_really_loads_from_host_and_disk_and_checks_the_byte
                 req_id = eng.add_request()
                 eng.requests[req_id].tokens = list(eng.prefixes[p]) + [1500 + p] * 3
                 eng.requests[req_id].num_prompt = len(eng.requests[req_id].tokens)
+                eng.requests[req_id].max_out = 1  # the prefixes alone cycle through G2 and G3
                 eng.run_to_completion(req_id)
         eng.check_quiescent()
         policy = eng.leader.manager.stats
@@ -322,3 +323,64 @@ def test_the_layerwise_check_catches_a_load_that_is_not_in_place_before_the_forw
     monkeypatch.setattr(KvbmWorker, "_start_layerwise_load", not_in_place)
     with pytest.raises(AssertionError, match="layer-wise block"):
         _layerwise_round(tmp_path)
+
+
+# ---- what multi-round reuse needs: a finished request's last full block, a resumed request's output ----------
+
+def _decode(eng: ScriptedEngine, req_id: str, steps: int) -> None:
+    for _ in range(steps):
+        eng.step(admit=1)
+        time.sleep(0.001)
+
+
+def test_every_block_whose_kv_was_computed_is_stored_up_to_the_last_full_one(tmp_path):
+    """A multi-round client sends the answer back as the next prompt: every block the request filled, the last
+    full one included (its last token's KV is computed when that token is fed back), must be in G2."""
+    eng = ScriptedEngine(tmp_path, world_size=1, seed=5, num_blocks=40, host_slots=32, disk_slots=0)
+    try:
+        req_id = eng.add_request()
+        req = eng.requests[req_id]
+        req.tokens = list(eng.prefixes[0]) + [1500] * 5
+        req.num_prompt, req.max_out = len(req.tokens), 3 * BS  # decodes across several block boundaries
+        seen = []
+        while req_id in eng.requests and eng.requests[req_id].status != "FINISHED":
+            eng.step(admit=1)
+            seen = (list(req.hashes), req.num_computed)
+            time.sleep(0.001)
+        eng.drain()
+        hashes, computed = seen
+        full = computed // BS
+        assert full > len(eng.prefixes[0]) // BS + 1, "the request never filled a block while decoding"
+        assert len(eng.leader.manager.match(hashes[:full])) == full, \
+            f"{full} blocks had KV but only {len(eng.leader.manager.match(hashes[:full]))} are in G2"
+    finally:
+        eng.close()
+
+
+def test_a_resumed_request_onboards_the_blocks_it_generated_before_preemption(tmp_path):
+    """Preempted after decoding past a block boundary, a request comes back through a lookup over its prompt
+    and its output: KVBM matches the generated blocks too, not only the prompt's."""
+    eng = ScriptedEngine(tmp_path, world_size=1, seed=6, num_blocks=40, host_slots=32, disk_slots=0)
+    try:
+        req_id = eng.add_request()
+        req = eng.requests[req_id]
+        req.tokens = list(eng.prefixes[1]) + [1600] * 3
+        req.num_prompt, req.max_out = len(req.tokens), 4 * BS
+        prompt_blocks = len(req.tokens) // BS
+        while req.num_computed < (prompt_blocks + 2) * BS:
+            assert req_id in eng.requests and req.status != "FINISHED", (req.status, req.num_computed, len(req.tokens))
+            eng.step(admit=1)
+            time.sleep(0.001)
+        preempted: set[str] = set()
+        eng.preempt(req_id, preempted)
+        eng.leader.on_preempted(preempted)
+        for _ in range(50):  # the request waits (nothing admitted) while the stores of its blocks land
+            eng.step(admit=0)
+            time.sleep(0.002)
+        n = eng.leader.num_matched_tokens(req_id, req.hashes, 0, len(req.tokens))
+        assert n // BS > prompt_blocks, f"only {n // BS} blocks matched on resumption; the prompt has {prompt_blocks}"
+        eng.leader._lookups.pop(req_id, None)
+        eng.drain()
+        eng.check_quiescent()
+    finally:
+        eng.close()
