@@ -35,6 +35,18 @@ def _one_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def _engine_pids(port: int) -> list[int]:
+    """Processes whose command line has `--port PORT` (vLLM's API server, kvbm serve, the reaper)."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        args = p.info["cmdline"] or []
+        if any(a == "--port" and b == str(port) for a, b in zip(args, args[1:])) and p.info["status"] != "zombie":
+            found.append(p.pid)
+    return found
+
+
 def test_serve_until_sigterm_stops_the_whole_group(tiny_model_dir, tmp_path):
     port, log = free_port(), tmp_path / "engine.log"
     proc = subprocess.Popen(KVBM + ["serve", "--model", str(tiny_model_dir), "--port", str(port), "--host",
@@ -58,8 +70,7 @@ def test_serve_until_sigterm_stops_the_whole_group(tiny_model_dir, tmp_path):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=3)
     assert "stopping the engine" in proc.stderr.read()
     # nothing of the engine is left: no process has the engine's port argument any more
-    left = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
-    assert [p for p in left if int(p) != proc.pid] == []
+    assert [p for p in _engine_pids(port) if p != proc.pid] == []
 
 
 def test_sigkill_of_kvbm_serve_leaves_no_engine_behind(tiny_model_dir, tmp_path):
@@ -71,14 +82,13 @@ def test_sigkill_of_kvbm_serve_leaves_no_engine_behind(tiny_model_dir, tmp_path)
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env())
     try:
         assert proc.stdout.readline().startswith("ready:")
-        engine = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
-        assert [p for p in engine if int(p) != proc.pid], "the engine runs"
+        assert [p for p in _engine_pids(port) if p != proc.pid], "the engine runs"
         proc.kill()
         proc.wait()
         deadline, left = time.monotonic() + 40, ["?"]
         while left and time.monotonic() < deadline:
             time.sleep(0.5)
-            left = subprocess.run(["pgrep", "-f", f"--port {port}"], capture_output=True, text=True).stdout.split()
+            left = _engine_pids(port)
         assert left == [], f"engine processes {left} outlived kvbm serve"
     finally:
         if proc.poll() is None:
