@@ -19,6 +19,8 @@ import signal
 import subprocess
 import sys
 
+import psutil
+
 PR_SET_PDEATHSIG = 1
 GRACE_S = 20.0
 
@@ -37,13 +39,15 @@ class _Stop(Exception):
 
 
 def _stop(signum, frame):
+    # The first stop signal wins: another one (the parent-death signal and the launcher's own SIGTERM can both
+    # come) must not interrupt the group's clean-up half-way, which would orphan the engine.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     raise _Stop()
 
 
 def _stop_group(child: subprocess.Popen) -> None:
     """SIGTERM every process of this group but this one; SIGKILL the rest after GRACE_S."""
-    import psutil
-
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     group, me = os.getpgrp(), os.getpid()
