@@ -177,9 +177,12 @@ class KvbmWorker:
             if spec.layerwise and self.engine is not None:
                 self._start_layerwise_load(spec)
                 continue
-            self._load_req[spec.job_id] = spec.req_id
+            if not spec.layerwise:  # vLLM waits for "finished receiving" of asynchronous loads only
+                self._load_req[spec.job_id] = spec.req_id
             if self.engine is None:
                 self._unregistered()
+                if spec.layerwise:  # the request runs this step: its blocks are load errors now, recomputed
+                    self._load_errors.update(m.block_id for m in spec.moves)
                 self._local.append(JobResult(spec.job_id, "onboard", error="tiers not registered",
                                              failed_hashes=frozenset(m.block_hash for m in spec.moves),
                                              failed_block_ids=frozenset(m.block_id for m in spec.moves)))

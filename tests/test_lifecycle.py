@@ -269,6 +269,10 @@ def test_a_plan_before_the_caches_are_registered_fails_its_load_and_still_report
     out = worker.poll()
     assert out.finished_recving == {"r"} and out.failed_block_ids == {3}
     assert out.report.jobs["store:s:1"].failed_hashes == {"h9"}
+    # a layer-wise (synchronous) load: vLLM never waits for it, so it is never reported as finished receiving
+    worker.start_loads(StepPlan(loads=[LoadSpec("q", "load:q:2", [BlockMove("h1", 5, 0)], layerwise=True)]))
+    out = worker.poll()
+    assert not out.finished_recving and out.failed_block_ids == {5} and "load:q:2" in out.report.jobs
 
 
 def test_handshake_mismatch_names_the_cause():
