@@ -428,6 +428,11 @@ def interleaved(fns: dict, repeats: int, setup=None) -> dict[str, float]:
 
 
 def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
+    """kvbm's G1<->G2 paths against raw pinned memcpy of the same bytes, interleaved in one run. The paths
+    kvbm uses on CUDA (its host tier is layer-major: HostTier.for_layout): layer-wise (the worker's
+    LayerwiseCopier) and whole-request (CudaCopier, and the same through a TransferEngine job, which adds the
+    hand-off to and from the engine's thread). References, not kvbm paths: raw memcpy run as a TransferEngine
+    job (the hand-off alone), and a block-major host tier (chunked 2D path, layer-wise)."""
     dev = args.device
     raw, views, layout = build(desc, dev)
     n = desc["num_blocks"] // 2
@@ -442,10 +447,22 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
     gpu = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     gpu.random_()
     pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=dev != "cpu")
-    cur = torch.cuda.current_stream() if dev != "cpu" else None
     copiers = {k: layerwise_copier(layout, h, dev) for k, h in hosts.items()}
     stores = [BlockMove(i, b, s) for i, (b, s) in enumerate(zip(src, slots))]
     loads = [BlockMove(i, b, s, Tier.G2) for i, (b, s) in enumerate(zip(dst, slots))]
+    engine_raw = None
+    if dev != "cpu":  # the same job hand-off with a raw memcpy in place of kvbm's copy
+        engine_raw = TransferEngine(layout, host_tier(layout, 1, False, dev), None)
+
+        def raw_job(to_host):
+            def go(ids, slots_, ready=None):
+                stream = torch.cuda.current_stream()
+                if ready is not None:
+                    stream.wait_event(ready)
+                (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
+                stream.synchronize()
+            return go
+        engine_raw.cuda.offload, engine_raw.cuda.onboard = raw_job(True), raw_job(False)
 
     def raw_d2h():
         pinned.copy_(gpu, non_blocking=True)
@@ -455,13 +472,17 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
         gpu.copy_(pinned, non_blocking=True)
         sync(dev)
 
-    def off():
-        engine.submit_offload(OffloadJob("o", stores=stores))
-        engine.wait()
+    def job_off(eng):
+        def go():
+            eng.submit_offload(OffloadJob("o", stores=stores))
+            eng.wait()
+        return go
 
-    def on():
-        engine.submit_onboard(OnboardJob("i", loads=loads))
-        engine.wait()
+    def job_on(eng):
+        def go():
+            eng.submit_onboard(OnboardJob("i", loads=loads))
+            eng.wait()
+        return go
 
     def lw_store(k):
         def go():
@@ -473,59 +494,65 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
             copiers[k].start_load(dst, slots).synchronize()
         return go
 
-    def off_lm():
-        engine_lm.submit_offload(OffloadJob("o", stores=stores))
-        engine_lm.wait()
+    def cc_off():
+        engine_lm.cuda.offload(src, slots)
 
-    def on_lm():
-        engine_lm.submit_onboard(OnboardJob("i", loads=loads))
-        engine_lm.wait()
+    def cc_on():
+        engine_lm.cuda.onboard(dst, slots)
 
-    d2h = {"raw pinned D2H": raw_d2h, "G1->G2 TransferEngine": off}
-    h2d = {"raw pinned H2D": raw_h2d, "G2->G1 TransferEngine": on}
+    d2h = {"raw pinned D2H": raw_d2h}
+    h2d = {"raw pinned H2D": raw_h2d}
     if dev != "cpu":
-        d2h["G1->G2 TransferEngine, layer-major"] = off_lm
-        h2d["G2->G1 TransferEngine, layer-major"] = on_lm
-        for k in copiers:
-            d2h[f"G1->G2 layer-wise, {k} host"] = lw_store(k)
-            h2d[f"G2->G1 layer-wise, {k} host"] = lw_load(k)
+        d2h.update({"G1->G2 layer-wise": lw_store("layer-major"), "G1->G2 whole request, CudaCopier": cc_off,
+                    "G1->G2 whole request, TransferEngine job": job_off(engine_lm),
+                    "ref: raw D2H as a TransferEngine job": job_off(engine_raw),
+                    "ref: G1->G2 TE, block-major host": job_off(engine),
+                    "ref: G1->G2 layer-wise, block-major host": lw_store("block-major")})
+        h2d.update({"G2->G1 layer-wise": lw_load("layer-major"), "G2->G1 whole request, CudaCopier": cc_on,
+                    "G2->G1 whole request, TransferEngine job": job_on(engine_lm),
+                    "ref: raw H2D as a TransferEngine job": job_on(engine_raw),
+                    "ref: G2->G1 TE, block-major host": job_on(engine),
+                    "ref: G2->G1 layer-wise, block-major host": lw_load("block-major")})
+    else:
+        d2h["G1->G2 TransferEngine (CPU copy)"] = job_off(engine)
+        h2d["G2->G1 TransferEngine (CPU copy)"] = job_on(engine)
     res = {**interleaved(d2h, args.repeats), **interleaved(h2d, args.repeats)}
-    # byte-exact: every path leaves the source pages in the destination blocks
+    # byte-exact: every path leaves the source pages in the destination blocks (the host tier zeroed first,
+    # the destination pages poisoned: a path that moved nothing fails)
     exact = {}
     idx_src, idx_dst = torch.tensor(src, device=dev), torch.tensor(dst, device=dev)
 
-    def check(name):
-        exact[name] = all(bits_equal(seg[idx_src], seg[idx_dst]) for seg in layout.segments)
-
-    def poison():
+    def check(name, store, load, host):
+        host.tensor.fill_(0)
         for seg in layout.segments:
             seg.index_fill_(0, idx_dst, -1)
+        store()
+        load()
+        exact[name] = all(bits_equal(seg[idx_src], seg[idx_dst]) for seg in layout.segments)
 
-    poison(); off(); on(); check("TransferEngine")  # noqa: E702
-    if engine_lm is not None:
-        hosts["layer-major"].tensor.fill_(0)
-        poison(); off_lm(); on_lm(); check("TransferEngine layer-major")  # noqa: E702
-    for k, cp in copiers.items():
-        if cp is not None:  # the host tier gets the pages from the layer-wise store alone
-            hosts[k].tensor.fill_(0)
-            lw_store(k)(); poison(); lw_load(k)(); check(f"layer-wise {k}")  # noqa: E702
+    check("TE block-major host", job_off(engine), job_on(engine), hosts["block-major"])
+    if dev != "cpu":
+        check("layer-wise", lw_store("layer-major"), lw_load("layer-major"), hosts["layer-major"])
+        check("CudaCopier", cc_off, cc_on, hosts["layer-major"])
+        check("TransferEngine job", job_off(engine_lm), job_on(engine_lm), hosts["layer-major"])
+        check("layer-wise block-major host", lw_store("block-major"), lw_load("block-major"), hosts["block-major"])
     lay = desc["layout"]
     for name, t in res.items():
-        ref = res["raw pinned D2H"] if "D2H" in name or "G1->G2" in name else res["raw pinned H2D"]
+        ref = res["raw pinned D2H"] if name in d2h else res["raw pinned H2D"]
         ratio = ref / t
         rows.append({"part": "transfer", "layout": lay, "block_size": desc["block_size"], "path": name,
                      "nbytes": nbytes, "gbps": nbytes / t / 1e9, "ratio_vs_raw": ratio})
-        log(lines, f"{lay:<6}{desc['block_size']:>4}{layout.block_bytes // 1024:>8} {name:<36}{nbytes / t / 1e9:8.2f}"
+        log(lines, f"{lay:<6}{desc['block_size']:>4}{layout.block_bytes // 1024:>8} {name:<42}{nbytes / t / 1e9:8.2f}"
                    f"{ratio:8.3f}")
     log(lines, f"{'':<6}{'':>4}{'':>8} byte-exact: {exact}")
     rows.append({"part": "transfer_exact", "layout": lay, "block_size": desc["block_size"], **exact})
-    engine.close()
-    if engine_lm is not None:
-        engine_lm.close()
+    for eng in (engine, engine_lm, engine_raw):
+        if eng is not None:
+            eng.close()
     for cp in copiers.values():
         if cp is not None:
             cp.close()
-    del raw, views, layout, hosts, copiers, engine, engine_lm, gpu, pinned
+    del raw, views, layout, hosts, copiers, engine, engine_lm, engine_raw, gpu, pinned
     if dev != "cpu":
         torch.cuda.empty_cache()
 
@@ -754,7 +781,7 @@ def main() -> int:
     if "transfer" not in skip:
         log(lines, "")
         log(lines, f"== C. transfers vs raw pinned memcpy, 1 GiB, scattered engine pages, median of {args.repeats}")
-        log(lines, f"{'layout':<6}{'bs':>4}{'KiB/blk':>8} {'path':<36}{'GB/s':>8}{'vs raw':>8}")
+        log(lines, f"{'layout':<6}{'bs':>4}{'KiB/blk':>8} {'path':<42}{'GB/s':>8}{'vs raw':>8}")
         for lay in layouts:
             for bs in args.block_sizes:
                 t0 = time.perf_counter()

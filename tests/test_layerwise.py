@@ -16,6 +16,7 @@ from kvbm.errors import TransferError
 from kvbm.mechanism import HostTier, KVLayout
 from kvbm.mechanism.cuda_copy import Run
 from kvbm.mechanism.engine_views import load_descriptions, replay
+from kvbm.mechanism import layerwise
 from kvbm.mechanism.layerwise import LayerwiseCopier, Unit, choose_onboard_path, layer_copies, plan_units
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
@@ -60,6 +61,21 @@ def test_plan_units_cover_every_block_once_in_slot_order(seed):
     assert plan_units([], [], 3) == ((), [])
     with pytest.raises(ValueError):
         plan_units([1], [1], 0)
+
+
+@pytest.mark.parametrize("max_rows", [1, 3, 4, 7, 20, 100])
+def test_plan_units_cut_consecutive_slots_at_unit_edges(max_rows):
+    """Slots already in order (the common case, planned without a sort): one run per unit, cut where a unit
+    ends; a gap in the slots starts a new run."""
+    ids = list(range(50, 30, -1))
+    ordered, units = plan_units(ids, list(range(10, 30)), max_rows)
+    assert list(ordered) == ids
+    assert [u.rows for u in units] == [min(max_rows, 20 - r) for r in range(0, 20, max_rows)]
+    assert [u.runs for u in units] == [(Run(10 + u.row0, 0, u.rows),) for u in units]
+    _, units = plan_units([7, 8, 9, 10], [0, 1, 5, 6], max_rows)
+    runs = [(u.row0 + r.row, r.slot, r.count) for u in units for r in u.runs]
+    want = {1: [(0, 0, 1), (1, 1, 1), (2, 5, 1), (3, 6, 1)], 3: [(0, 0, 2), (2, 5, 1), (3, 6, 1)]}
+    assert runs == want.get(max_rows, [(0, 0, 2), (2, 5, 2)])
 
 
 def _apply(copies, src, dst, to_host):
@@ -229,3 +245,32 @@ def test_piecewise_cuda_graphs_are_required_only_while_layerwise_kvbm_is_on(monk
     monkeypatch.delenv("DYN_KVBM_LAYERWISE")
     monkeypatch.delenv("DYN_KVBM_CPU_CACHE_GB")
     assert KvbmConnector.requires_piecewise_for_cudagraph({}) is False  # KVBM inactive: pass-through
+
+
+@needs_cuda
+@pytest.mark.parametrize("tail", [1, None], ids=["sleep_then_spin", "spin_only"])
+def test_wait_blocking_returns_after_the_last_layer(monkeypatch, tail):
+    """A whole-request wait sleeps on an event some layers before the end, then spins on the last one; it
+    returns only once every layer is in place, also when the copies wait behind a long kernel."""
+    raw, layout = gpu_cache("test-LBNHC")
+    if tail is not None:
+        monkeypatch.setattr(layerwise, "SPIN_TAIL_BYTES", tail)  # nap after the last layer but one
+    host = HostTier.for_layout(layout, 8)
+    cp = LayerwiseCopier(layout, host)
+    saved = pages(layout, [1, 2, 3]).clone()
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        torch.cuda._sleep(100_000_000)  # the forward that wrote the pages is still running
+        store = cp.start_store([1, 2, 3], [0, 1, 2]).finish()
+    assert (store.nap is not None) == (tail is not None)
+    store.wait_blocking()
+    assert store.query()
+    assert torch.equal(torch.stack([host.segment(s)[:3] for s in range(layout.num_segments)]), saved.cpu())
+    with torch.cuda.stream(compute):
+        torch.cuda._sleep(100_000_000)  # earlier kernels still read the destination pages
+        load = cp.start_load([10, 11, 12], [0, 1, 2])
+    assert (load.nap is not None) == (tail is not None)
+    load.wait_blocking()
+    assert load.query() and all(e.query() for e in load.events)
+    assert torch.equal(pages(layout, [10, 11, 12]), saved)
+    cp.close()
