@@ -145,6 +145,9 @@ def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=
         engine_old = TransferEngine(layout, host3, None)
         engine_old.cuda._layerwise.close()
         engine_old.cuda._layerwise = OLD.LayerwiseCopier(layout, host3)
+    big = torch.empty(nbytes, dtype=torch.uint8, device=dev)
+    host_bytes = host.tensor.view(-1).view(torch.uint8)
+    big_rows = big.view(torch.int64).view(-1, layout.segment_words)
     engine_raw = TransferEngine(layout, HostTier(1, L, layout.segment_words, layout.word, pin=True), None)
 
     def raw_job(to_host):
@@ -237,6 +240,18 @@ def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=
         tri(uva.view(-1), rows_flat, host_off, dst_off_dev, words)
         torch.cuda.synchronize()
 
+    def pregather_store():  # one gather of every layer, then per-layer D2H: the DMA alone, cut per layer
+        torch.index_select(flat.rows, 0, idx_src, out=big_rows)
+        for i in range(L):
+            host_bytes[i * per:(i + 1) * per].copy_(big[i * per:(i + 1) * per], non_blocking=True)
+        torch.cuda.synchronize()
+
+    def prescatter_load():
+        for i in range(L):
+            big[i * per:(i + 1) * per].copy_(host_bytes[i * per:(i + 1) * per], non_blocking=True)
+        flat.rows.index_copy_(0, idx_dst, big_rows)
+        torch.cuda.synchronize()
+
     def job(eng, kind):
         def go():
             if kind == "off":
@@ -248,10 +263,10 @@ def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=
 
     d2h = {"raw D2H": raw_d2h, "raw D2H split per layer": raw_d2h_split, "layer-wise store": lw_store,
            "CudaCopier.offload": cc_off, "TransferEngine offload": te_off,
-           "raw D2H as a TE job": job(engine_raw, "off")}
+           "raw D2H as a TE job": job(engine_raw, "off"), "gather all, then D2H per layer": pregather_store}
     h2d = {"raw H2D": raw_h2d, "raw H2D split per layer": raw_h2d_split, "layer-wise load": lw_load,
            "CudaCopier.onboard": cc_on, "TransferEngine onboard": te_on,
-           "raw H2D as a TE job": job(engine_raw, "on")}
+           "raw H2D as a TE job": job(engine_raw, "on"), "H2D per layer, then scatter all": prescatter_load}
     if OLD is not None:
         d2h["OLD layer-wise store"] = lambda: cp_old.start_store(src, slots).finish().synchronize()
         d2h["OLD CudaCopier.offload"] = lambda: engine_old.cuda.offload(src, slots)
@@ -317,6 +332,62 @@ def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=
         ex["error"] = repr(exc)
     lines.append(f"{name:<22} exact: {ex}")
     print(lines[-1], flush=True)
+    # GPU-side startup and span, from timing events (no profiler): E0 on the current stream at the call,
+    # E1 before the first copy on the copy stream, E2 after the last copy
+    mods = [lw_mod] + ([OLD] if OLD is not None else [])
+    trace = {"on": False, "first": None, "last": None}
+    origs = {}
+    for m in mods:
+        origs[m] = m.LayerwiseCopier._copy
+
+        def patched(self_, c, staged, to_host, stream, _orig=origs[m]):
+            if trace["on"] and trace["first"] is None:
+                trace["first"] = torch.cuda.Event(enable_timing=True)
+                trace["first"].record(stream)
+            _orig(self_, c, staged, to_host, stream)
+            if trace["on"]:
+                trace["last"] = torch.cuda.Event(enable_timing=True)
+                trace["last"].record(stream)
+        m.LayerwiseCopier._copy = patched
+
+    def raw_traced(to_host):
+        def go():
+            trace["first"] = torch.cuda.Event(enable_timing=True)
+            trace["first"].record(cur)
+            (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
+            trace["last"] = torch.cuda.Event(enable_timing=True)
+            trace["last"].record(cur)
+            torch.cuda.synchronize()
+        return go
+
+    traced = {"raw D2H": raw_traced(True), "raw H2D": raw_traced(False), "layer-wise store": lw_store,
+              "layer-wise load": lw_load, "CudaCopier.offload": cc_off, "CudaCopier.onboard": cc_on,
+              "TransferEngine offload": te_off, "TransferEngine onboard": te_on}
+    if OLD is not None:
+        for k in ("OLD layer-wise store", "OLD layer-wise load", "OLD CudaCopier.offload", "OLD CudaCopier.onboard"):
+            traced[k] = d2h.get(k) or h2d.get(k)
+    for k, fn in traced.items():
+        st, sp, wl = [], [], []
+        for _ in range(7):
+            torch.cuda.synchronize()
+            trace.update(on=True, first=None, last=None)
+            e0 = torch.cuda.Event(enable_timing=True)
+            t = time.perf_counter()
+            e0.record(cur)
+            fn()
+            wall = time.perf_counter() - t
+            trace["on"] = False
+            torch.cuda.synchronize()
+            st.append(e0.elapsed_time(trace["first"]))
+            sp.append(trace["first"].elapsed_time(trace["last"]))
+            wl.append(wall * 1e3)
+        line = (f"{name:<22} TRACE {k:<28} start {statistics.median(st) * 1e3:7.0f} us  copies span "
+                f"{statistics.median(sp) * 1e3:8.0f} us  wall {statistics.median(wl) * 1e3:8.0f} us  "
+                f"wall - start - span {statistics.median([w - a - b for w, a, b in zip(wl, st, sp)]) * 1e3:6.0f} us")
+        lines.append(line)
+        print(line, flush=True)
+    for m in mods:
+        m.LayerwiseCopier._copy = origs[m]
     # profiles
     for k, fn in () if not profiles else (("raw H2D", raw_h2d), ("raw D2H", raw_d2h), ("layer-wise load", lw_load),
                   ("layer-wise store", lw_store), ("CudaCopier.onboard", cc_on), ("CudaCopier.offload", cc_off),
@@ -351,7 +422,7 @@ def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=
         if e is not None:
             e.close()
     cp.close()
-    del raw, views, layout, host, host2, gpu, pinned, cp, engine, flat, uva, cp_old, engine_old, engine_raw
+    del raw, views, layout, host, host2, gpu, pinned, cp, engine, flat, uva, cp_old, engine_old, engine_raw, big
     torch.cuda.empty_cache()
 
 
@@ -370,6 +441,7 @@ def main() -> int:
         global OLD
         spec = importlib.util.spec_from_file_location("layerwise_old", args.old)
         OLD = importlib.util.module_from_spec(spec)
+        sys.modules["layerwise_old"] = OLD
         spec.loader.exec_module(OLD)
     args.out.mkdir(parents=True, exist_ok=True)
     descs = load_descriptions()

@@ -25,7 +25,7 @@ Operations (the pure ones are tested on CPU):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
@@ -133,6 +133,7 @@ class _Ring:
         self.bufs = [torch.empty(nbytes, dtype=torch.uint8, device=device) for _ in range(count)]
         self.free: list[torch.cuda.Event | None] = [None] * count
         self.next = 0
+        self.views: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (k, rows) -> views
 
     def take(self) -> int:
         k = self.next
@@ -142,7 +143,13 @@ class _Ring:
 
 class LayerwiseCopier:
     """Per-layer loads and stores between a CUDA engine cache and the pinned host tier. Lives in each worker
-    process; every call comes from the thread that runs the forward (vLLM's layer hooks)."""
+    process; every call comes from the thread that runs the forward (vLLM's layer hooks).
+
+    Host time matters: a load's or store's copy engine idles until its first copy is queued, and each torch
+    call (a view, a slice, a copy) costs tens of microseconds on the device machines. So the copies go
+    through the CUDA driver with plain pointers, staging views are made once per (buffer, rows), and the
+    gather/scatter rows of every (layer, unit) are computed on the host in one array, uploaded once, and
+    sliced once per unit."""
 
     def __init__(self, layout, host, staging_bytes: int = 64 << 20, num_buffers: int = 3):
         if layout.device.type != "cuda":
@@ -158,22 +165,26 @@ class LayerwiseCopier:
         self.max_rows = max(1, staging_bytes // self.layer_bytes_per_block)
         self.block_major = host.block_major
         self.flat = FlatRows.of(layout)
+        self._base = None  # flat row of block 0 of each (layer, segment), on the host
+        if self.flat is not None:
+            self._base = self.flat.seg_base.cpu().numpy().reshape(self.num_layers, self.spl)
         self._staging_bytes = self.max_rows * self.layer_bytes_per_block
         self._num_buffers = num_buffers
         self._host_bytes = host.tensor.view(-1).view(torch.uint8)
-        self._driver = None
-        if any(c.height > 1 for c in self._probe_copies()):
-            from kvbm.mechanism.cuda_copy import _Driver
+        self._host_ptr = self._host_bytes.data_ptr()
+        self._driver = None  # plain and 2D copies through libcuda (None: torch copies, row by row for 2D)
+        from kvbm.mechanism.cuda_copy import _Driver
 
-            try:
-                self._driver = _Driver(self.device.index if self.device.index is not None else torch.cuda.current_device())
-                pitch = max(c.host_pitch for c in self._probe_copies())
-                if pitch > self._driver.max_pitch:
-                    log.warning("kvbm: host pitch %d exceeds the 2D copy limit %d; layer-wise copies go row by row",
-                                pitch, self._driver.max_pitch)
-                    self._driver = None
-            except (OSError, AttributeError, TransferError) as exc:
-                log.warning("kvbm: cuMemcpy2DAsync unavailable (%s); layer-wise copies go row by row", exc)
+        try:
+            self._driver = _Driver(self.device.index if self.device.index is not None else torch.cuda.current_device())
+            pitch = max(c.host_pitch for c in self._probe_copies())
+            self._two_d = pitch <= self._driver.max_pitch
+            if not self._two_d:
+                log.warning("kvbm: host pitch %d exceeds the 2D copy limit %d; layer-wise copies go row by row",
+                            pitch, self._driver.max_pitch)
+        except (OSError, AttributeError, TransferError) as exc:
+            log.warning("kvbm: CUDA driver copies unavailable (%s); layer-wise copies go through torch", exc)
+            self._driver, self._two_d = None, False
         self.h2d = torch.cuda.Stream(self.device)
         self.load_kernel = torch.cuda.Stream(self.device, priority=-1)  # high: on the forward's critical path
         self.store_kernel = torch.cuda.Stream(self.device)
@@ -190,40 +201,53 @@ class LayerwiseCopier:
             self._rings[kind] = _Ring(self.device, self._staging_bytes, self._num_buffers)
         return self._rings[kind]
 
-    def _staged(self, ring: _Ring, k: int, rows: int) -> torch.Tensor:
-        lay = self.layout
-        shape = (rows, self.spl) if self.block_major else (self.spl, rows)
-        return ring.bufs[k][:rows * self.layer_bytes_per_block].view(lay.word).view(*shape, lay.segment_words)
+    def _staged(self, ring: _Ring, k: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffer k as (rows, spl, w) or (spl, rows, w), and as (rows * spl, w) rows; made once per (k, rows)."""
+        views = ring.views.get((k, rows))
+        if views is None:
+            lay = self.layout
+            shape = (rows, self.spl) if self.block_major else (self.spl, rows)
+            staged = ring.bufs[k][:rows * self.layer_bytes_per_block].view(lay.word).view(*shape, lay.segment_words)
+            views = ring.views[(k, rows)] = (staged, staged.view(-1, lay.segment_words))
+        return views
 
     def _copy(self, c: Copy2D, staged: torch.Tensor, to_host: bool, stream: torch.cuda.Stream) -> None:
-        """One host<->staging copy on `stream` (the caller made it current)."""
+        """One host<->staging copy on `stream`."""
         dense = c.height == 1 or (c.host_pitch == c.width and c.staging_pitch == c.width)
-        if dense:
-            n = c.width * c.height
-            h = self._host_bytes[c.host_offset:c.host_offset + n]
-            g = staged.view(-1).view(torch.uint8)[c.staging_offset:c.staging_offset + n]
-            (h.copy_(g, non_blocking=True) if to_host else g.copy_(h, non_blocking=True))
-        elif self._driver is not None:
-            self._driver.copy2d(c, self._host_bytes.data_ptr(), staged.data_ptr(), to_host, stream.cuda_stream)
-        else:  # no driver: one copy per row
-            g_all = staged.view(-1).view(torch.uint8)
-            for i in range(c.height):
+        if self._driver is not None and (dense or self._two_d):
+            if dense:
+                self._driver.copy(self._host_ptr + c.host_offset, staged.data_ptr() + c.staging_offset,
+                                  c.width * c.height, to_host, stream.cuda_stream)
+            else:
+                self._driver.copy2d(c, self._host_ptr, staged.data_ptr(), to_host, stream.cuda_stream)
+            return
+        g_all = staged.view(-1).view(torch.uint8)
+        with torch.cuda.stream(stream):  # no driver (or a pitch past its limit): torch copies, row by row
+            for i in range(1 if dense else c.height):
+                n = c.width * c.height if dense else c.width
                 ho, so = c.host_offset + i * c.host_pitch, c.staging_offset + i * c.staging_pitch
-                h, g = self._host_bytes[ho:ho + c.width], g_all[so:so + c.width]
+                h, g = self._host_bytes[ho:ho + n], g_all[so:so + n]
                 (h.copy_(g, non_blocking=True) if to_host else g.copy_(h, non_blocking=True))
 
-    def _index(self, ids: torch.Tensor) -> torch.Tensor | None:
-        """Flat rows of every (layer, block, segment): (L, n, spl) for block-major staging, (L, spl, n) else."""
-        if self.flat is None:
-            return None
-        base = self.flat.seg_base.view(self.num_layers, self.spl)
-        if self.block_major:
-            return base[:, None, :] + ids[None, :, None] * self.flat.block_stride
-        return base[:, :, None] + ids[None, None, :] * self.flat.block_stride
+    def _upload_rows(self, ids: np.ndarray, units: list[Unit], stream: torch.cuda.Stream) -> torch.Tensor:
+        """Flat rows of every (layer, unit) in staging order, one run after the other: (layer, unit) starts at
+        layer * spl * n + unit.row0 * spl (see _rows). Computed here, uploaded in one copy on `stream`."""
+        base = self._base
+        stride = self.flat.block_stride
+        if self.block_major:  # staging (rows, spl): per unit, blocks outer
+            rows = base[:, None, :] + ids[None, :, None] * stride                     # (L, n, spl)
+        else:  # staging (spl, rows): per unit, segments outer
+            rows = base[:, :, None] + ids[None, None, :] * stride                     # (L, spl, n)
+            if len(units) > 1:
+                rows = np.concatenate([rows[:, :, u.row0:u.row0 + u.rows].reshape(self.num_layers, -1)
+                                       for u in units], axis=1)
+        with torch.cuda.stream(stream):
+            return torch.from_numpy(np.ascontiguousarray(rows).reshape(-1)).pin_memory().to(
+                self.device, non_blocking=True)
 
-    def _unit_rows(self, index: torch.Tensor, layer: int, unit: Unit) -> torch.Tensor:
-        sl = slice(unit.row0, unit.row0 + unit.rows)
-        return (index[layer, sl] if self.block_major else index[layer, :, sl]).reshape(-1)
+    def _rows(self, rows: torch.Tensor, n: int, layer: int, unit: Unit) -> torch.Tensor:
+        start = (layer * n + unit.row0) * self.spl
+        return rows[start:start + unit.rows * self.spl]
 
     def _per_segment(self, ids: torch.Tensor, layer: int, unit: Unit, staged: torch.Tensor, load: bool) -> None:
         """Layers in separate buffers (no flat view): one index op per segment."""
@@ -246,48 +270,57 @@ class LayerwiseCopier:
         per_layer = max(1, num_blocks * self.layer_bytes_per_block)
         return self.num_layers - 1 - -(-SPIN_TAIL_BYTES // per_layer)
 
+    def _unit_copies(self, units: list[Unit]) -> list[list[Copy2D]]:
+        """Each unit's copies for layer 0; layer l's are the same shifted by l * _layer_shift bytes on the host."""
+        lay = self.layout
+        return [layer_copies(u, 0, self.spl, lay.num_segments, self.host.num_slots, lay.segment_bytes,
+                             self.block_major) for u in units]
+
+    @property
+    def _layer_shift(self) -> int:
+        sb = self.layout.segment_bytes
+        return self.spl * sb if self.block_major else self.spl * self.host.num_slots * sb
+
     # ---- loads --------------------------------------------------------------------------------------------
 
     def start_load(self, block_ids: Sequence[int], slots: Sequence[int], ready=None) -> "LayerLoad":
         """Enqueue every layer's copies (host `slots` -> engine `block_ids`) in layer order; returns at once.
         The scatters wait for `ready` (default: an event on the current stream: earlier kernels may still
-        read the pages). The first copy is queued before anything else (the block ids' upload, the index
-        kernel), so the copy engine starts as soon as the slots are planned."""
-        lay = self.layout
+        read the pages). The first copy is queued before anything else (the rows' upload), so the copy
+        engine starts as soon as the slots are planned."""
         if ready is None:
             ready = torch.cuda.current_stream(self.device).record_event()
         ids_sorted, units = _plan(block_ids, slots, self.max_rows)
         if not units:
             return LayerLoad(self, [ready] * self.num_layers)
+        n = len(ids_sorted)
         events: list[torch.cuda.Event] = []
-        nap_layer, nap = self._nap_layer(len(ids_sorted)), None
+        nap_layer, nap = self._nap_layer(n), None
         ring = self._ring("load")
-        ids = index = None
-        with torch.cuda.device(self.device):
+        copies, shift = self._unit_copies(units), self._layer_shift
+        ids = rows = None
+        with torch.cuda.device(self.device), torch.cuda.stream(self.load_kernel):
             self.load_kernel.wait_event(ready)
             for layer in range(self.num_layers):
-                for unit in units:
+                for unit, unit_copies in zip(units, copies):
                     k = ring.take()
-                    staged = self._staged(ring, k, unit.rows)
-                    with torch.cuda.stream(self.h2d):
-                        if ring.free[k] is not None:
-                            self.h2d.wait_event(ring.free[k])
-                        for c in layer_copies(unit, layer * self.spl, self.spl, lay.num_segments,
-                                              self.host.num_slots, lay.segment_bytes, self.block_major):
-                            self._copy(c, staged, False, self.h2d)
-                        loaded = self.h2d.record_event()
-                    if ids is None:  # behind the first copy: the copy engine need not wait for these
-                        ids = self._ids(ids_sorted, self.load_kernel)
-                        with torch.cuda.stream(self.load_kernel):
-                            index = self._index(ids)
-                    with torch.cuda.stream(self.load_kernel):
-                        self.load_kernel.wait_event(loaded)
-                        if index is not None:
-                            self.flat.rows.index_copy_(0, self._unit_rows(index, layer, unit),
-                                                       staged.reshape(-1, lay.segment_words))
+                    staged, staged_rows = self._staged(ring, k, unit.rows)
+                    if ring.free[k] is not None:
+                        self.h2d.wait_event(ring.free[k])
+                    for c in unit_copies:
+                        self._copy(replace(c, host_offset=c.host_offset + layer * shift), staged, False, self.h2d)
+                    loaded = self.h2d.record_event()
+                    if ids is None and rows is None:  # behind the first copy: it need not wait for these
+                        if self.flat is not None:
+                            rows = self._upload_rows(ids_sorted, units, self.load_kernel)
                         else:
-                            self._per_segment(ids, layer, unit, staged, load=True)
-                        ring.free[k] = self.load_kernel.record_event()
+                            ids = self._ids(ids_sorted, self.load_kernel)
+                    self.load_kernel.wait_event(loaded)
+                    if rows is not None:
+                        self.flat.rows.index_copy_(0, self._rows(rows, n, layer, unit), staged_rows)
+                    else:
+                        self._per_segment(ids, layer, unit, staged, load=True)
+                    ring.free[k] = self.load_kernel.record_event()
                 events.append(ring.free[k])
                 if layer == nap_layer:
                     nap = torch.cuda.Event(blocking=True)
@@ -297,42 +330,40 @@ class LayerwiseCopier:
     # ---- stores -------------------------------------------------------------------------------------------
 
     def start_store(self, block_ids: Sequence[int], slots: Sequence[int]) -> "LayerStore":
-        """Plan a step's stores (engine `block_ids` -> host `slots`); layers move as the forward saves them."""
+        """Plan a step's stores (engine `block_ids` -> host `slots`); layers move as the forward saves them.
+        The gather rows are uploaded now, off the path of the first layer's save."""
         ids_sorted, units = _plan(block_ids, slots, self.max_rows)
         store = LayerStore(self, ids_sorted, units, self._nap_layer(len(ids_sorted)))
-        if units:  # upload the ids and build the index now, off the path of the first layer's save
+        if units:
+            store.copies = self._unit_copies(units)
             with torch.cuda.device(self.device):
-                store.ids = self._ids(ids_sorted, self.store_kernel)
-                with torch.cuda.stream(self.store_kernel):
-                    store.index = self._index(store.ids)
+                if self.flat is not None:
+                    store.index = self._upload_rows(ids_sorted, units, self.store_kernel)
+                else:
+                    store.ids = self._ids(ids_sorted, self.store_kernel)
         return store
 
     def _save_layer(self, store: "LayerStore", layer: int, written=None) -> None:
-        lay = self.layout
         if written is None:  # after this layer's attention, queued on the current stream
             written = torch.cuda.current_stream(self.device).record_event()
         ring = self._ring("store")
-        with torch.cuda.device(self.device):
+        n, shift = len(store.ids_sorted), self._layer_shift
+        with torch.cuda.device(self.device), torch.cuda.stream(self.store_kernel):
             self.store_kernel.wait_event(written)
-            for unit in store.units:
+            for unit, unit_copies in zip(store.units, store.copies):
                 k = ring.take()
-                staged = self._staged(ring, k, unit.rows)
-                with torch.cuda.stream(self.store_kernel):
-                    if ring.free[k] is not None:
-                        self.store_kernel.wait_event(ring.free[k])
-                    if store.index is not None:
-                        torch.index_select(self.flat.rows, 0, self._unit_rows(store.index, layer, unit),
-                                           out=staged.view(-1, lay.segment_words))
-                    else:
-                        self._per_segment(store.ids, layer, unit, staged, load=False)
-                    gathered = self.store_kernel.record_event()
-                with torch.cuda.stream(self.d2h):
-                    self.d2h.wait_event(gathered)
-                    for c in layer_copies(unit, layer * self.spl, self.spl, lay.num_segments,
-                                          self.host.num_slots, lay.segment_bytes, self.block_major):
-                        self._copy(c, staged, True, self.d2h)
-                    ring.free[k] = self.d2h.record_event()
-            store.last = self.d2h.record_event()
+                staged, staged_rows = self._staged(ring, k, unit.rows)
+                if ring.free[k] is not None:
+                    self.store_kernel.wait_event(ring.free[k])
+                if store.index is not None:
+                    torch.index_select(self.flat.rows, 0, self._rows(store.index, n, layer, unit), out=staged_rows)
+                else:
+                    self._per_segment(store.ids, layer, unit, staged, load=False)
+                self.d2h.wait_event(self.store_kernel.record_event())
+                for c in unit_copies:
+                    self._copy(replace(c, host_offset=c.host_offset + layer * shift), staged, True, self.d2h)
+                ring.free[k] = self.d2h.record_event()
+            store.last = ring.free[k]
             if layer == store.nap_layer:
                 store.nap = torch.cuda.Event(blocking=True)
                 store.nap.record(self.d2h)
@@ -385,6 +416,7 @@ class LayerStore:
         self.index: torch.Tensor | None = None
         self.saved = [False] * copier.num_layers
         self.last: torch.cuda.Event | None = None
+        self.copies: list[list[Copy2D]] = []  # each unit's copies for layer 0
         self.nap_layer = nap_layer
         self.nap: torch.cuda.Event | None = None  # blocking-sync event after layer nap_layer's copies
 
