@@ -3,9 +3,10 @@ no command module imports this one."""
 
 from __future__ import annotations
 
-from kvbm_cli import doctor, gate, metrics, model, report, serve, size
+from kvbm_cli import doctor, gate, metrics, model, serve, size
 from kvbm_cli._errors import run_app
 from kvbm_cli._options import group
+from kvbm_cli.commands import report
 from kvbm_cli.bench import compare, multi_round, prefix_reuse, soak, transfer, ttft
 
 app = group("KVBM toolkit: run engines with and without the tiered KV-cache block manager and measure what it buys.")
@@ -21,7 +22,7 @@ app.add_typer(doctor.doctor_app, name="doctor")
 app.command("gate")(gate.gate_cmd)
 app.add_typer(metrics.metrics_app, name="metrics")
 app.add_typer(model.model_app, name="model")
-app.command("report")(report.report_cmd)
+app.command("report")(report.report)
 app.command("size")(size.size)
 
 
