@@ -35,7 +35,7 @@ from kvbm.config import BYTES_PER_GB, ENV_VARS, KvbmConfig, check_disk_dir
 from kvbm.errors import ConfigError, StorageError
 from kvbm.mechanism import fileio
 from kvbm_cli._options import JsonOpt, StoreUrlOpt, group
-from kvbm_cli.serve import port_busy
+from kvbm_cli.engine import port_busy
 from kvbm_cli._output import out, progress
 from kvbm_cli._errors import CheckFailed, CliError
 

@@ -47,8 +47,8 @@ from kvbm_cli._errors import CliError
 from kvbm_cli.bench.multi_round import MultiRoundConfig, run_multi_round
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
 from kvbm_cli.collect import background
-from kvbm_cli.serve import free_port as _free_port
-from kvbm_cli.serve import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
+from kvbm_cli.engine import free_port as _free_port
+from kvbm_cli.engine import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
 
 SCENARIO_DIR = data_dir("scenarios")
 DEFAULT_SCENARIO = "prefix-reuse-cpu.yaml"

@@ -29,7 +29,7 @@ from kvbm_cli import prom
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli._options import JsonOpt, ModelOpt
 from kvbm_cli._output import emit_json, out, table
-from kvbm_cli.serve import free_port as _free_port
+from kvbm_cli.engine import free_port as _free_port
 
 
 @dataclass
@@ -60,7 +60,7 @@ def first_token_seconds(url: str, model: str, tokens: list[int], max_tokens: int
 
 def _run_engine(label: str, spec, trials: list[dict], model: str, measure, health_timeout: float,
                 log_dir: Path) -> None:
-    from kvbm_cli.serve import Engine, build_launch, start_and_wait
+    from kvbm_cli.engine import Engine, build_launch, start_and_wait
 
     engine = Engine(build_launch(spec), log_path=log_dir / f"{label}.log")
     try:
@@ -75,7 +75,7 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size:
                    suffix_tokens: int, trials: int, g1_blocks: int, health_timeout: float, log_dir: Path,
                    seed: int = 0) -> list[Case]:
     """Measure the four cases; returns them in order (recompute first)."""
-    from kvbm_cli.serve import EngineSpec
+    from kvbm_cli.engine import EngineSpec
 
     rng = random.Random(seed)
     prompt_blocks = math.ceil((prefix_tokens + suffix_tokens) / block_size)
