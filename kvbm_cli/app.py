@@ -3,10 +3,10 @@ no command module imports this one."""
 
 from __future__ import annotations
 
-from kvbm_cli import gate, metrics, model, size
+from kvbm_cli import gate, model, size
 from kvbm_cli._errors import run_app
 from kvbm_cli._options import group
-from kvbm_cli.commands import doctor, report, serve
+from kvbm_cli.commands import doctor, metrics, report, serve
 from kvbm_cli.bench import compare, multi_round, prefix_reuse, soak, transfer, ttft
 
 app = group("KVBM toolkit: run engines with and without the tiered KV-cache block manager and measure what it buys.")
