@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import html
-import math
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +40,6 @@ def _unique_names(runs: list[Run]) -> None:
 
 # ---------------------------------------------------------------- tables
 
-def _fmt(value: float, unit: str) -> str:
-    if value is None or not math.isfinite(value):
-        return "n/a"
-    if unit == "s":
-        return f"{value * 1000:.1f} ms"
-    return f"{value:,.1f} {unit}"
-
-
 def summary_table(runs: list[Run], *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
     """Rows: metrics; per run a value column and, after the first, 'ratio [CI]' against the first run."""
     records = []
@@ -60,7 +51,7 @@ def summary_table(runs: list[Run], *, n_boot: int = 2000, seed: int = 0, confide
         for i, run in enumerate(runs):
             sample = gating.samples(run.rows, spec)
             value = spec.statistic(sample) if len(sample) else float("nan")
-            row[run.name] = _fmt(value, spec.unit)
+            row[run.name] = gating.fmt_value(value, spec.unit)
             if i == 0:
                 continue
             col = f"{run.name} / {base.name}"
