@@ -39,8 +39,8 @@ import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvbm_cli._options import JsonOpt
-from kvbm_cli._output import err, out
+from kvbm_cli._options import Driver, JsonOpt
+from kvbm_cli._output import emit_json, err, markdown, out
 from kvbm_cli import prom
 from kvbm_cli._data import data_dir
 from kvbm_cli._errors import CliError
@@ -68,7 +68,7 @@ class Scenario(BaseModel):
     workload: dict[str, Any]
     engine: dict[str, Any] = Field(default_factory=dict)
     configs: list[dict[str, Any]]
-    driver: str = "native"
+    driver: Driver = Driver.native
     health_timeout: float = Field(600.0, alias="health-timeout")
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -247,27 +247,21 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def comparison_markdown(comp: dict[str, Any]) -> str:
+    """The comparison table (values and gains against the first config) and the cache table, in Markdown."""
     names, base = comp["configs"], comp["baseline"]
-    head = ["metric", *names, *[f"{n} vs {base}" for n in names[1:]]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in comp["rows"]:
-        gains = row["gain_vs_" + base]
-        cells = [row["metric"], *[_fmt(row["values"][n]) for n in names],
-                 *[("-" if gains[n] is None else f"{gains[n]:.2f}x") for n in names[1:]]]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Gains are baseline/config for latencies and config/baseline for throughputs: above 1 is better.")
-    lines.append("")
-    lines.append("| config | requests | errors | G1 hit tokens / queried | KVBM hit tokens / queried | "
-                 "vLLM TTFT histogram: count, mean, ~p50, ~p90 (ms) |")
-    lines.append("|---|---|---|---|---|---|")
-    for c in comp["cache"]:
-        t = c["vllm_ttft"] or {}
-        ms = lambda x: "-" if x is None else f"{x * 1000:.1f}"  # noqa: E731
-        lines.append(f"| {c['config']} | {c['requests']} | {c['errors']} | {c['g1_hit_tokens']:.0f} / "
-                     f"{c['g1_query_tokens']:.0f} | {c['kvbm_hit_tokens']:.0f} / {c['kvbm_query_tokens']:.0f} | "
-                     f"{t.get('count', 0):.0f}, {ms(t.get('mean'))}, {ms(t.get('p50'))}, {ms(t.get('p90'))} |")
-    return "\n".join(lines) + "\n"
+    ms = lambda x: "-" if x is None else f"{x * 1000:.1f}"  # noqa: E731
+    rows = [[row["metric"], *[_fmt(row["values"][n]) for n in names],
+             *[("-" if row["gain_vs_" + base][n] is None else f"{row['gain_vs_' + base][n]:.2f}x") for n in names[1:]]]
+            for row in comp["rows"]]
+    cache = [[c["config"], c["requests"], c["errors"], f"{c['g1_hit_tokens']:.0f} / {c['g1_query_tokens']:.0f}",
+              f"{c['kvbm_hit_tokens']:.0f} / {c['kvbm_query_tokens']:.0f}",
+              f"{t.get('count', 0):.0f}, {ms(t.get('mean'))}, {ms(t.get('p50'))}, {ms(t.get('p90'))}"]
+             for c in comp["cache"] for t in [c["vllm_ttft"] or {}]]
+    return "\n".join([
+        markdown(["metric", *names, *[f"{n} vs {base}" for n in names[1:]]], rows), "",
+        "Gains are baseline/config for latencies and config/baseline for throughputs: above 1 is better.", "",
+        markdown(["config", "requests", "errors", "G1 hit tokens / queried", "KVBM hit tokens / queried",
+                  "vLLM TTFT histogram: count, mean, ~p50, ~p90 (ms)"], cache)]) + "\n"
 
 
 def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None,
@@ -340,11 +334,9 @@ def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, lau
     before = prom.scrape(launch.url)
     common_kw = dict(url=launch.url, model=None, tokenizer=None, artifact_dir=run_dir, run=name,
                      engine=launch.engine_info(), show_progress=show_progress)
+    run = run_prefix_reuse if isinstance(wl, PrefixReuseConfig) else run_multi_round
     with background(sources, run_dir / "metrics.csv"):  # vLLM's and KVBM's series, for kvbm report
-        if isinstance(wl, PrefixReuseConfig):
-            summary = run_prefix_reuse(wl, driver=scenario.driver, **common_kw)
-        else:
-            summary = run_multi_round(wl, driver=scenario.driver, **common_kw)
+        summary = run(wl, driver=scenario.driver.value, **common_kw)
     delta = metrics_delta(before, prom.scrape(launch.url))
     (run_dir / "vllm_metrics.json").write_text(json.dumps(delta, indent=2) + "\n")
     return {"summary": summary, "vllm_metrics": delta}
@@ -366,7 +358,7 @@ def compare(
     with sigterm_as_exception():
         comp = run_compare(scenario, out_dir, port=port, show_progress=not json_out)
     if json_out:
-        out().print_json(json.dumps(comp))
+        emit_json(comp)
         return
     console = out()
     console.print(f"scenario {scenario.name} ({path}) · results in {out_dir}", markup=False, soft_wrap=True)
