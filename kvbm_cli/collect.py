@@ -5,7 +5,6 @@ The file, `<run-dir>/metrics.csv`, has one row per sample: t (unix seconds), sou
 key, joined with ';'), value. pandas reads it with `pd.read_csv`; `kvbm report` plots it.
 
 Operations:
-  metrics_url(url)                               base URL or host:port -> .../metrics
   scrape(client, url, match)                     one scrape: [(name, labels, value)] of matching samples
   collect(urls, out_csv, should_stop, ...)       scrape every `interval_s` until should_stop(); one last scrape
   collect_during(urls, out_csv, stop_event, ...) the same until a threading.Event is set (for `kvbm bench`)
@@ -35,20 +34,12 @@ from pathlib import Path
 import httpx
 
 from kvbm_cli import prom
+from kvbm_cli.httpclient import metrics_url
 from kvbm_cli._errors import CliError
 
 COLUMNS = ("t", "source", "name", "labels", "value")
 # vLLM's metrics and KVBM's; python_*/process_* of either process are left out unless --match asks for them.
 DEFAULT_MATCH = r"^(vllm:|kvbm_)"
-
-
-def metrics_url(url: str) -> str:
-    """'http://h:8000' or 'h:8000' -> 'http://h:8000/metrics'; a URL with a path is kept as given."""
-    if "://" not in url:
-        url = "http://" + url
-    scheme, rest = url.split("://", 1)
-    host, _, path = rest.partition("/")
-    return f"{scheme}://{host}/{path or 'metrics'}"
 
 
 def format_labels(labels: dict[str, str]) -> str:
@@ -59,24 +50,10 @@ def format_labels(labels: dict[str, str]) -> str:
 
 def parse_labels(text: str) -> dict[str, str]:
     """Inverse of format_labels."""
-    if not isinstance(text, str) or not text:
+    if not isinstance(text, str):
         return {}
-    labels, key, buf, escaped = {}, None, [], False
-    for ch in text + ";":
-        if escaped:
-            buf.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == "=" and key is None:
-            key, buf = "".join(buf), []
-        elif ch == ";":
-            if key is not None:
-                labels[key] = "".join(buf)
-            key, buf = None, []
-        else:
-            buf.append(ch)
-    return labels
+    pairs = re.findall(r"([^;=]+)=((?:[^;\\]|\\.)*)", text)
+    return {key: re.sub(r"\\(.)", r"\1", value) for key, value in pairs}
 
 
 def scrape(client: httpx.Client, url: str, match: str = DEFAULT_MATCH) -> list[tuple[str, str, float]]:

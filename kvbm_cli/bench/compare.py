@@ -190,7 +190,7 @@ def metrics_delta(before: dict, after: dict) -> dict[str, Any]:
         "p50": prom.histogram_quantile(0.5, buckets), "p90": prom.histogram_quantile(0.9, buckets),
         "p99": prom.histogram_quantile(0.99, buckets),
         "buckets": [[le if not math.isinf(le) else "+Inf", c] for le, c in buckets]}
-    for name in _VLLM_MEANS:  # the server's own view, which a client starved of CPU cannot skew
+    for name in _VLLM_MEANS:
         b, a = prom.histogram(before, name), prom.histogram(after, name)
         n = a["count"] - b["count"]
         d[name] = {"sum": a["sum"] - b["sum"], "count": n, "mean": (a["sum"] - b["sum"]) / n if n else None}
@@ -199,37 +199,37 @@ def metrics_delta(before: dict, after: dict) -> dict[str, Any]:
 
 # --- the comparison ----------------------------------------------------------------------------------------
 
-_ROWS = [  # label, getter, better ("lower" | "higher")
-    ("TTFT p50 (ms)", lambda s: s.ttft_s.p50, "lower", 1000),
-    ("TTFT p90 (ms)", lambda s: s.ttft_s.p90, "lower", 1000),
-    ("TTFT mean (ms)", lambda s: s.ttft_s.mean, "lower", 1000),
-    ("ITL mean (ms)", lambda s: s.itl_s.mean, "lower", 1000),
-    ("E2E p50 (ms)", lambda s: s.e2e_s.p50, "lower", 1000),
-    ("output tokens/s", lambda s: s.output_tokens_per_s, "higher", 1),
-    ("requests/s", lambda s: s.requests_per_s, "higher", 1),
+def _server_mean(name: str):
+    return lambda r: (r["vllm_metrics"].get(name) or {}).get("mean")
+
+
+_ROWS = [  # label, getter of one config's results ({"summary", "vllm_metrics"}), better, scale
+    ("TTFT p50 (ms)", lambda r: r["summary"].ttft_s.p50, "lower", 1000),
+    ("TTFT p90 (ms)", lambda r: r["summary"].ttft_s.p90, "lower", 1000),
+    ("TTFT mean (ms)", lambda r: r["summary"].ttft_s.mean, "lower", 1000),
+    ("ITL mean (ms)", lambda r: r["summary"].itl_s.mean, "lower", 1000),
+    ("E2E p50 (ms)", lambda r: r["summary"].e2e_s.p50, "lower", 1000),
+    ("output tokens/s", lambda r: r["summary"].output_tokens_per_s, "higher", 1),
+    ("requests/s", lambda r: r["summary"].requests_per_s, "higher", 1),
+    # the server's own view, which a client starved of CPU cannot skew
+    ("vLLM ITL mean (ms)", _server_mean("vllm:inter_token_latency_seconds"), "lower", 1000),
+    ("vLLM E2E mean (ms)", _server_mean("vllm:e2e_request_latency_seconds"), "lower", 1000),
 ]
 
 
 def build_comparison(scenario: Scenario, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Rows of values per config and gains against the first config (>1 is better: faster or more)."""
+    """Rows of values per config and gains against the first config (>1 is better: faster or more); a row no
+    config has a value for is left out."""
     names = list(results)
     base = names[0]
     rows = []
     for label, get, better, scale in _ROWS:
-        values = {n: (None if get(results[n]["summary"]) is None else get(results[n]["summary"]) * scale) for n in names}
-        gains = {}
-        for n in names[1:]:
-            b, v = values[base], values[n]
-            gains[n] = None if not b or not v else (b / v if better == "lower" else v / b)
-        rows.append({"metric": label, "better": better, "values": values, "gain_vs_" + base: gains})
-    for label, name in (("vLLM ITL mean (ms)", "vllm:inter_token_latency_seconds"),
-                        ("vLLM E2E mean (ms)", "vllm:e2e_request_latency_seconds")):
-        values = {n: ((results[n]["vllm_metrics"].get(name) or {}).get("mean")) for n in names}
-        values = {n: None if v is None else v * 1000 for n, v in values.items()}
+        values = {n: None if get(results[n]) is None else get(results[n]) * scale for n in names}
         if all(v is None for v in values.values()):
             continue
-        gains = {n: None if not values[base] or not values[n] else values[base] / values[n] for n in names[1:]}
-        rows.append({"metric": label, "better": "lower", "values": values, "gain_vs_" + base: gains})
+        gains = {n: None if not values[base] or not values[n] else
+                 (values[base] / values[n] if better == "lower" else values[n] / values[base]) for n in names[1:]}
+        rows.append({"metric": label, "better": better, "values": values, "gain_vs_" + base: gains})
     extra = []
     for n in names:
         m = results[n]["vllm_metrics"]

@@ -28,7 +28,9 @@ import typer
 from kvbm_cli._options import ArtifactOpt, Driver, DriverOpt, JsonOpt, ModelOpt, RunOpt, TimeoutOpt, TokenizerOpt, UrlOpt
 from kvbm_cli._errors import CliError
 from kvbm_cli.bench import common
-from kvbm_cli.bench.client import RequestSpec, make_client, progress_bar, send
+from kvbm_cli._output import progress
+from kvbm_cli.bench.client import RequestSpec, send
+from kvbm_cli.httpclient import async_client
 from kvbm_cli.bench.prompts import PromptTokenizer
 from kvbm_cli.results import Summary
 
@@ -143,8 +145,8 @@ async def _drive(cfg: MultiRoundConfig, tok: PromptTokenizer, url: str, model: s
     in_flight: set[asyncio.Task] = set()
     errors = 0
 
-    async with make_client(cfg.num_users + 2, timeout_s) as client:
-        with progress_bar(disable=not show_progress) as bar:
+    async with async_client(cfg.num_users + 2, timeout_s) as client:
+        with progress("requests", not show_progress) as bar:
             task = bar.add_task(f"{WORKLOAD} {run}", total=None, note="")
 
             def launch(s: _Session, now: float) -> None:

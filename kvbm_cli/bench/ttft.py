@@ -91,12 +91,6 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size:
     common = dict(model=str(model_dir), kv_cache_memory_bytes=g1_bytes, block_size=block_size,
                   max_model_len=min(prompt_blocks * block_size * 2, (g1_blocks - 1) * block_size))
 
-    def evicted(url, model, trial):
-        first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
-        for filler in trial["fillers"]:
-            first_token_seconds(url, model, filler)
-        return first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][2])
-
     def baseline(url, model, trial):
         first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
         cases["G1 hit"].ttft_s.append(first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][1]))
@@ -116,7 +110,6 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size:
         env = env | {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(metrics_port)}
 
         def kvbm(url, model, trial, case=case, counter=counter, metrics_port=metrics_port):
-            before = None
             first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
             for filler in trial["fillers"]:
                 first_token_seconds(url, model, filler)
