@@ -85,26 +85,21 @@ def _num(value) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
 
 
+_PER_REQUEST = {  # base -> the value of one request (nan when it has none)
+    "ttft": lambda r: _num(r.ttft_s),
+    "e2e": lambda r: _num(r.e2e_s),
+    "itl": lambda r: float(np.mean(r.itl_s)) if r.itl_s else float("nan"),
+    "tpot": lambda r: (_num(r.e2e_s) - _num(r.ttft_s)) / (r.output_tokens - 1) if r.output_tokens > 1 else float("nan"),
+    "tps": lambda r: r.output_tokens / _num(r.e2e_s) if _num(r.e2e_s) > 0 else float("nan"),
+}
+
+
 def samples(requests: list[RequestRecord], spec: MetricSpec) -> np.ndarray:
     """The per-request values `spec` is computed on (finite ones only); (n, 2) pairs for output_tokens_per_s."""
     if spec.base == "throughput":
-        pairs = np.array([(_num(r.output_tokens), _num(r.e2e_s)) for r in requests], dtype=float)
-        pairs = pairs.reshape(-1, 2)
+        pairs = np.array([(_num(r.output_tokens), _num(r.e2e_s)) for r in requests], dtype=float).reshape(-1, 2)
         return pairs[np.isfinite(pairs).all(axis=1) & (pairs[:, 1] > 0)]
-    values = []
-    for r in requests:
-        ttft, e2e, n_out, itl = _num(r.ttft_s), _num(r.e2e_s), _num(r.output_tokens), r.itl_s or []
-        if spec.base == "ttft":
-            values.append(ttft)
-        elif spec.base == "e2e":
-            values.append(e2e)
-        elif spec.base == "itl":
-            values.append(float(np.mean(itl)) if len(itl) else float("nan"))
-        elif spec.base == "tpot":
-            values.append((e2e - ttft) / (n_out - 1) if n_out > 1 else float("nan"))
-        elif spec.base == "tps":
-            values.append(n_out / e2e if e2e > 0 else float("nan"))
-    arr = np.asarray(values, dtype=float)
+    arr = np.asarray([_PER_REQUEST[spec.base](r) for r in requests], dtype=float)
     return arr[np.isfinite(arr)]
 
 
