@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 from pydantic import Field
 
-from kvbm_cli import _reaper, httpclient
+from kvbm_cli import _reaper, httpclient, tiny_model
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli._output import progress
 from kvbm_cli.bench.common import Keys
@@ -41,7 +41,7 @@ KV_TRANSFER_CONFIG = json.dumps({"kv_connector": "DynamoConnector", "kv_role": "
 BYTES_PER_GB = 1_000_000_000  # as DYN_KVBM_*_GB
 DEFAULT_MAX_MODEL_LEN = 16384  # for the embedded default model
 TINY_SERVED_NAME = "kvbm-tiny"  # what requests name the embedded model (its path is accepted too)
-TINY_KV_BYTES_PER_TOKEN = 2048  # 4 layers x (K, V) x 2 KV heads x 64 x 2 bytes
+TINY_KV_BYTES_PER_TOKEN = tiny_model.NUM_LAYERS * 2 * tiny_model.NUM_KV_HEADS * tiny_model.HEAD_DIM * 2  # bf16 K and V
 KVBM_ENV = ("DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CACHE_DIR")
 _SIZE_FLAGS = ("--kv-cache-memory-bytes", "--num-gpu-blocks-override")
 
@@ -112,7 +112,7 @@ class Launch:
 
 
 def _is_tiny(model_dir: Path) -> bool:
-    return (model_dir / "kvbm_tiny_model.json").is_file()
+    return (model_dir / tiny_model.MARKER).is_file()
 
 
 def _looks_like_path(model: str) -> bool:
@@ -128,9 +128,7 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     if spec.connector not in ("kvbm", "none"):
         raise CliError(f"--connector must be kvbm or none, not {spec.connector!r}")
     if spec.model is None:
-        from kvbm_cli.tiny_model import default_model_dir
-
-        model = str(default_model_dir())
+        model = str(tiny_model.default_model_dir())
         notes.append(f"model: the embedded tiny default ({model}), seeded random weights")
     else:
         model = spec.model
