@@ -12,7 +12,8 @@ import typer
 from kvbm_cli._errors import EXIT_INTERRUPTED
 from kvbm_cli._options import BlockSizeOpt, Connector, HealthTimeoutOpt, JsonOpt, ModelOpt, PortOpt
 from kvbm_cli._output import emit_json, note, out
-from kvbm_cli.engine import Engine, EngineFailed, EngineSpec, Terminated, build_launch, sigterm_as_exception, start_and_wait
+from kvbm_cli.engine import (Engine, EngineFailed, EngineSpec, Terminated, build_launch, sigterm_as_exception,
+                             start_and_wait)
 
 
 def serve(
