@@ -11,7 +11,6 @@ import sys
 
 from kvbm.errors import ConfigError, KvbmError, StorageError, TransferError
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

@@ -6,12 +6,14 @@ Operations:
   emit_json(obj)              one JSON object on stdout: what every --json prints
   progress(kind, disable)     a progress bar on stderr ("bytes", "requests" or "spinner"), off unless a terminal
   table(title, columns)       a rich Table with these columns (a column "name>" is right-aligned)
+  markdown(columns, rows)     the same as a GitHub Markdown table (reports, comparisons, CI step summaries)
 """
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable
 from typing import Any
 
 from rich.console import Console
@@ -44,6 +46,14 @@ def table(title: str, columns: list[str]) -> Table:
     for col in columns:
         t.add_column(col.rstrip(">"), justify="right" if col.endswith(">") else "left", overflow="fold")
     return t
+
+
+def markdown(columns: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    """A Markdown table; a column written "name>" is right-aligned, a '|' inside a cell is escaped."""
+    lines = ["| " + " | ".join(c.rstrip(">") for c in columns) + " |",
+             "|" + "|".join("---:" if c.endswith(">") else "---" for c in columns) + "|"]
+    lines += ["| " + " | ".join(str(v).replace("|", "\\|") for v in row) + " |" for row in rows]
+    return "\n".join(lines)
 
 
 def progress(kind: str = "bytes", disable: bool = False):

@@ -5,11 +5,13 @@ The file, `<run-dir>/metrics.csv`, has one row per sample: t (unix seconds), sou
 key, joined with ';'), value. pandas reads it with `pd.read_csv`; `kvbm report` plots it.
 
 Operations:
-  metrics_url(url)                               base URL or host:port -> .../metrics
   scrape(client, url, match)                     one scrape: [(name, labels, value)] of matching samples
   collect(urls, out_csv, should_stop, ...)       scrape every `interval_s` until should_stop(); one last scrape
   collect_during(urls, out_csv, stop_event, ...) the same until a threading.Event is set (for `kvbm bench`)
   background(urls, out_csv, ...)                 context manager: collect in a thread while the body runs
+  collect_until(urls, out_csv, ...)              until a duration, a file, a process's exit, or Ctrl-C/SIGTERM
+  default_urls() / csv_path(out)                 vLLM on 8000 and KVBM's exporter / where metrics.csv goes
+  parse_time(text) / run_window(run_dir)         unix seconds from ISO 8601 / a bench run's (start, end)
   query_prometheus(url, out_csv, start, end, ...) the same series from a Prometheus server (/api/v1/query_range)
 """
 
@@ -17,9 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import datetime as dt
+import json
 import math
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -29,19 +34,12 @@ from pathlib import Path
 import httpx
 
 from kvbm_cli import prom
+from kvbm_cli.httpclient import metrics_url
+from kvbm_cli._errors import CliError
 
 COLUMNS = ("t", "source", "name", "labels", "value")
 # vLLM's metrics and KVBM's; python_*/process_* of either process are left out unless --match asks for them.
 DEFAULT_MATCH = r"^(vllm:|kvbm_)"
-
-
-def metrics_url(url: str) -> str:
-    """'http://h:8000' or 'h:8000' -> 'http://h:8000/metrics'; a URL with a path is kept as given."""
-    if "://" not in url:
-        url = "http://" + url
-    scheme, rest = url.split("://", 1)
-    host, _, path = rest.partition("/")
-    return f"{scheme}://{host}/{path or 'metrics'}"
 
 
 def format_labels(labels: dict[str, str]) -> str:
@@ -52,24 +50,10 @@ def format_labels(labels: dict[str, str]) -> str:
 
 def parse_labels(text: str) -> dict[str, str]:
     """Inverse of format_labels."""
-    if not isinstance(text, str) or not text:
+    if not isinstance(text, str):
         return {}
-    labels, key, buf, escaped = {}, None, [], False
-    for ch in text + ";":
-        if escaped:
-            buf.append(ch)
-            escaped = False
-        elif ch == "\\":
-            escaped = True
-        elif ch == "=" and key is None:
-            key, buf = "".join(buf), []
-        elif ch == ";":
-            if key is not None:
-                labels[key] = "".join(buf)
-            key, buf = None, []
-        else:
-            buf.append(ch)
-    return labels
+    pairs = re.findall(r"([^;=]+)=((?:[^;\\]|\\.)*)", text)
+    return {key: re.sub(r"\\(.)", r"\1", value) for key, value in pairs}
 
 
 def scrape(client: httpx.Client, url: str, match: str = DEFAULT_MATCH) -> list[tuple[str, str, float]]:
@@ -179,6 +163,78 @@ def background(urls: Sequence[str], out_csv: str | os.PathLike[str], *, interval
     finally:
         stop.set()
         thread.join(timeout=30)
+
+
+def collect_until(urls: Sequence[str], out_csv: str | os.PathLike[str], *, interval_s: float, match: str,
+                  duration_s: float | None = None, until_file: Path | None = None, pid: int | None = None,
+                  on_error: Callable[[str, str], None] | None = None) -> CollectResult:
+    """`collect` until `duration_s` passed, `until_file` exists or process `pid` ended; Ctrl-C and SIGTERM end it
+    the same way (one last scrape, then the result)."""
+    deadline = time.monotonic() + duration_s if duration_s is not None else None
+    stop = threading.Event()
+
+    def should_stop() -> bool:
+        return (stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
+                or (until_file is not None and until_file.exists()) or (pid is not None and not pid_alive(pid)))
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return collect(urls, out_csv, should_stop, interval_s=interval_s, match=match, wait=stop.wait,
+                       on_error=on_error)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def default_urls() -> list[str]:
+    """vLLM's API server on 8000 and KVBM's exporter on DYN_KVBM_METRICS_PORT (default 6880), on localhost."""
+    port = os.environ.get("DYN_KVBM_METRICS_PORT", "6880").strip() or "6880"
+    return ["http://127.0.0.1:8000/metrics", f"http://127.0.0.1:{port}/metrics"]
+
+
+def csv_path(out_arg: Path) -> Path:
+    """A .csv path is used as is; anything else is a run directory that gets metrics.csv."""
+    return out_arg if out_arg.suffix.lower() == ".csv" else out_arg / "metrics.csv"
+
+
+def parse_time(text: str) -> float:
+    """Unix seconds, or an ISO 8601 time (UTC when no zone is given)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise CliError(f"time {text!r}: use unix seconds or ISO 8601 (e.g. 2026-11-24T18:00:00Z)") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.timezone.utc)
+    return when.timestamp()
+
+
+def run_window(run_dir: Path) -> tuple[float, float] | None:
+    """(start, end) of a bench run from its summary.json (started_at + duration_s), or None."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        start = parse_time(str(summary["started_at"]))
+        return start, start + float(summary["duration_s"])
+    except (OSError, ValueError, KeyError, TypeError, CliError):
+        return None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (an exited child nobody has reaped yet, a zombie, counts as ended)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
 
 
 def promql_name_selector(match: str) -> str:

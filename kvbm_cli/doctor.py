@@ -1,46 +1,35 @@
-"""`kvbm doctor`, `kvbm doctor disk` and `kvbm doctor store`: can KVBM run here, use this directory, this store.
+"""The checks of `kvbm doctor` and `kvbm doctor disk`, without Typer: can KVBM run here, use this directory.
 
 Operations:
-  doctor               every DYN_KVBM_* variable parsed and explained, RAM against the CPU cache, the
-                       pinned-memory limit, GPU/CUDA, vLLM/nixl/torch versions, ports free
-  doctor disk          directory, permissions, filesystem, free space, fallocate, O_DIRECT, throughput with
-                       KV-block-sized random reads, SSD or spinning, stale cache files; one verdict line
-  doctor store         a shared-tier (G4) store: reachable, version, maxmemory and policy, latency, put/get
-                       throughput of KV-block-sized values (kvbm_cli/doctor_store.py), password redacted
-  disk_checks(...)     the disk checks as Check rows (what `--json` prints)
-  measure_disk(...)    bounded sequential write/read and random block reads in a scratch file it removes
+  Check / verdict(checks, subject)   one row (ok, warn, fail or info, with a fix) / the one-line verdict
+  env_checks(env, port, workers)     every DYN_KVBM_* variable parsed and explained, RAM against the CPU cache,
+                                     the pinned-memory limit, GPU/CUDA, vLLM/nixl/torch versions, ports free
+  disk_checks(dir, config, ...)      directory, permissions, filesystem, free space, fallocate, O_DIRECT, SSD or
+                                     spinning, stale cache files, throughput with KV-block-sized random reads
+  measure_disk(...)                  bounded sequential write/read and random block reads in a scratch file
 
-Exit code 1 when a check fails (CI can gate on it), 2 for bad options; warnings do not fail.
+The shared store's checks are kvbm_cli/doctor_store.py.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import resource
 import shutil
 import stat
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
-
-import typer
-from rich.table import Table
+from typing import Any, Callable
 
 from kvbm.config import BYTES_PER_GB, ENV_VARS, KvbmConfig, check_disk_dir
 from kvbm.errors import ConfigError, StorageError
 from kvbm.mechanism import fileio
-from kvbm_cli._options import JsonOpt, StoreUrlOpt, group
-from kvbm_cli.serve import port_busy
-from kvbm_cli._output import out, progress
-from kvbm_cli._errors import CheckFailed, CliError
-
-doctor_app = group(help="Check this machine and a disk-cache directory for KVBM; exit 1 when a check fails.",
-                   no_args_is_help=False, invoke_without_command=True)
+from kvbm_cli._output import progress
+from kvbm_cli.engine import port_busy
 
 DEFAULT_BLOCK_BYTES = 147456 * 16  # Qwen3-4B bf16, 16-token blocks: 2.25 MiB
 
@@ -55,31 +44,13 @@ class Check:
     fix: str = ""
 
 
-def _verdict(checks: list[Check], subject: str) -> tuple[bool, str]:
+def verdict(checks: list[Check], subject: str) -> tuple[bool, str]:
     failed = [c.name for c in checks if c.status == "fail"]
     warned = [c.name for c in checks if c.status == "warn"]
     if failed:
         return False, f"{subject}: {len(failed)} check(s) failed ({', '.join(failed)}); see the fix column"
     tail = f" ({len(warned)} warning(s): {', '.join(warned)})" if warned else ""
     return True, f"{subject}: OK{tail}"
-
-
-def _show(checks: list[Check], title: str, ok: bool, verdict: str, extra: dict[str, Any], as_json: bool) -> None:
-    """Print the report (table or JSON) and raise CheckFailed when a check failed."""
-    if as_json:
-        print(json.dumps({"ok": ok, "verdict": verdict, "checks": [asdict(c) for c in checks], **extra}, indent=2))
-    else:
-        table = Table(title=title, title_justify="left")
-        for col in ("check", "status", "detail", "fix"):
-            table.add_column(col, overflow="fold")
-        style = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "dim"}
-        for c in checks:
-            table.add_row(c.name, f"[{style[c.status]}]{c.status}[/]", c.detail, c.fix)
-        out().print(table)
-        if ok:
-            out().print(verdict)
-    if not ok:
-        raise CheckFailed(verdict)
 
 
 # ----------------------------------------------------------------------------------------------- disk
@@ -251,52 +222,6 @@ def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_b
     return checks, facts
 
 
-@doctor_app.command("disk")
-def disk(
-    target: Annotated[Optional[Path], typer.Option("--dir", help="Directory to check (default: DYN_KVBM_DISK_CACHE_DIR, else /tmp/).")] = None,
-    disk_gb: Annotated[Optional[float], typer.Option(help="Disk cache GB to check free space for (default: DYN_KVBM_DISK_CACHE_GB).")] = None,
-    workers: Annotated[int, typer.Option(help="Workers (TP ranks) that each create a cache file of that size.")] = 1,
-    size: Annotated[int, typer.Option("--size", help="MiB written and read in the throughput test (0 skips it).")] = 1024,
-    block_bytes: Annotated[int, typer.Option(help="KV block bytes for the random reads (see `kvbm size`).")] = DEFAULT_BLOCK_BYTES,
-    random_reads: Annotated[int, typer.Option(help="Number of random KV-block reads.")] = 256,
-    remove_stale: Annotated[bool, typer.Option(help="Remove cache files left by dead processes of this host.")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Can KVBM keep its disk cache in this directory, and how fast is it."""
-    if size < 0 or block_bytes < 1 or random_reads < 0 or workers < 1:
-        raise CliError("--size and --random-reads must be 0 or more, --block-bytes and --workers 1 or more")
-    config = KvbmConfig.from_env(check_paths=False)
-    if disk_gb is not None:
-        if disk_gb < 0:
-            raise CliError(f"--disk-gb {disk_gb} must not be negative")
-        config = config.model_copy(update={"disk_cache_gb": disk_gb})
-    directory = (target or config.disk_cache_dir).expanduser()
-    checks, facts = disk_checks(directory, config, size_bytes=size << 20, block_bytes=block_bytes,
-                                num_random=random_reads, workers=workers, remove_stale=remove_stale,
-                                show_progress=not as_json)
-    ok, verdict = _verdict(checks, f"disk cache directory {directory}")
-    _show(checks, f"kvbm doctor disk {directory}", ok, verdict, facts, as_json)
-
-
-@doctor_app.command("store")
-def store(
-    url: StoreUrlOpt = None,
-    blocks: Annotated[int, typer.Option(help="Values of each size put and read back in the throughput test.")] = 16,
-    as_json: JsonOpt = False,
-) -> None:
-    """Can the shared tier (G4) use this store: reachable, version, maxmemory and policy, latency, throughput."""
-    from kvbm.mechanism.remote import redacted
-    from kvbm_cli.doctor_store import store_checks
-
-    url = url or os.environ.get("DYN_KVBM_REMOTE_URL")
-    if not url or blocks < 1:
-        raise CliError("give --url redis://host:port/0 (or set DYN_KVBM_REMOTE_URL), and --blocks 1 or more")
-    rows, facts = store_checks(url, secret=os.environ.get("DYN_KVBM_REMOTE_SECRET") or None, blocks=blocks)
-    checks = [Check(*r) for r in rows]
-    ok, verdict = _verdict(checks, f"shared store {redacted(url)}")
-    _show(checks, f"kvbm doctor store {redacted(url)}", ok, verdict, facts, as_json)
-
-
 # ------------------------------------------------------------------------------------------ environment
 
 
@@ -407,28 +332,3 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
     return checks, rows
 
 
-@doctor_app.callback(invoke_without_command=True)
-def doctor(
-    ctx: typer.Context,
-    port: Annotated[int, typer.Option(help="Port the engine will serve on (checked free).")] = 8000,
-    workers: Annotated[int, typer.Option(help="Workers (TP ranks) that each allocate DYN_KVBM_CPU_CACHE_GB.")] = 1,
-    as_json: JsonOpt = False,
-) -> None:
-    """Every DYN_KVBM_* variable explained, RAM, pinned-memory limit, GPU, versions, ports."""
-    if ctx.invoked_subcommand is not None:
-        return
-    if not 1 <= port <= 65535 or workers < 1:
-        raise CliError("--port must be 1..65535 and --workers 1 or more")
-    checks, rows = env_checks(dict(os.environ), port, workers)
-    from kvbm_cli.doctor_store import redact_variable_rows
-
-    rows = redact_variable_rows(rows)  # the store's password and the MAC secret are never printed
-    ok, verdict = _verdict(checks, "environment")
-    if not as_json:
-        table = Table(title="DYN_KVBM_* variables", title_justify="left")
-        for col in ("variable", "set to", "in effect", "meaning"):
-            table.add_column(col, overflow="fold")
-        for r in rows:
-            table.add_row(r["name"], "-" if r["raw"] is None else repr(r["raw"]), r["value"], r["meaning"])
-        out().print(table)
-    _show(checks, "kvbm doctor", ok, verdict, {"variables": rows}, as_json)

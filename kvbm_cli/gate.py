@@ -1,14 +1,14 @@
-"""`kvbm gate`: fail CI when a candidate run is slower than a baseline run beyond a tolerance, not on noise.
+"""What `kvbm gate` decides: is a candidate run slower than a baseline run beyond a tolerance, not on noise.
 
 Operations:
   METRICS / metric_spec(name)     gateable metrics: ttft|itl|e2e|tpot|tps _p50|_p90|_p99|_mean, output_tokens_per_s
-  load_requests(run)              a run's measured requests (requests.jsonl; warm-up and failed ones left out)
   samples(requests, spec)         the per-request sample a metric is computed on
   compare(base, cand, spec, max_regression, ...) -> Verdict    the statistical decision for one metric
+  choose_metrics(args, thresholds)   {metric: tolerance and direction} from --metric NAME[=5%] and a file
   gate(baseline, candidate, metrics, ...) -> list[Verdict]      every metric of two runs
   load_thresholds(path)           per-metric tolerance and direction from a YAML/JSON file
   markdown_table(verdicts)        the table for a CI step summary
-  gate_cmd                        the command: table on stdout, --summary-md / $GITHUB_STEP_SUMMARY, exit 1 on regression
+  fmt_value(value, unit)          a value as the tables show it (ms below 10 s)
 
 Decision, per metric: r = stat(candidate) / stat(baseline), turned so that r > 1 is worse (baseline /
 candidate for higher-is-better metrics). Quantiles are Harrell-Davis estimates (kvbm_cli.stats), the interval
@@ -22,20 +22,16 @@ so a reader sees when a run was too short to judge.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any
 
 import numpy as np
-import typer
-
-from kvbm_cli._options import JsonOpt
-from kvbm_cli._output import err, out
-from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli._errors import CliError
+from kvbm_cli._output import markdown
 from kvbm_cli.results import RequestRecord, measured_requests
 from kvbm_cli.stats import Statistic, bootstrap_ratio
 
@@ -85,35 +81,25 @@ def metric_spec(name: str, direction: str | None = None) -> MetricSpec:
 METRICS = tuple(f"{b}_{s}" for b in _BASES for s in _STATS) + ("output_tokens_per_s",)
 
 
-def load_requests(run: str | os.PathLike[str]) -> list[RequestRecord]:
-    """Measured requests of a run directory (or a requests.jsonl path): no warm-up, no errors."""
-    return measured_requests(run)
-
-
 def _num(value) -> float:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
+
+
+_PER_REQUEST = {  # base -> the value of one request (nan when it has none)
+    "ttft": lambda r: _num(r.ttft_s),
+    "e2e": lambda r: _num(r.e2e_s),
+    "itl": lambda r: float(np.mean(r.itl_s)) if r.itl_s else float("nan"),
+    "tpot": lambda r: (_num(r.e2e_s) - _num(r.ttft_s)) / (r.output_tokens - 1) if r.output_tokens > 1 else float("nan"),
+    "tps": lambda r: r.output_tokens / _num(r.e2e_s) if _num(r.e2e_s) > 0 else float("nan"),
+}
 
 
 def samples(requests: list[RequestRecord], spec: MetricSpec) -> np.ndarray:
     """The per-request values `spec` is computed on (finite ones only); (n, 2) pairs for output_tokens_per_s."""
     if spec.base == "throughput":
-        pairs = np.array([(_num(r.output_tokens), _num(r.e2e_s)) for r in requests], dtype=float)
-        pairs = pairs.reshape(-1, 2)
+        pairs = np.array([(_num(r.output_tokens), _num(r.e2e_s)) for r in requests], dtype=float).reshape(-1, 2)
         return pairs[np.isfinite(pairs).all(axis=1) & (pairs[:, 1] > 0)]
-    values = []
-    for r in requests:
-        ttft, e2e, n_out, itl = _num(r.ttft_s), _num(r.e2e_s), _num(r.output_tokens), r.itl_s or []
-        if spec.base == "ttft":
-            values.append(ttft)
-        elif spec.base == "e2e":
-            values.append(e2e)
-        elif spec.base == "itl":
-            values.append(float(np.mean(itl)) if len(itl) else float("nan"))
-        elif spec.base == "tpot":
-            values.append((e2e - ttft) / (n_out - 1) if n_out > 1 else float("nan"))
-        elif spec.base == "tps":
-            values.append(n_out / e2e if e2e > 0 else float("nan"))
-    arr = np.asarray(values, dtype=float)
+    arr = np.asarray([_PER_REQUEST[spec.base](r) for r in requests], dtype=float)
     return arr[np.isfinite(arr)]
 
 
@@ -202,11 +188,25 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     return result
 
 
+def choose_metrics(metric_args: list[str] | None, thresholds: str | os.PathLike[str] | None
+                   ) -> dict[str, dict[str, Any]]:
+    """The metrics to gate: the thresholds file's, then each `NAME` or `NAME=5%` given (default: DEFAULT_METRICS)."""
+    chosen = load_thresholds(thresholds) if thresholds else {}
+    for item in metric_args or ([] if chosen else list(DEFAULT_METRICS)):
+        name, _, tol = item.partition("=")
+        metric_spec(name.strip())
+        entry = chosen.get(name.strip(), {"max_regression": None, "direction": None})
+        if tol:
+            entry = {**entry, "max_regression": parse_fraction(tol)}
+        chosen[name.strip()] = entry
+    return chosen
+
+
 def gate(baseline: str | os.PathLike[str], candidate: str | os.PathLike[str], metrics: dict[str, dict[str, Any]],
          *, default_max_regression: float = 0.05, confidence: float = 0.95, n_boot: int = 2000,
          seed: int = 0) -> list[Verdict]:
     """Compare two runs on each metric ({name: {"max_regression", "direction"}}; None values take defaults)."""
-    base_rows, cand_rows = load_requests(baseline), load_requests(candidate)
+    base_rows, cand_rows = measured_requests(baseline), measured_requests(candidate)
     verdicts = []
     for name, entry in metrics.items():
         spec = metric_spec(name, entry.get("direction"))
@@ -217,8 +217,9 @@ def gate(baseline: str | os.PathLike[str], candidate: str | os.PathLike[str], me
     return verdicts
 
 
-def _fmt(value: float, unit: str) -> str:
-    if not math.isfinite(value):
+def fmt_value(value: float | None, unit: str) -> str:
+    """`value` in `unit` as the tables show it: seconds as ms below 10 s, "n/a" when missing."""
+    if value is None or not math.isfinite(value):
         return "n/a"
     if unit == "s":
         return f"{value * 1000:.1f} ms" if value < 10 else f"{value:.2f} s"
@@ -227,67 +228,13 @@ def _fmt(value: float, unit: str) -> str:
 
 def markdown_table(verdicts: list[Verdict], *, title: str | None = None) -> str:
     """A GitHub-flavoured Markdown table of the verdicts (for $GITHUB_STEP_SUMMARY)."""
-    lines = [f"### {title}", ""] if title else []
     level = f"{verdicts[0].confidence * 100:.0f}% " if verdicts else ""
-    lines += [f"| metric | better | baseline | candidate | change | worse-ratio {level}CI | tolerance | n (base/cand) | result |",
-              "|---|---|---:|---:|---:|---|---:|---:|---|"]
-    for v in verdicts:
-        result = "**REGRESSION**" if v.regressed else "pass"
-        lines.append(f"| {v.metric} | {v.direction} | {_fmt(v.baseline, v.unit)} | {_fmt(v.candidate, v.unit)} | "
-                     f"{v.change * 100:+.1f}% | {v.worse_ratio:.3f} [{v.ci_low:.3f}, {v.ci_high:.3f}] | "
-                     f"{v.max_regression * 100:.1f}% | {v.n_baseline}/{v.n_candidate} | {result} |")
-    lines.append("")
-    lines.append("worse-ratio > 1 means the candidate is worse; a metric regresses when the ratio exceeds "
-                 "1 + tolerance and its bootstrap interval lies above 1.")
-    return "\n".join(lines) + "\n"
-
-
-MetricOpt = Annotated[Optional[list[str]], typer.Option(
-    "--metric", "-m", help="Metric to gate, repeatable: ttft|itl|e2e|tpot|tps with _p50|_p90|_p99|_mean, or "
-    f"output_tokens_per_s; NAME=5% sets its own tolerance. Default: {', '.join(DEFAULT_METRICS)}.")]
-
-
-def gate_cmd(
-    baseline: Annotated[Path, typer.Option("--baseline", "-b", help="Baseline run directory (requests.jsonl).")],
-    candidate: Annotated[Path, typer.Option("--candidate", "-c", help="Candidate run directory (requests.jsonl).")],
-    metric: MetricOpt = None,
-    max_regression: Annotated[str, typer.Option("--max-regression", help="Tolerated worsening, e.g. 5% (default for every metric).")] = "5%",
-    thresholds: Annotated[Optional[Path], typer.Option("--thresholds", help="YAML/JSON: metric -> tolerance or {max_regression, direction}.")] = None,
-    confidence: Annotated[float, typer.Option("--confidence", help="Bootstrap interval level.")] = 0.95,
-    n_boot: Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples.")] = 2000,
-    seed: Annotated[int, typer.Option("--seed", help="Bootstrap seed (same inputs, same result).")] = 0,
-    summary_md: Annotated[Optional[Path], typer.Option("--summary-md", help="Append the Markdown table to this file ($GITHUB_STEP_SUMMARY is used too when set).")] = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Compare a candidate run with a baseline: exit 1 when a metric regressed beyond its tolerance."""
-    if not 0.5 <= confidence < 1.0:
-        raise CliError(f"--confidence {confidence}: use a level between 0.5 and 1 (e.g. 0.95)")
-    if n_boot < 100:
-        raise CliError(f"--n-boot {n_boot}: use at least 100 resamples")
-    default = parse_fraction(max_regression)
-    chosen: dict[str, dict[str, Any]] = load_thresholds(thresholds) if thresholds else {}
-    for item in metric or ([] if chosen else list(DEFAULT_METRICS)):
-        name, _, tol = item.partition("=")
-        metric_spec(name.strip())
-        entry = chosen.get(name.strip(), {"max_regression": None, "direction": None})
-        if tol:
-            entry = {**entry, "max_regression": parse_fraction(tol)}
-        chosen[name.strip()] = entry
-    verdicts = gate(baseline, candidate, chosen, default_max_regression=default, confidence=confidence,
-                    n_boot=n_boot, seed=seed)
-    table = markdown_table(verdicts, title=f"kvbm gate: {candidate} vs {baseline}")
-    for target in filter(None, (summary_md, os.environ.get("GITHUB_STEP_SUMMARY"))):
-        with open(target, "a") as f:
-            f.write(table + "\n")
-    if json_out:
-        out().print_json(json.dumps({"baseline": str(baseline), "candidate": str(candidate),
-                                     "passed": not any(v.regressed for v in verdicts),
-                                     "verdicts": [asdict(v) for v in verdicts]}))
-    else:
-        out().print(table, markup=False, soft_wrap=True)
-    bad = [v for v in verdicts if v.regressed]
-    if bad:
-        worst = ", ".join(f"{v.metric} {v.change * 100:+.1f}% (worse-ratio CI [{v.ci_low:.3f}, {v.ci_high:.3f}], "
-                          f"tolerance {v.max_regression * 100:.0f}%)" for v in bad)
-        raise CheckFailed(f"regression: {worst}")
-    err().print(f"gate passed: {len(verdicts)} metric(s) within tolerance", markup=False)
+    rows = [[v.metric, v.direction, fmt_value(v.baseline, v.unit), fmt_value(v.candidate, v.unit),
+             f"{v.change * 100:+.1f}%", f"{v.worse_ratio:.3f} [{v.ci_low:.3f}, {v.ci_high:.3f}]",
+             f"{v.max_regression * 100:.1f}%", f"{v.n_baseline}/{v.n_candidate}",
+             "**REGRESSION**" if v.regressed else "pass"] for v in verdicts]
+    table = markdown(["metric", "better", "baseline>", "candidate>", "change>", f"worse-ratio {level}CI",
+                      "tolerance>", "n (base/cand)>", "result"], rows)
+    return ("\n".join([f"### {title}", "", table]) if title else table) + (
+        "\n\nworse-ratio > 1 means the candidate is worse; a metric regresses when the ratio exceeds "
+        "1 + tolerance and its bootstrap interval lies above 1.\n")

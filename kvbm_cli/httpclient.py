@@ -4,7 +4,7 @@ Operations:
   get(url, timeout)                  GET, raising httpx.HTTPError on a failure or a non-2xx status
   healthy(base_url)                  True when GET /health answers 200
   server_model(base_url)             (id, root) of the server's first model: its served name and what it loaded
-  metrics_text(url)                  the Prometheus text at url (".../metrics" added to a base URL)
+  metrics_url(url) / metrics_text(url)   a /metrics URL (added to a base URL) / the Prometheus text there
   async_client(concurrency, timeout) an AsyncClient sized for `concurrency` streams
 """
 
@@ -42,13 +42,18 @@ def server_model(base_url: str, timeout: float = 10.0) -> tuple[str, str]:
                        "`kvbm serve` or pass --url", code=1) from None
 
 
-def metrics_text(url: str, timeout: float = 10.0) -> str:
-    """The text exposition at `url`; a base URL without a path gets /metrics."""
+def metrics_url(url: str) -> str:
+    """'http://h:8000' or 'h:8000' -> 'http://h:8000/metrics'; a URL with a path is kept as given."""
     if "://" not in url:
         url = "http://" + url
     scheme, rest = url.split("://", 1)
     host, _, path = rest.partition("/")
-    return get(f"{scheme}://{host}/{path or 'metrics'}", timeout).text
+    return f"{scheme}://{host}/{path or 'metrics'}"
+
+
+def metrics_text(url: str, timeout: float = 10.0) -> str:
+    """The text exposition at `url`; a base URL without a path gets /metrics."""
+    return get(metrics_url(url), timeout).text
 
 
 def async_client(concurrency: int, timeout_s: float) -> httpx.AsyncClient:

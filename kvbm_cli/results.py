@@ -14,20 +14,26 @@ Operations:
   append_request(path, record)        one line, flushed (a run that dies keeps what it measured)
   write_summary / read_summary        summary.json
   write_run / read_run                both files of one artifact dir
+  load_run(path) -> Run               a run directory as DataFrames (requests, metrics.csv) for reports
+  series(run, name) / kvbm_totals(run)   one metric over time / counter increases per tier pair
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import TYPE_CHECKING, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from kvbm_cli._errors import CliError
+from kvbm_cli.collect import parse_labels
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 REQUESTS_FILE = "requests.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -95,23 +101,12 @@ class Summary(BaseModel):
     requests_per_s: float
 
 
-def _percentile(sorted_values: list[float], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default method) of an ascending list."""
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    pos = (len(sorted_values) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def stats_of(values: Iterable[float | None]) -> Stats:
-    """mean, p50, p90, p99, min, max of the non-None values."""
-    vals = sorted(float(v) for v in values if v is not None)
-    if not vals:
-        return Stats()
-    return Stats(mean=sum(vals) / len(vals), p50=_percentile(vals, 50), p90=_percentile(vals, 90),
-                 p99=_percentile(vals, 99), min=vals[0], max=vals[-1])
+    """mean, p50, p90, p99, min, max of the non-None values (kvbm_cli.stats.summary: numpy's quantiles)."""
+    from kvbm_cli.stats import summary
+
+    vals = [float(v) for v in values if v is not None]
+    return Stats(**{k: v for k, v in summary(vals).items() if k != "n"}) if vals else Stats()
 
 
 def iso_now() -> str:
@@ -217,3 +212,95 @@ def read_run(artifact_dir: str | Path) -> tuple[list[RequestRecord], Summary]:
     """Both files of one artifact dir."""
     d = Path(artifact_dir)
     return read_requests(d / REQUESTS_FILE), read_summary(d / SUMMARY_FILE)
+
+
+# --- a run directory as tables (kvbm report, its plots) -----------------------------------------------------
+
+# KVBM counters (Dynamo's names) -> tier pair shown in the plots and the table.
+TIER_PAIRS = {
+    "kvbm_offload_blocks_d2h": "offload G1->G2 (device->host)",
+    "kvbm_offload_blocks_h2d": "offload G2->G3 (host->disk)",
+    "kvbm_offload_blocks_d2d": "offload G1->G3 (device->disk)",
+    "kvbm_onboard_blocks_h2d": "onboard G2->G1 (host->device)",
+    "kvbm_onboard_blocks_d2d": "onboard G3->G1 (disk->device)",
+}
+HIT_GAUGES = {"kvbm_host_cache_hit_rate": "KVBM host hit rate (window)",
+              "kvbm_disk_cache_hit_rate": "KVBM disk hit rate (window)"}
+HIT_COUNTERS = {("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"): "vLLM G1 prefix hits (cumulative)",
+                ("vllm:external_prefix_cache_hits_total", "vllm:external_prefix_cache_queries_total"):
+                    "connector hits of G1 misses (cumulative)"}
+
+
+@dataclass
+class Run:
+    """One bench run: its label, measured requests (warm-up and errors excluded), summary and metrics."""
+
+    path: Path
+    name: str
+    requests: pd.DataFrame
+    all_rows: int
+    warmup: int
+    errors: int
+    summary: dict[str, Any] = field(default_factory=dict)
+    metrics: pd.DataFrame | None = None
+    rows: list = field(default_factory=list)  # the measured RequestRecords (what gate's samples() take)
+
+
+def load_run(path: str | Path) -> Run:
+    """Read requests.jsonl (required), summary.json and metrics.csv of one run directory."""
+    import pandas as pd
+
+    req_path = find_requests(path)
+    root, records = req_path.parent, read_requests(req_path)
+    if not records:
+        raise CliError(f"{req_path}: no requests (is it a `kvbm bench` requests.jsonl?)")
+    measured = [r for r in records if is_measured(r)]
+    frame = pd.DataFrame([r.model_dump() for r in measured], columns=list(RequestRecord.model_fields))
+    summary = json.loads((root / SUMMARY_FILE).read_text()) if (root / SUMMARY_FILE).is_file() else {}
+    metrics = None
+    if (root / METRICS_FILE).is_file():
+        metrics = pd.read_csv(root / METRICS_FILE, keep_default_na=False, na_values=["NaN"],
+                              dtype={"labels": str, "source": str, "name": str})
+        metrics["value"] = pd.to_numeric(metrics["value"], errors="coerce")
+        if metrics.empty:
+            metrics = None
+    warm = sum(r.warmup for r in records)
+    return Run(root, str(summary.get("run") or records[0].run or root.name), frame, len(records), warm,
+               sum(bool(r.error) and not r.warmup for r in records), summary, metrics, measured)
+
+
+def series(run: Run, name: str, label_filter: dict[str, str] | None = None) -> pd.Series:
+    """One metric summed over its labels per scrape time (seconds since the first sample of the file)."""
+    import pandas as pd
+
+    if run.metrics is None:
+        return pd.Series(dtype=float)
+    frame = run.metrics[run.metrics["name"] == name]
+    if label_filter:
+        keep = frame["labels"].map(lambda text: all(parse_labels(text).get(k) == v for k, v in label_filter.items()))
+        frame = frame[keep]
+    if frame.empty:
+        return pd.Series(dtype=float)
+    # One scrape of one source shares one t: sum its label sets there. Several sources (e.g. two KVBM
+    # instances) are scraped at slightly different times: align on the union of times, carry values forward.
+    t0 = run.metrics["t"].min()
+    per_source = [g.groupby("t")["value"].sum() for _, g in frame.groupby("source")]
+    if len(per_source) == 1:
+        values = per_source[0]
+    else:
+        values = pd.concat(per_source, axis=1).sort_index().ffill().sum(axis=1, min_count=1)
+    values.index = values.index - t0
+    return values.sort_index()
+
+
+def kvbm_totals(run: Run) -> dict[str, float]:
+    """Counter increases over the collection: blocks per tier pair, matched tokens, vLLM cache hit tokens."""
+    totals: dict[str, float] = {}
+    names = list(TIER_PAIRS) + ["kvbm_matched_tokens", "kvbm_load_failures_total", "vllm:prefix_cache_hits_total",
+                                "vllm:prefix_cache_queries_total", "vllm:external_prefix_cache_hits_total",
+                                "vllm:external_prefix_cache_queries_total"]
+    for name in names:
+        values = series(run, name)
+        if len(values):
+            totals[name] = float(values.iloc[-1] - values.iloc[0]) if len(values) > 1 else float(values.iloc[-1])
+    return totals

@@ -5,7 +5,6 @@ Operations:
                                     sum of order statistics; quantile() equals scipy.stats.mstats.hdquantiles
   quantile(x, p, method=)           one quantile ("hd" Harrell-Davis, or "sample" as numpy computes it)
   summary(x)                        mean, p50, p90, p99, min, max, n of a sample
-  ecdf(x)                           sorted values and cumulative probabilities, for CDF plots
   bootstrap_ratio(a, b, stat, ...)  stat(b) / stat(a) with a percentile bootstrap confidence interval
   Statistic                         what to compute on one sample: a quantile, the mean, or a ratio of sums
 
@@ -60,13 +59,6 @@ def summary(x) -> dict[str, float]:
     q = np.quantile(arr, [0.5, 0.9, 0.99])
     return {"n": int(arr.size), "mean": float(arr.mean()), "p50": float(q[0]), "p90": float(q[1]),
             "p99": float(q[2]), "min": float(arr.min()), "max": float(arr.max())}
-
-
-def ecdf(x) -> tuple[np.ndarray, np.ndarray]:
-    """Sorted finite values and their cumulative probabilities (i/n)."""
-    arr = np.sort(np.asarray(x, dtype=float))
-    arr = arr[np.isfinite(arr)]
-    return arr, np.arange(1, arr.size + 1) / max(arr.size, 1)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 TINY_MODEL_NAME = "tiny-qwen3"
 # Bump when anything below changes what is written, so that an old cached copy is never reused.
 TINY_MODEL_VERSION = 2
+MARKER = "kvbm_tiny_model.json"  # written last: a directory with it is complete
 
 VOCAB_SIZE = 2048
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -140,7 +141,7 @@ def make_tiny_model(out_dir: str | os.PathLike[str]) -> Path:
         "bos_token_id": pad_id, "eos_token_id": [eos_id, pad_id], "pad_token_id": pad_id,
     })
     _write_weights(out / "model.safetensors")
-    _dump(out / "kvbm_tiny_model.json", {"name": TINY_MODEL_NAME, "version": TINY_MODEL_VERSION,
+    _dump(out / MARKER, {"name": TINY_MODEL_NAME, "version": TINY_MODEL_VERSION,
                                           "weights": "model.safetensors: seeded random, realistic scale"})
     return out
 
@@ -194,7 +195,7 @@ def default_model_dir() -> Path:
     Made in a temporary sibling and renamed into place, so concurrent first uses never see a half-written dir.
     """
     target = _cache_root() / f"{TINY_MODEL_NAME}-v{TINY_MODEL_VERSION}"
-    if (target / "kvbm_tiny_model.json").is_file():
+    if (target / MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))

@@ -14,7 +14,7 @@ from kvbm_cli.bench import compare
 from kvbm_cli.bench.drivers import import_aiperf
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, make_requests
 from kvbm_cli.bench.prompts import PromptTokenizer, build_prefix, build_prompt
-from kvbm_cli.serve import KV_TRANSFER_CONFIG, explain_failure
+from kvbm_cli.engine import KV_TRANSFER_CONFIG, explain_failure
 from kvbm_runner import run_kvbm
 
 EXPECTED_KV_TRANSFER = ('{"kv_connector":"DynamoConnector","kv_role":"kv_both",'

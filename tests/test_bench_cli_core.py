@@ -34,7 +34,7 @@ def test_ttft_bench_bad_input_is_one_line(tmp_path):
 
 
 def test_serve_turns_a_kvbm_configuration_error_into_its_one_line():
-    from kvbm_cli.serve import explain_failure
+    from kvbm_cli.engine import explain_failure
 
     log = ("(EngineCore pid=1) Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
            "(EngineCore pid=1) kvbm.errors.ConfigError: DYN_KVBM_CPU_CACHE_GB='abc' is not a number; set it to "

@@ -18,7 +18,7 @@ STAND_IN = ("import os, subprocess, sys, time; c = subprocess.Popen([sys.executa
             "time.sleep(300)']); open(sys.argv[1], 'w').write(f'{os.getpid()} {c.pid}'); time.sleep(300)")
 LAUNCHER = """
 import sys, time
-from kvbm_cli.serve import Engine, EngineSpec, Launch
+from kvbm_cli.engine import Engine, EngineSpec, Launch
 pids, die = sys.argv[1], sys.argv[2] == "1"
 launch = Launch([sys.executable, "-c", {stand_in!r}, pids], {{}}, [], [], "stand-in", "http://127.0.0.1:9",
                 EngineSpec(port=0))

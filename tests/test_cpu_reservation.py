@@ -91,7 +91,7 @@ def test_doctor_row_off_the_cpu_build_is_information():
 # --- kvbm serve -------------------------------------------------------------------------------------------
 
 def test_serve_relies_on_the_plugin_when_it_runs(tiny_model_dir):
-    from kvbm_cli.serve import EngineSpec, build_launch
+    from kvbm_cli.engine import EngineSpec, build_launch
 
     launch = build_launch(EngineSpec(model=str(tiny_model_dir), connector="kvbm"), {}, cpu=True)
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in launch.env_set
@@ -99,7 +99,7 @@ def test_serve_relies_on_the_plugin_when_it_runs(tiny_model_dir):
 
 @pytest.mark.parametrize("args,ranks", [([], "1"), (["-tp", "2"], "2"), (["--tensor-parallel-size=2", "-pp", "2"], "4")])
 def test_serve_sets_the_reservation_where_the_plugin_is_left_out(tiny_model_dir, args, ranks):
-    from kvbm_cli.serve import EngineSpec, build_launch
+    from kvbm_cli.engine import EngineSpec, build_launch
 
     spec = EngineSpec(model=str(tiny_model_dir), connector="kvbm", vllm_args=args)
     launch = build_launch(spec, {"VLLM_PLUGINS": "lora_filesystem_resolver"}, cpu=True)

@@ -9,7 +9,8 @@ import pytest
 
 from bench_runs import write_run
 from kvbm_cli.collect import COLUMNS, format_labels
-from kvbm_cli.report import build_report, load_run
+from kvbm_cli.report import build_report
+from kvbm_cli.results import load_run
 from kvbm_runner import run_kvbm
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 from kvbm.mechanism import fileio
-from kvbm_cli.bench_ttft import first_token_seconds
+from kvbm_cli.bench.ttft import first_token_seconds
 from vllm_server import free_port, vllm_server
 
 pytestmark = pytest.mark.engine

@@ -4,7 +4,6 @@ Operations:
   RequestSpec                         one request to send (prompt or messages, max tokens, labels)
   send(client, url, model, spec)      stream it; RequestRecord (TTFT, inter-token latencies, e2e, tokens, error)
   run_requests(specs, ...)            send with a concurrency limit or at a request rate, with a progress bar
-  progress_bar(disable)               rich progress on stderr (terminal only)
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ from typing import Any, Optional
 import httpx
 
 from kvbm_cli._output import progress
-from kvbm_cli import httpclient
+from kvbm_cli.httpclient import async_client
 from kvbm_cli.results import RequestRecord
 
 
@@ -139,14 +138,6 @@ async def send(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpe
     return Sent(record, "".join(text_parts))
 
 
-def progress_bar(disable: bool = False):
-    """A request-counting progress bar on stderr (only on a terminal)."""
-    return progress("requests", disable)
-
-
-make_client = httpclient.async_client
-
-
 async def run_requests(specs: Sequence[RequestSpec], url: str, model: str, *, run: str, workload: str,
                        concurrency: Optional[int] = 1, request_rate: Optional[float] = None,
                        streaming: bool = True, ignore_eos: bool = True, timeout_s: float = 600.0,
@@ -160,8 +151,8 @@ async def run_requests(specs: Sequence[RequestSpec], url: str, model: str, *, ru
     warm = [i for i, s in enumerate(specs) if s.warmup]
     measured = [i for i, s in enumerate(specs) if not s.warmup]
     limit = asyncio.Semaphore(concurrency or len(specs) or 1)
-    async with make_client(concurrency or 16, timeout_s) as client:
-        with progress_bar(disable=not show_progress) as bar:
+    async with async_client(concurrency or 16, timeout_s) as client:
+        with progress("requests", not show_progress) as bar:
             task = bar.add_task(f"{workload} {run}", total=len(specs), note="")
             errors = 0
 

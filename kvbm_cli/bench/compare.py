@@ -39,16 +39,16 @@ import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvbm_cli._options import JsonOpt
-from kvbm_cli._output import err, out
+from kvbm_cli._options import Driver, JsonOpt
+from kvbm_cli._output import emit_json, err, markdown, out
 from kvbm_cli import prom
 from kvbm_cli._data import data_dir
 from kvbm_cli._errors import CliError
 from kvbm_cli.bench.multi_round import MultiRoundConfig, run_multi_round
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
 from kvbm_cli.collect import background
-from kvbm_cli.serve import free_port as _free_port
-from kvbm_cli.serve import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
+from kvbm_cli.engine import free_port as _free_port
+from kvbm_cli.engine import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
 
 SCENARIO_DIR = data_dir("scenarios")
 DEFAULT_SCENARIO = "prefix-reuse-cpu.yaml"
@@ -68,7 +68,7 @@ class Scenario(BaseModel):
     workload: dict[str, Any]
     engine: dict[str, Any] = Field(default_factory=dict)
     configs: list[dict[str, Any]]
-    driver: str = "native"
+    driver: Driver = Driver.native
     health_timeout: float = Field(600.0, alias="health-timeout")
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
 
@@ -190,7 +190,7 @@ def metrics_delta(before: dict, after: dict) -> dict[str, Any]:
         "p50": prom.histogram_quantile(0.5, buckets), "p90": prom.histogram_quantile(0.9, buckets),
         "p99": prom.histogram_quantile(0.99, buckets),
         "buckets": [[le if not math.isinf(le) else "+Inf", c] for le, c in buckets]}
-    for name in _VLLM_MEANS:  # the server's own view, which a client starved of CPU cannot skew
+    for name in _VLLM_MEANS:
         b, a = prom.histogram(before, name), prom.histogram(after, name)
         n = a["count"] - b["count"]
         d[name] = {"sum": a["sum"] - b["sum"], "count": n, "mean": (a["sum"] - b["sum"]) / n if n else None}
@@ -199,37 +199,37 @@ def metrics_delta(before: dict, after: dict) -> dict[str, Any]:
 
 # --- the comparison ----------------------------------------------------------------------------------------
 
-_ROWS = [  # label, getter, better ("lower" | "higher")
-    ("TTFT p50 (ms)", lambda s: s.ttft_s.p50, "lower", 1000),
-    ("TTFT p90 (ms)", lambda s: s.ttft_s.p90, "lower", 1000),
-    ("TTFT mean (ms)", lambda s: s.ttft_s.mean, "lower", 1000),
-    ("ITL mean (ms)", lambda s: s.itl_s.mean, "lower", 1000),
-    ("E2E p50 (ms)", lambda s: s.e2e_s.p50, "lower", 1000),
-    ("output tokens/s", lambda s: s.output_tokens_per_s, "higher", 1),
-    ("requests/s", lambda s: s.requests_per_s, "higher", 1),
+def _server_mean(name: str):
+    return lambda r: (r["vllm_metrics"].get(name) or {}).get("mean")
+
+
+_ROWS = [  # label, getter of one config's results ({"summary", "vllm_metrics"}), better, scale
+    ("TTFT p50 (ms)", lambda r: r["summary"].ttft_s.p50, "lower", 1000),
+    ("TTFT p90 (ms)", lambda r: r["summary"].ttft_s.p90, "lower", 1000),
+    ("TTFT mean (ms)", lambda r: r["summary"].ttft_s.mean, "lower", 1000),
+    ("ITL mean (ms)", lambda r: r["summary"].itl_s.mean, "lower", 1000),
+    ("E2E p50 (ms)", lambda r: r["summary"].e2e_s.p50, "lower", 1000),
+    ("output tokens/s", lambda r: r["summary"].output_tokens_per_s, "higher", 1),
+    ("requests/s", lambda r: r["summary"].requests_per_s, "higher", 1),
+    # the server's own view, which a client starved of CPU cannot skew
+    ("vLLM ITL mean (ms)", _server_mean("vllm:inter_token_latency_seconds"), "lower", 1000),
+    ("vLLM E2E mean (ms)", _server_mean("vllm:e2e_request_latency_seconds"), "lower", 1000),
 ]
 
 
 def build_comparison(scenario: Scenario, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Rows of values per config and gains against the first config (>1 is better: faster or more)."""
+    """Rows of values per config and gains against the first config (>1 is better: faster or more); a row no
+    config has a value for is left out."""
     names = list(results)
     base = names[0]
     rows = []
     for label, get, better, scale in _ROWS:
-        values = {n: (None if get(results[n]["summary"]) is None else get(results[n]["summary"]) * scale) for n in names}
-        gains = {}
-        for n in names[1:]:
-            b, v = values[base], values[n]
-            gains[n] = None if not b or not v else (b / v if better == "lower" else v / b)
-        rows.append({"metric": label, "better": better, "values": values, "gain_vs_" + base: gains})
-    for label, name in (("vLLM ITL mean (ms)", "vllm:inter_token_latency_seconds"),
-                        ("vLLM E2E mean (ms)", "vllm:e2e_request_latency_seconds")):
-        values = {n: ((results[n]["vllm_metrics"].get(name) or {}).get("mean")) for n in names}
-        values = {n: None if v is None else v * 1000 for n, v in values.items()}
+        values = {n: None if get(results[n]) is None else get(results[n]) * scale for n in names}
         if all(v is None for v in values.values()):
             continue
-        gains = {n: None if not values[base] or not values[n] else values[base] / values[n] for n in names[1:]}
-        rows.append({"metric": label, "better": "lower", "values": values, "gain_vs_" + base: gains})
+        gains = {n: None if not values[base] or not values[n] else
+                 (values[base] / values[n] if better == "lower" else values[n] / values[base]) for n in names[1:]}
+        rows.append({"metric": label, "better": better, "values": values, "gain_vs_" + base: gains})
     extra = []
     for n in names:
         m = results[n]["vllm_metrics"]
@@ -247,27 +247,21 @@ def _fmt(v: Optional[float]) -> str:
 
 
 def comparison_markdown(comp: dict[str, Any]) -> str:
+    """The comparison table (values and gains against the first config) and the cache table, in Markdown."""
     names, base = comp["configs"], comp["baseline"]
-    head = ["metric", *names, *[f"{n} vs {base}" for n in names[1:]]]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for row in comp["rows"]:
-        gains = row["gain_vs_" + base]
-        cells = [row["metric"], *[_fmt(row["values"][n]) for n in names],
-                 *[("-" if gains[n] is None else f"{gains[n]:.2f}x") for n in names[1:]]]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append("Gains are baseline/config for latencies and config/baseline for throughputs: above 1 is better.")
-    lines.append("")
-    lines.append("| config | requests | errors | G1 hit tokens / queried | KVBM hit tokens / queried | "
-                 "vLLM TTFT histogram: count, mean, ~p50, ~p90 (ms) |")
-    lines.append("|---|---|---|---|---|---|")
-    for c in comp["cache"]:
-        t = c["vllm_ttft"] or {}
-        ms = lambda x: "-" if x is None else f"{x * 1000:.1f}"  # noqa: E731
-        lines.append(f"| {c['config']} | {c['requests']} | {c['errors']} | {c['g1_hit_tokens']:.0f} / "
-                     f"{c['g1_query_tokens']:.0f} | {c['kvbm_hit_tokens']:.0f} / {c['kvbm_query_tokens']:.0f} | "
-                     f"{t.get('count', 0):.0f}, {ms(t.get('mean'))}, {ms(t.get('p50'))}, {ms(t.get('p90'))} |")
-    return "\n".join(lines) + "\n"
+    ms = lambda x: "-" if x is None else f"{x * 1000:.1f}"  # noqa: E731
+    rows = [[row["metric"], *[_fmt(row["values"][n]) for n in names],
+             *[("-" if row["gain_vs_" + base][n] is None else f"{row['gain_vs_' + base][n]:.2f}x") for n in names[1:]]]
+            for row in comp["rows"]]
+    cache = [[c["config"], c["requests"], c["errors"], f"{c['g1_hit_tokens']:.0f} / {c['g1_query_tokens']:.0f}",
+              f"{c['kvbm_hit_tokens']:.0f} / {c['kvbm_query_tokens']:.0f}",
+              f"{t.get('count', 0):.0f}, {ms(t.get('mean'))}, {ms(t.get('p50'))}, {ms(t.get('p90'))}"]
+             for c in comp["cache"] for t in [c["vllm_ttft"] or {}]]
+    return "\n".join([
+        markdown(["metric", *names, *[f"{n} vs {base}" for n in names[1:]]], rows), "",
+        "Gains are baseline/config for latencies and config/baseline for throughputs: above 1 is better.", "",
+        markdown(["config", "requests", "errors", "G1 hit tokens / queried", "KVBM hit tokens / queried",
+                  "vLLM TTFT histogram: count, mean, ~p50, ~p90 (ms)"], cache)]) + "\n"
 
 
 def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None,
@@ -340,11 +334,9 @@ def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, lau
     before = prom.scrape(launch.url)
     common_kw = dict(url=launch.url, model=None, tokenizer=None, artifact_dir=run_dir, run=name,
                      engine=launch.engine_info(), show_progress=show_progress)
+    run = run_prefix_reuse if isinstance(wl, PrefixReuseConfig) else run_multi_round
     with background(sources, run_dir / "metrics.csv"):  # vLLM's and KVBM's series, for kvbm report
-        if isinstance(wl, PrefixReuseConfig):
-            summary = run_prefix_reuse(wl, driver=scenario.driver, **common_kw)
-        else:
-            summary = run_multi_round(wl, driver=scenario.driver, **common_kw)
+        summary = run(wl, driver=scenario.driver.value, **common_kw)
     delta = metrics_delta(before, prom.scrape(launch.url))
     (run_dir / "vllm_metrics.json").write_text(json.dumps(delta, indent=2) + "\n")
     return {"summary": summary, "vllm_metrics": delta}
@@ -366,7 +358,7 @@ def compare(
     with sigterm_as_exception():
         comp = run_compare(scenario, out_dir, port=port, show_progress=not json_out)
     if json_out:
-        out().print_json(json.dumps(comp))
+        emit_json(comp)
         return
     console = out()
     console.print(f"scenario {scenario.name} ({path}) · results in {out_dir}", markup=False, soft_wrap=True)

@@ -28,9 +28,11 @@ import typer
 from kvbm_cli._options import ArtifactOpt, Driver, DriverOpt, JsonOpt, ModelOpt, RunOpt, TimeoutOpt, TokenizerOpt, UrlOpt
 from kvbm_cli._errors import CliError
 from kvbm_cli.bench import common
-from kvbm_cli.bench.client import RequestSpec, make_client, progress_bar, send
+from kvbm_cli._output import progress
+from kvbm_cli.bench.client import RequestSpec, send
+from kvbm_cli.httpclient import async_client
 from kvbm_cli.bench.prompts import PromptTokenizer
-from kvbm_cli.results import Summary, iso_now
+from kvbm_cli.results import Summary
 
 WORKLOAD = "multi-round"
 
@@ -143,8 +145,8 @@ async def _drive(cfg: MultiRoundConfig, tok: PromptTokenizer, url: str, model: s
     in_flight: set[asyncio.Task] = set()
     errors = 0
 
-    async with make_client(cfg.num_users + 2, timeout_s) as client:
-        with progress_bar(disable=not show_progress) as bar:
+    async with async_client(cfg.num_users + 2, timeout_s) as client:
+        with progress("requests", not show_progress) as bar:
             task = bar.add_task(f"{WORKLOAD} {run}", total=None, note="")
 
             def launch(s: _Session, now: float) -> None:
@@ -203,14 +205,9 @@ def run_multi_round(cfg: MultiRoundConfig, *, url: str, model: Optional[str], to
     if driver != "native":
         raise CliError("kvbm bench multi-round runs with the native client only (--driver native); aiperf and "
                        "genai-perf have no LMBenchmark multi-round mode")
-    model, tok_source = common.resolve_model_and_tokenizer(url, model, tokenizer)
-    tok = PromptTokenizer(tok_source)
-    writer = common.ArtifactWriter(artifact_dir)
-    started_at = iso_now()
-    asyncio.run(_drive(cfg, tok, url, model, run, timeout_s, writer, show_progress))
-    return common.finish_run(writer.records, artifact_dir, run=run, workload=WORKLOAD, url=url, model=model,
-                             driver="native", started_at=started_at,
-                             config=cfg.model_dump() | {"tokenizer": tok_source}, engine=engine)
+    return common.run_workload(cfg, WORKLOAD, lambda model, tok, writer: _drive(
+        cfg, tok, url, model, run, timeout_s, writer, show_progress), url=url, model=model, tokenizer=tokenizer,
+        artifact_dir=artifact_dir, run=run, engine=engine)
 
 
 def multi_round(
@@ -236,13 +233,8 @@ def multi_round(
     json_out: JsonOpt = False,
 ) -> None:
     """LMBenchmark's synthetic multi-round QA: long shared context, growing per-user chat history."""
-    cfg = MultiRoundConfig(num_users=num_users, num_rounds=num_rounds, qps=qps, shared_system_prompt=shared_system_prompt,
-                           user_history_prompt=user_history_prompt, answer_len=answer_len, init_user_id=init_user_id,
-                           time=time_s or None, warmup=warmup, random_seed=random_seed)
+    options = {k: v for k, v in locals().items() if k in MultiRoundConfig.model_fields}
+    cfg = MultiRoundConfig(**options | {"time": time_s or None})
     cfg.validate()
-    driver = Driver(driver).value
-    artifact_dir = artifact_dir or Path("runs") / WORKLOAD
-    summary = run_multi_round(cfg, url=url, model=model, tokenizer=tokenizer, artifact_dir=artifact_dir,
-                              run=run or artifact_dir.name, timeout_s=request_timeout, show_progress=not json_out,
-                              driver=driver)
-    common.print_summary(summary, artifact_dir, json_out)
+    common.run_command(run_multi_round, cfg, WORKLOAD, artifact_dir=artifact_dir, run=run, json_out=json_out, url=url,
+                       model=model, tokenizer=tokenizer, timeout_s=request_timeout, driver=Driver(driver).value)

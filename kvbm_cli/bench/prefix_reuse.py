@@ -15,7 +15,6 @@ Operations:
 
 from __future__ import annotations
 
-import asyncio
 import random
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -27,7 +26,7 @@ from kvbm_cli._errors import CliError
 from kvbm_cli.bench import common
 from kvbm_cli.bench.client import RequestSpec, run_requests
 from kvbm_cli.bench.prompts import ENDPOINTS, PromptTokenizer, build_prefix, build_prompt
-from kvbm_cli.results import Summary, iso_now
+from kvbm_cli.results import Summary
 
 WORKLOAD = "prefix-reuse"
 
@@ -107,24 +106,16 @@ def run_prefix_reuse(cfg: PrefixReuseConfig, *, url: str, model: Optional[str], 
                      timeout_s: float = 600.0, show_progress: bool = True) -> Summary:
     """Run the workload against `url` and write requests.jsonl + summary.json under `artifact_dir`."""
     cfg.validate()
-    common.check_driver(driver)
-    model, tok_source = common.resolve_model_and_tokenizer(url, model, tokenizer)
-    config = cfg.model_dump() | {"tokenizer": tok_source}
-    if driver != "native":
-        from kvbm_cli.bench import drivers
 
-        return drivers.run_external(driver, WORKLOAD, cfg, url=url, model=model, tokenizer=tok_source,
-                                    artifact_dir=artifact_dir, run=run, engine=engine, config=config)
-    tok = PromptTokenizer(tok_source)
-    specs = make_requests(cfg, tok)
-    writer = common.ArtifactWriter(artifact_dir)
-    started_at = iso_now()
-    asyncio.run(run_requests(specs, url, model, run=run, workload=WORKLOAD, concurrency=cfg.concurrency,
-                             request_rate=cfg.request_rate, streaming=cfg.streaming, ignore_eos=cfg.ignore_eos,
-                             timeout_s=timeout_s, on_done=writer.add, show_progress=show_progress))
-    return common.finish_run(writer.records, artifact_dir, run=run, workload=WORKLOAD, url=url, model=model,
-                             driver=driver, started_at=started_at, config=config,
-                             engine=engine, expected={s.request_id: s.expected_input_tokens for s in specs})
+    async def drive(model: str, tok: PromptTokenizer, writer: common.ArtifactWriter) -> dict[str, int]:
+        specs = make_requests(cfg, tok)
+        await run_requests(specs, url, model, run=run, workload=WORKLOAD, concurrency=cfg.concurrency,
+                           request_rate=cfg.request_rate, streaming=cfg.streaming, ignore_eos=cfg.ignore_eos,
+                           timeout_s=timeout_s, on_done=writer.add, show_progress=show_progress)
+        return {s.request_id: s.expected_input_tokens for s in specs}
+
+    return common.run_workload(cfg, WORKLOAD, drive, url=url, model=model, tokenizer=tokenizer,
+                               artifact_dir=artifact_dir, run=run, engine=engine, driver=driver)
 
 
 def prefix_reuse(
@@ -159,23 +150,15 @@ def prefix_reuse(
     """Shared long prefixes cycling through the engine's cache (Dynamo's KVBM demo with genai-perf's flags)."""
     if concurrency is not None and request_rate is not None:
         raise CliError("give --concurrency or --request-rate, not both")
-    cfg = PrefixReuseConfig(prefix_prompt_length=prefix_prompt_length, num_prefix_prompts=num_prefix_prompts,
-                            synthetic_input_tokens_mean=synthetic_input_tokens_mean,
-                            synthetic_input_tokens_stddev=synthetic_input_tokens_stddev,
-                            output_tokens_mean=output_tokens_mean, output_tokens_stddev=output_tokens_stddev,
-                            concurrency=None if request_rate else (concurrency or 1), request_rate=request_rate,
-                            request_count=request_count, warmup_request_count=warmup_request_count,
-                            endpoint_type=Endpoint(endpoint_type).value, streaming=streaming,
-                            random_seed=random_seed, prefix_order=PrefixOrder(prefix_order).value)
-    driver = Driver(driver).value
+    options = {k: v for k, v in locals().items() if k in PrefixReuseConfig.model_fields}
+    cfg = PrefixReuseConfig(**options | {"concurrency": None if request_rate else (concurrency or 1),
+                                         "endpoint_type": Endpoint(endpoint_type).value,
+                                         "prefix_order": PrefixOrder(prefix_order).value})
     cfg.validate()
-    common.check_driver(driver)
+    driver = Driver(driver).value
     if driver != "native":
         from kvbm_cli.bench.drivers import find_tool
 
         find_tool(driver)  # fail before contacting the server
-    artifact_dir = artifact_dir or Path("runs") / WORKLOAD
-    summary = run_prefix_reuse(cfg, url=url, model=model, tokenizer=tokenizer, artifact_dir=artifact_dir,
-                               run=run or artifact_dir.name, driver=driver, timeout_s=request_timeout,
-                               show_progress=not json_out)
-    common.print_summary(summary, artifact_dir, json_out)
+    common.run_command(run_prefix_reuse, cfg, WORKLOAD, artifact_dir=artifact_dir, run=run, json_out=json_out, url=url,
+                       model=model, tokenizer=tokenizer, driver=driver, timeout_s=request_timeout)

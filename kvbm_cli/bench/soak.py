@@ -18,20 +18,20 @@ from __future__ import annotations
 
 import asyncio
 import random
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Optional
 from urllib.parse import urlparse
 
+import numpy as np
 import psutil
 import typer
 
 from kvbm_cli._options import JsonOpt, ModelOpt, UrlOpt
-from kvbm_cli._output import err, out
+from kvbm_cli._output import emit_json, err, out, table
 from kvbm_cli._errors import CheckFailed, CliError
-from kvbm_cli.bench import common
-from kvbm_cli.bench.client import RequestSpec, make_client, send
+from kvbm_cli.bench.client import RequestSpec, send
+from kvbm_cli.httpclient import async_client
 from kvbm_cli.httpclient import server_model
 
 
@@ -132,14 +132,6 @@ def tree_rss_mb(pid: Optional[int]) -> Optional[float]:
     return total / 2**20
 
 
-def _quantile(values: list[float], q: float) -> Optional[float]:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q * 100) - 1]
-
-
 async def _soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int], timeout_s: float) -> SoakResult:
     prompts = soak_prompts(cfg)
     ids = sorted(prompts)
@@ -183,10 +175,11 @@ async def _soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int], timeo
             minute = min(int((time.perf_counter() - start - 1e-6) // 60), n_minutes - 1)
             rows[minute].rss_mb = tree_rss_mb(pid)
 
-    async with make_client(cfg.concurrency, timeout_s) as client:
+    async with async_client(cfg.concurrency, timeout_s) as client:
         await asyncio.gather(sampler(), *(client_loop(client) for _ in range(cfg.concurrency)))
     for row, values in zip(rows, ttfts):
-        row.ttft_p50_ms, row.ttft_p99_ms = _quantile(values, 0.5), _quantile(values, 0.99)
+        if values:
+            row.ttft_p50_ms, row.ttft_p99_ms = (float(q) for q in np.percentile(values, [50, 99]))
     result.rss_end_mb = tree_rss_mb(pid)
     return result
 
@@ -218,9 +211,7 @@ def soak(
     json_out: JsonOpt = False,
 ) -> None:
     """Churn: concurrent streams, random client disconnects; per minute requests, errors, TTFT, RSS."""
-    cfg = SoakConfig(minutes=minutes, concurrency=concurrency, disconnect_fraction=disconnect_fraction,
-                     num_prefixes=num_prefixes, prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
-                     max_tokens=max_tokens, seed=seed)
+    cfg = SoakConfig(**{k: v for k, v in locals().items() if k in SoakConfig.__dataclass_fields__})
     cfg.validate()
     model = model or server_model(url)[0]
     pid = pid or server_pid(url)
@@ -228,22 +219,16 @@ def soak(
         err().print("kvbm: no server pid found on this machine for RSS; pass --pid to report it")
     result = run_soak(url, model, cfg, pid)
     if json_out:
-        import json
-
-        out().print_json(json.dumps({"rows": [asdict(r) for r in result.rows], "totals": result.totals,
-                                     "errors": result.errors[:50], "rss_start_mb": result.rss_start_mb,
-                                     "rss_end_mb": result.rss_end_mb}))
+        emit_json({"rows": [asdict(r) for r in result.rows], "totals": result.totals, "errors": result.errors[:50],
+                   "rss_start_mb": result.rss_start_mb, "rss_end_mb": result.rss_end_mb})
     else:
-        from rich.table import Table
-
-        table = Table(title=f"soak {url} ({minutes:g} min, {concurrency} clients, "
-                            f"{disconnect_fraction:.0%} disconnect)")
-        for col in ("minute", "requests", "completed", "disconnected", "errors", "TTFT p50 ms", "TTFT p99 ms", "RSS MB"):
-            table.add_column(col, justify="right")
+        rows = table(f"soak {url} ({minutes:g} min, {concurrency} clients, {disconnect_fraction:.0%} disconnect)",
+                     ["minute>", "requests>", "completed>", "disconnected>", "errors>", "TTFT p50 ms>", "TTFT p99 ms>",
+                      "RSS MB>"])
         for r in result.rows:
-            table.add_row(str(r.minute + 1), str(r.requests), str(r.completed), str(r.disconnected), str(r.errors),
-                          _fmt(r.ttft_p50_ms), _fmt(r.ttft_p99_ms), _fmt(r.rss_mb))
-        out().print(table)
+            rows.add_row(str(r.minute + 1), str(r.requests), str(r.completed), str(r.disconnected), str(r.errors),
+                         _fmt(r.ttft_p50_ms), _fmt(r.ttft_p99_ms), _fmt(r.rss_mb))
+        out().print(rows)
         out().print(f"RSS {_fmt(result.rss_start_mb)} -> {_fmt(result.rss_end_mb)} MB; totals {result.totals}")
         for line in result.errors[:10]:
             err().print(f"error: {line}")

@@ -137,12 +137,13 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
         engine.submit_onboard(OnboardJob("bench", loads=stores))
         engine.wait()
 
-    progress("G1->G2 offload")
-    ours, raw = _interleaved(offload, references[0][1], repeats)
-    results.append(PathResult("G1->G2 offload", references[0][0], nbytes, nbytes / ours / 1e9, nbytes / raw / 1e9))
-    progress("G2->G1 onboard")
-    ours, raw = _interleaved(onboard, references[1][1], repeats)
-    results.append(PathResult("G2->G1 onboard", references[1][0], nbytes, nbytes / ours / 1e9, nbytes / raw / 1e9))
+    def measure(path: str, ours: Callable[[], None], reference: str, raw: Callable[[], None], n: int) -> None:
+        progress(path)
+        t_ours, t_raw = _interleaved(ours, raw, n)
+        results.append(PathResult(path, reference, nbytes, nbytes / t_ours / 1e9, nbytes / t_raw / 1e9))
+
+    measure("G1->G2 offload", offload, *references[0], repeats)
+    measure("G2->G1 onboard", onboard, *references[1], repeats)
     failed = [r for r in engine.get_finished() if not r.ok]
     engine.close()
     if failed:
@@ -181,15 +182,10 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
                 engine.submit_onboard(OnboardJob("bench", loads=disk_loads))
                 engine.wait()
 
-            disk_repeats = disk_repeats or repeats
-            progress("G2->G3 offload")
-            ours, raw = _interleaved(cascade, raw_write, disk_repeats)
-            results.append(PathResult("G2->G3 offload", "O_DIRECT write" if direct else "pwrite", nbytes,
-                                      nbytes / ours / 1e9, nbytes / raw / 1e9))
-            progress("G3->G1 onboard")
-            ours, raw = _interleaved(disk_onboard, raw_read, disk_repeats)
-            results.append(PathResult("G3->G1 onboard", "O_DIRECT read" if direct else "pread", nbytes,
-                                      nbytes / ours / 1e9, nbytes / raw / 1e9))
+            measure("G2->G3 offload", cascade, "O_DIRECT write" if direct else "pwrite", raw_write,
+                    disk_repeats or repeats)
+            measure("G3->G1 onboard", disk_onboard, "O_DIRECT read" if direct else "pread", raw_read,
+                    disk_repeats or repeats)
             failed = [r for r in engine.get_finished() if not r.ok]
             if failed:
                 raise CliError(f"benchmark transfers failed: {failed[0].error or failed[0].failed_hashes}", 1)

@@ -29,7 +29,7 @@ from kvbm_cli import prom
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli._options import JsonOpt, ModelOpt
 from kvbm_cli._output import emit_json, out, table
-from kvbm_cli.serve import free_port as _free_port
+from kvbm_cli.engine import free_port as _free_port
 
 
 @dataclass
@@ -60,7 +60,7 @@ def first_token_seconds(url: str, model: str, tokens: list[int], max_tokens: int
 
 def _run_engine(label: str, spec, trials: list[dict], model: str, measure, health_timeout: float,
                 log_dir: Path) -> None:
-    from kvbm_cli.serve import Engine, build_launch, start_and_wait
+    from kvbm_cli.engine import Engine, build_launch, start_and_wait
 
     engine = Engine(build_launch(spec), log_path=log_dir / f"{label}.log")
     try:
@@ -75,7 +75,7 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size:
                    suffix_tokens: int, trials: int, g1_blocks: int, health_timeout: float, log_dir: Path,
                    seed: int = 0) -> list[Case]:
     """Measure the four cases; returns them in order (recompute first)."""
-    from kvbm_cli.serve import EngineSpec
+    from kvbm_cli.engine import EngineSpec
 
     rng = random.Random(seed)
     prompt_blocks = math.ceil((prefix_tokens + suffix_tokens) / block_size)
@@ -90,12 +90,6 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size:
     g1_bytes = g1_blocks * block_bytes
     common = dict(model=str(model_dir), kv_cache_memory_bytes=g1_bytes, block_size=block_size,
                   max_model_len=min(prompt_blocks * block_size * 2, (g1_blocks - 1) * block_size))
-
-    def evicted(url, model, trial):
-        first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
-        for filler in trial["fillers"]:
-            first_token_seconds(url, model, filler)
-        return first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][2])
 
     def baseline(url, model, trial):
         first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
@@ -116,7 +110,6 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size:
         env = env | {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(metrics_port)}
 
         def kvbm(url, model, trial, case=case, counter=counter, metrics_port=metrics_port):
-            before = None
             first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
             for filler in trial["fillers"]:
                 first_token_seconds(url, model, filler)

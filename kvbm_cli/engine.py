@@ -1,4 +1,4 @@
-"""`kvbm serve`: vLLM's OpenAI server with or without the KVBM connector, with the flags of `python -m dynamo.vllm`.
+"""Engine launch: vLLM's OpenAI server with or without the KVBM connector; every vLLM command-line fact is here.
 
 Operations:
   EngineSpec                     what to launch (model, connector, G1 size, KVBM tiers, extra vLLM args)
@@ -6,7 +6,7 @@ Operations:
   Engine(launch)                 start / wait_healthy / stop (whole process group) / failure explained in one line
   explain_failure(log, rc)       known engine failures (port in use, out of memory, model not found, connector
                                  import error, KV cache too small) -> one line
-  kvbm serve ...                 the command: launch, wait for /health, stream or file the log, stop cleanly
+  start_and_wait(engine, ...)    start and wait for /health with a spinner on a terminal
 """
 
 from __future__ import annotations
@@ -26,17 +26,14 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Callable, Optional
 
-import typer
-
-from kvbm_cli.bench.common import Keys
-from kvbm_cli._options import Connector, JsonOpt, ModelOpt, PortOpt, HealthTimeoutOpt, BlockSizeOpt
-from kvbm_cli._output import err, out
 from pydantic import Field
 
-from kvbm_cli import _reaper, httpclient
-from kvbm_cli._errors import EXIT_INTERRUPTED, CheckFailed, CliError
+from kvbm_cli import _reaper, httpclient, tiny_model
+from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli._output import progress
+from kvbm_cli.bench.common import Keys
 
 KVBM_CONNECTOR_MODULE = "kvbm.vllm_integration.connector"
 KV_TRANSFER_CONFIG = json.dumps({"kv_connector": "DynamoConnector", "kv_role": "kv_both",
@@ -44,7 +41,7 @@ KV_TRANSFER_CONFIG = json.dumps({"kv_connector": "DynamoConnector", "kv_role": "
 BYTES_PER_GB = 1_000_000_000  # as DYN_KVBM_*_GB
 DEFAULT_MAX_MODEL_LEN = 16384  # for the embedded default model
 TINY_SERVED_NAME = "kvbm-tiny"  # what requests name the embedded model (its path is accepted too)
-TINY_KV_BYTES_PER_TOKEN = 2048  # 4 layers x (K, V) x 2 KV heads x 64 x 2 bytes
+TINY_KV_BYTES_PER_TOKEN = tiny_model.NUM_LAYERS * 2 * tiny_model.NUM_KV_HEADS * tiny_model.HEAD_DIM * 2  # bf16 K and V
 KVBM_ENV = ("DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CACHE_DIR")
 _SIZE_FLAGS = ("--kv-cache-memory-bytes", "--num-gpu-blocks-override")
 
@@ -115,7 +112,7 @@ class Launch:
 
 
 def _is_tiny(model_dir: Path) -> bool:
-    return (model_dir / "kvbm_tiny_model.json").is_file()
+    return (model_dir / tiny_model.MARKER).is_file()
 
 
 def _looks_like_path(model: str) -> bool:
@@ -131,9 +128,7 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     if spec.connector not in ("kvbm", "none"):
         raise CliError(f"--connector must be kvbm or none, not {spec.connector!r}")
     if spec.model is None:
-        from kvbm_cli.tiny_model import default_model_dir
-
-        model = str(default_model_dir())
+        model = str(tiny_model.default_model_dir())
         notes.append(f"model: the embedded tiny default ({model}), seeded random weights")
     else:
         model = spec.model
@@ -406,15 +401,8 @@ class Engine:
         if self._reader:
             self._reader.join(timeout=5)
 
-    def __enter__(self) -> "Engine":
-        self.start()
-        return self
 
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-class _Terminated(Exception):
+class Terminated(Exception):
     """SIGTERM arrived."""
 
 
@@ -422,7 +410,7 @@ class _Terminated(Exception):
 def sigterm_as_exception():
     """Turn SIGTERM into an exception in the main thread, so `finally` blocks stop the engine."""
     def handler(signum, frame):
-        raise _Terminated()
+        raise Terminated()
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
@@ -437,89 +425,10 @@ def sigterm_as_exception():
 
 def start_and_wait(engine: Engine, timeout_s: float, label: str) -> float:
     """Start `engine` and wait for health with a spinner on a terminal; returns the start-up seconds."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    console = err()
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
-                  transient=True, disable=not sys.stderr.isatty()) as bar:
+    with progress("spinner") as bar:
         task = bar.add_task(f"starting {label} (timeout {timeout_s:.0f} s)", total=None)
         if engine.on_line is not None:
             engine.on_line = lambda line: bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
         engine.start()
         took = engine.wait_healthy(timeout_s, tick=lambda e: bar.update(task))
     return took
-
-
-# --- the command ------------------------------------------------------------------------------------------
-
-def serve(
-    ctx: typer.Context,
-    model: ModelOpt = None,
-    connector: Annotated[Connector, typer.Option(help="kvbm: vLLM + KVBM (Dynamo's DynamoConnector); none: baseline.")] = Connector.none,
-    port: PortOpt = 8000,
-    host: Annotated[Optional[str], typer.Option(help="Address to bind (vLLM's default: all).")] = None,
-    gpu_memory_utilization: Annotated[Optional[float], typer.Option(
-        help="GPU: fraction of GPU memory vLLM may use (weights + G1). No effect on the CPU build.",
-        rich_help_panel="G1")] = None,
-    kv_cache_memory_bytes: Annotated[Optional[int], typer.Option(
-        help="G1 size in bytes (GPU and CPU). On CPU the way to force eviction: the tiny model's 128-token "
-             "block is 256 KiB.", rich_help_panel="G1")] = None,
-    gpu_cache_gb: Annotated[Optional[float], typer.Option(
-        help="G1 size in GB (10^9 bytes); same as --kv-cache-memory-bytes.", rich_help_panel="G1")] = None,
-    block_size: BlockSizeOpt = None,
-    enable_prefix_caching: Annotated[bool, typer.Option(
-        "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM's own prefix cache in G1.")] = True,
-    max_model_len: Annotated[Optional[int], typer.Option(
-        help="Longest request in tokens. Default for the tiny model: 16384, or what G1 holds.")] = None,
-    cpu_cache_gb: Annotated[Optional[float], typer.Option(
-        help="KVBM host tier (G2) in GB: sets DYN_KVBM_CPU_CACHE_GB.", rich_help_panel="KVBM")] = None,
-    disk_cache_gb: Annotated[Optional[float], typer.Option(
-        help="KVBM disk tier (G3) in GB: sets DYN_KVBM_DISK_CACHE_GB.", rich_help_panel="KVBM")] = None,
-    disk_cache_dir: Annotated[Optional[str], typer.Option(
-        help="Directory of the disk tier: sets DYN_KVBM_DISK_CACHE_DIR.", rich_help_panel="KVBM")] = None,
-    log_file: Annotated[Optional[Path], typer.Option(help="Write the engine's log here instead of streaming it "
-                                                          "to stderr.", dir_okay=False)] = None,
-    health_timeout: HealthTimeoutOpt = 600.0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the exact command and environment; start nothing.")] = False,
-    json_out: JsonOpt = False,
-) -> None:
-    """Run vLLM's OpenAI server with or without KVBM until Ctrl+C or SIGTERM. Arguments after `--` go to vLLM.
-
-    G1 sizing: on a GPU use --gpu-memory-utilization (as Dynamo's demo does); on vLLM's CPU build use
-    --kv-cache-memory-bytes or --gpu-cache-gb. KVBM's tiers: --cpu-cache-gb (G2), --disk-cache-gb and
-    --disk-cache-dir (G3); the DYN_KVBM_* variables already in the environment work as well.
-    """
-    connector = Connector(connector).value
-    spec = EngineSpec(model=model, connector=connector, port=port, host=host,
-                      gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
-                      gpu_cache_gb=gpu_cache_gb, block_size=block_size, enable_prefix_caching=enable_prefix_caching,
-                      max_model_len=max_model_len, cpu_cache_gb=cpu_cache_gb, disk_cache_gb=disk_cache_gb,
-                      disk_cache_dir=disk_cache_dir, vllm_args=list(ctx.args))
-    launch = build_launch(spec)
-    if dry_run:
-        if json_out:
-            out().print_json(json.dumps({"argv": launch.argv, "env_set": launch.env_set,
-                                         "env_unset": launch.env_unset, "url": launch.url, "notes": launch.notes}))
-        else:
-            for note in launch.notes:
-                err().print(f"note: {note}", markup=False)
-            out().print(launch.shell(), markup=False, soft_wrap=True, highlight=False)
-        return
-    for note in launch.notes:
-        err().print(f"note: {note}", markup=False)
-    on_line = None if log_file else (lambda line: print(line, file=sys.stderr, flush=True))
-    engine = Engine(launch, log_path=log_file, on_line=on_line)
-    with sigterm_as_exception():
-        try:
-            took = start_and_wait(engine, health_timeout, f"vLLM ({connector})")
-            out().print(f"ready: {launch.url} model={launch.model} connector={connector} (healthy after {took:.0f} s); "
-                        "Ctrl+C stops it", markup=False, soft_wrap=True)
-            sys.stdout.flush()
-            engine.proc.wait()
-            raise EngineFailed(engine.failure())
-        except (KeyboardInterrupt, _Terminated):
-            err().print("stopping the engine ...", markup=False)
-            engine.stop()
-            raise typer.Exit(EXIT_INTERRUPTED)
-        finally:
-            engine.stop()

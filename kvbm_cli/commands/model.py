@@ -13,12 +13,10 @@ from typing import Annotated, Optional
 import typer
 
 from kvbm_cli._options import group
-
 from kvbm_cli._output import out
 from kvbm_cli.tiny_model import default_model_dir, make_tiny_model
 
-model_app = group(help="The embedded default model: a tiny Qwen3-shaped model vLLM's CPU build serves.",
-                        no_args_is_help=True)
+model_app = group(help="The embedded default model: a tiny Qwen3-shaped model vLLM's CPU build serves.")
 
 
 @model_app.command("tiny")

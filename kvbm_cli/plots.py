@@ -1,0 +1,177 @@
+"""The figures of `kvbm report` (matplotlib, Agg): one PNG per function, each comparing the runs side by side.
+
+Operations:
+  ttft_cdf, ttft_over_time, itl, throughput   from each run's requests
+  hit_rates, tier_traffic                     from each run's metrics.csv (None when no run has one)
+  PLOTS                                       (title, file name, function) in the order the report shows them
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kvbm_cli.results import HIT_COUNTERS, HIT_GAUGES, TIER_PAIRS, Run, series
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _colors(n: int) -> list:
+    cycle = _plt().rcParams["axes.prop_cycle"].by_key()["color"]
+    return [cycle[i % len(cycle)] for i in range(n)]
+
+
+def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, **legend) -> Path:
+    """Label `ax`, draw its grid and legend, write the figure to `path` and close it."""
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(**legend)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def _log_if_wide(ax, values: pd.Series, axis: str = "x") -> None:
+    values = values[np.isfinite(values) & (values > 0)]
+    if len(values) and values.max() / values.min() > 20:
+        (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+
+
+def _ttft_ms(runs: list[Run]) -> pd.Series:
+    return pd.concat([r.requests["ttft_s"] for r in runs]).astype(float) * 1000
+
+
+def _itl_values(run: Run) -> np.ndarray:
+    values = [v for lst in run.requests["itl_s"] if isinstance(lst, list) for v in lst
+              if isinstance(v, (int, float)) and math.isfinite(v)]
+    return np.asarray(values, dtype=float)
+
+
+def ttft_cdf(runs: list[Run], path: Path) -> Path:
+    """The distribution of time to first token, one step curve per run."""
+    fig, ax = _plt().subplots(figsize=(7, 4.2))
+    for run, color in zip(runs, _colors(len(runs))):
+        values = run.requests["ttft_s"].astype(float).dropna() * 1000
+        if len(values):
+            ax.ecdf(values, color=color, label=f"{run.name} (n={len(values)})")
+    _log_if_wide(ax, _ttft_ms(runs))
+    return _save(fig, ax, path, "TTFT CDF", "time to first token (ms)", "fraction of requests", loc="lower right")
+
+
+def ttft_over_time(runs: list[Run], path: Path) -> Path:
+    """TTFT of each request against its start time."""
+    fig, ax = _plt().subplots(figsize=(8, 4.2))
+    for run, color in zip(runs, _colors(len(runs))):
+        frame = run.requests.dropna(subset=["ttft_s"]).sort_values("start_s")
+        if frame.empty:
+            continue
+        t = frame["start_s"].astype(float) - float(frame["start_s"].min())
+        ax.plot(t, frame["ttft_s"].astype(float) * 1000, marker="o", markersize=3, linewidth=1, color=color,
+                label=run.name)
+    _log_if_wide(ax, _ttft_ms(runs), axis="y")
+    return _save(fig, ax, path, "TTFT per request over time (spikes: prefixes recomputed)",
+                 "request start (s since the first measured request)", "TTFT (ms)")
+
+
+def itl(runs: list[Run], path: Path) -> Path:
+    """The distribution of inter-token latencies over all output tokens."""
+    fig, ax = _plt().subplots(figsize=(7, 4.2))
+    everything = []
+    for run, color in zip(runs, _colors(len(runs))):
+        values = _itl_values(run) * 1000
+        everything.append(values)
+        if len(values):
+            ax.ecdf(values, color=color, label=f"{run.name} (p50 {np.median(values):.1f} ms, n={len(values)})")
+    if everything:
+        _log_if_wide(ax, pd.Series(np.concatenate(everything)))
+    return _save(fig, ax, path, "ITL CDF (all output tokens)", "inter-token latency (ms)", "fraction of tokens",
+                 loc="lower right")
+
+
+def throughput(runs: list[Run], path: Path) -> Path:
+    """Output tokens per second of completed requests, in about 30 time bins."""
+    fig, ax = _plt().subplots(figsize=(8, 4.2))
+    for run, color in zip(runs, _colors(len(runs))):
+        frame = run.requests.dropna(subset=["start_s", "e2e_s", "output_tokens"])
+        if frame.empty:
+            continue
+        t0 = float(frame["start_s"].min())
+        done = frame["start_s"].astype(float) + frame["e2e_s"].astype(float) - t0
+        span = max(float(done.max()), 1e-3)
+        width = max(span / 30.0, 1.0)
+        edges = np.arange(0.0, span + width, width)
+        tokens, _ = np.histogram(done, bins=edges, weights=frame["output_tokens"].astype(float))
+        ax.step(edges[:-1], tokens / width, where="post", color=color,
+                label=f"{run.name} ({frame['output_tokens'].sum() / span:,.1f} tok/s overall)")
+    return _save(fig, ax, path, "Output throughput over time", "time (s since the first measured request)",
+                 "output tokens/s (completed)")
+
+
+def hit_rates(runs: list[Run], path: Path) -> Path | None:
+    """vLLM's prefix-cache hit rates (from its counters) and KVBM's windowed tier hit rates over time."""
+    if all(r.metrics is None for r in runs):
+        return None
+    fig, ax = _plt().subplots(figsize=(8, 4.2))
+    styles = ["-", "--", ":", "-."]
+    drawn = 0
+    for run, color in zip(runs, _colors(len(runs))):
+        if run.metrics is None:
+            continue
+        curves = []
+        for i, ((hits, queries), label) in enumerate(HIT_COUNTERS.items()):
+            h, q = series(run, hits), series(run, queries)
+            if len(h) and len(q):
+                both = pd.concat([h - h.iloc[0], q - q.iloc[0]], axis=1).dropna()
+                rate = (both.iloc[:, 0] / both.iloc[:, 1].where(both.iloc[:, 1] > 0)).dropna()
+                curves.append((rate, label, styles[i]))
+        for i, (gauge, label) in enumerate(HIT_GAUGES.items()):
+            curves.append((series(run, gauge), label, styles[2 + i]))
+        for values, label, style in curves:
+            if len(values):
+                ax.plot(values.index, values.values, linestyle=style, color=color, label=f"{run.name}: {label}")
+                drawn += 1
+    if not drawn:
+        _plt().close(fig)
+        return None
+    ax.set_ylim(-0.02, 1.02)
+    return _save(fig, ax, path, "Cache hit rates (vLLM prefix cache, KVBM tiers)",
+                 "time (s since metrics collection started)", "hit rate", fontsize=7)
+
+
+def tier_traffic(runs: list[Run], path: Path) -> Path | None:
+    """KVBM's cumulative blocks moved per tier pair, one panel per run that has them."""
+    with_kvbm = [r for r in runs if r.metrics is not None and (r.metrics["name"].isin(list(TIER_PAIRS))).any()]
+    if not with_kvbm:
+        return None
+    fig, axes = _plt().subplots(len(with_kvbm), 1, figsize=(8, 3.0 * len(with_kvbm) + 0.6), squeeze=False,
+                                sharex=True)
+    for ax, run in zip(axes[:, 0], with_kvbm):
+        for (name, label), color in zip(TIER_PAIRS.items(), _colors(len(TIER_PAIRS))):
+            values = series(run, name)
+            if len(values):
+                ax.plot(values.index, values.values - values.iloc[0], color=color, label=label,
+                        linestyle="-" if name.startswith("kvbm_offload") else "--")
+        ax.set(title=f"{run.name}: KVBM blocks moved per tier", ylabel="blocks (cumulative)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    return _save(fig, axes[-1, 0], path, axes[-1, 0].get_title(), "time (s since metrics collection started)",
+                 "blocks (cumulative)", fontsize=7, loc="upper left")
+
+
+PLOTS = (("TTFT CDF", "ttft_cdf.png", ttft_cdf),
+         ("TTFT per request over time", "ttft_over_time.png", ttft_over_time),
+         ("Inter-token latency", "itl.png", itl),
+         ("Throughput", "throughput.png", throughput),
+         ("Hit rates", "hit_rates.png", hit_rates),
+         ("Traffic per tier", "tier_traffic.png", tier_traffic))
