@@ -85,11 +85,11 @@ class KvEvents:
         """Capture the payload of every block this step's plan stores into G2 (while its Request is alive)."""
         for spec in plan.stores:
             request = self._requests.get(spec.req_id)
-            if request is None or not spec.moves:
+            if request is None or not spec.stores:
                 continue
             hashes = request.block_hashes
             pos = -1
-            for move in spec.moves:
+            for move in spec.stores:
                 if move.block_hash in self._payloads:
                     continue
                 try:
