@@ -6,6 +6,10 @@ its tier is lost. Only kvbm.integrations turns them into an engine's event class
 BlockRemoved, with a medium per tier). Nothing is recorded unless a log is attached (the engine asked for
 events), and the log is bounded: when nobody drains it, the oldest events go first and are counted.
 
+A shared tier (G4) records its own events through the same log (`manager.events`, when not None):
+`stored("G4", hashes)` once a block's value is in the store, `removed("G4", hashes)` when kvbm learns it is
+gone; the vLLM integration publishes them with medium STORAGE, locality REMOTE.
+
 Operations:
   TierEventLog.stored(tier, hashes) / removed(tier, hashes)   record (tier: "G2", "G3", "G4" or a Tier)
   TierEventLog.take()                                         the events since the last take, oldest first

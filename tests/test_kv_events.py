@@ -279,3 +279,23 @@ def test_events_are_on_only_when_vllm_publishes_them():
     assert not KvEvents.enabled(VllmConfig(kv_events_config=KVEventsConfig(enable_kv_cache_events=False,
                                                                            publisher="zmq")))
     assert KvEvents.enabled(VllmConfig(kv_events_config=KVEventsConfig(enable_kv_cache_events=True)))
+
+
+def test_a_block_loaded_into_the_engine_gets_its_payload_and_g4_events_are_remote_storage(vllm_request):
+    """A block kvbm never stored itself (staged from a shared tier) gets its payload from the load plan."""
+    from kvbm.integrations.vllm.kv_events import KvEvents
+    from kvbm.protocol import LoadSpec
+
+    req = vllm_request
+    (g1,) = _g1_events(req, 5)
+    log = TierEventLog()
+    ev = KvEvents(log, VBS)
+    ev.track(req)
+    moves = [BlockMove(req.block_hashes[i], block_id=i + 1, slot=i) for i in range(3)]
+    ev.snapshot(StepPlan(loads=[LoadSpec(req.request_id, "load:r1:0", moves)]))
+    log.stored("G4", req.block_hashes[:3])
+    log.removed("G4", req.block_hashes[2:3])
+    stored, removed = ev.take()
+    assert (stored.medium, stored.locality, removed.medium, removed.locality) == ("STORAGE", "REMOTE",) * 2
+    assert stored.block_hashes == g1.block_hashes[:3] and stored.token_ids == g1.token_ids[:3 * VBS]
+    assert removed.block_hashes == g1.block_hashes[2:3]

@@ -19,7 +19,7 @@ Operations:
   KvEvents.enabled(vllm_config)   True when vLLM publishes KV events (--kv-events-config enable_kv_cache_events)
   KvEvents(log, block_size)       log: the TierEventLog attached to the leader's TierManager
   track(request) / forget(req_id) the live Request of a request the leader may store blocks of
-  snapshot(plan)                  payloads of the blocks this step plan stores into G2
+  snapshot(plan)                  payloads of the blocks this step plan stores into G2 (or loads)
   take()                          the log's events as vLLM KVCacheEvents
 """
 
@@ -82,14 +82,15 @@ class KvEvents:
         self._requests.pop(req_id, None)
 
     def snapshot(self, plan: StepPlan) -> None:
-        """Capture the payload of every block this step's plan stores into G2 (while its Request is alive)."""
-        for spec in plan.stores:
-            request = self._requests.get(spec.req_id)
-            if request is None or not spec.stores:
+        """Capture the payload of every block this step's plan stores into G2, or loads (a block staged from a
+        shared tier enters G2 without a store of this engine), while its Request is alive."""
+        for req_id, moves in [(s.req_id, s.stores) for s in plan.stores] + [(s.req_id, s.moves) for s in plan.loads]:
+            request = self._requests.get(req_id)
+            if request is None or not moves:
                 continue
             hashes = request.block_hashes
             pos = -1
-            for move in spec.stores:
+            for move in moves:
                 if move.block_hash in self._payloads:
                     continue
                 try:
