@@ -299,3 +299,51 @@ def test_a_block_loaded_into_the_engine_gets_its_payload_and_g4_events_are_remot
     assert (stored.medium, stored.locality, removed.medium, removed.locality) == ("STORAGE", "REMOTE",) * 2
     assert stored.block_hashes == g1.block_hashes[:3] and stored.token_ids == g1.token_ids[:3 * VBS]
     assert removed.block_hashes == g1.block_hashes[2:3]
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_real_connector_publishes_its_stores_only_when_vllm_publishes_events(vllm_request, monkeypatch, on):
+    """vLLM's scheduler calls on the real connector (scheduler role, real VllmConfig): a prefill whose 5 full
+    blocks kvbm stores, the workers' report, take_events. With events off (the negative control) kvbm stores
+    the same blocks and publishes nothing."""
+    from types import SimpleNamespace
+
+    from vllm.config import KVEventsConfig, KVTransferConfig, VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
+    from vllm.v1.outputs import KVConnectorOutput
+
+    from kvbm.integrations.vllm.connector import KvbmConnector, KvbmWorkerMetadata
+    from kvbm.protocol import JobOutcome, WorkerReport
+    from vllm_layouts import vllm_kv_caches
+
+    monkeypatch.setenv("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS", "8")
+    monkeypatch.delenv("DYN_KVBM_CPU_CACHE_GB", raising=False)
+    monkeypatch.delenv("DYN_KVBM_DISK_CACHE_GB", raising=False)
+    kv_cache_config, _ = vllm_kv_caches("LBHNC", num_layers=2, num_blocks=12, block_size=VBS, num_kv_heads=1,
+                                        head_size=64)
+    cfg = VllmConfig(kv_transfer_config=KVTransferConfig(kv_connector="DynamoConnector", kv_role="kv_both",
+                                                         kv_connector_module_path="kvbm.vllm_integration.connector"),
+                     kv_events_config=KVEventsConfig(enable_kv_cache_events=on))
+    conn = KvbmConnector(cfg, KVConnectorRole.SCHEDULER, kv_cache_config)
+    req = vllm_request
+    assert conn.get_num_new_matched_tokens(req, 0) == (0, False)
+    block_ids = list(range(1, 7))
+    conn.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (block_ids,)), 0)
+    out = SchedulerOutput.make_empty()
+    out.scheduled_new_reqs = [NewRequestData.from_request(req, (block_ids,))]
+    out.num_scheduled_tokens = {req.request_id: req.num_tokens}
+    plan = conn.build_connector_meta(out).plan
+    (spec,) = plan.stores
+    assert [m.block_hash for m in spec.stores] == req.block_hashes[:5]
+    assert list(conn.take_events()) == []  # planned, not yet written
+    report = WorkerReport({spec.job_id: JobOutcome(ranks=frozenset({0}))})
+    conn.update_connector_output(KVConnectorOutput(kv_connector_worker_meta=KvbmWorkerMetadata(report)))
+    assert conn.leader.manager.stats.offloaded_to_host == 5
+    events = list(conn.take_events())
+    if not on:
+        assert events == [] and conn.leader.manager.events is None
+        return
+    (g1,) = _g1_events(req, 5)
+    (stored,) = events
+    assert stored.medium == "CPU" and stored.block_hashes == g1.block_hashes and stored.token_ids == g1.token_ids

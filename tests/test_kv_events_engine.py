@@ -12,7 +12,7 @@ blocks). What a router must be able to rely on:
   block it was not told about.
 Negative control: the engine publishes vLLM's G1 events throughout, so a subscriber that decodes them and
 finds no CPU event before kvbm's first store commit shows the CPU events are kvbm's. (Events off is tested
-without an engine in test_kv_events.py: nothing is recorded and take_events is empty.)
+on the real connector without an engine, test_kv_events.py: kvbm stores the same blocks and publishes nothing.)
 """
 
 from __future__ import annotations
