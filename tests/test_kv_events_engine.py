@@ -47,7 +47,13 @@ class Subscriber:
         self.ctx = zmq.Context()
         self.sock = self.ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
+        monitor = self.sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self.sock.connect(endpoint)
+        # ZMQ's slow joiner: a PUB drops what it sends before the subscription arrives
+        assert monitor.poll(30_000), f"no ZMQ handshake with vLLM's publisher at {endpoint}"
+        self.sock.disable_monitor()
+        monitor.close(linger=0)
+        time.sleep(1.0)  # the subscription itself travels after the handshake
         self.events: list = []  # (seq, event)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
@@ -107,7 +113,6 @@ def events(tiny_model_dir, tmp_path_factory):
     prompts = [[rng.randrange(10, 2000) for _ in range(PROMPT_TOKENS)] for _ in range(NUM_PROMPTS)]
     with vllm_server(tiny_model_dir, args, env, max_model_len=4096) as url:
         sub = Subscriber(f"tcp://127.0.0.1:{port}")
-        time.sleep(1.0)  # the slow-joiner: let the subscription reach the publisher
         try:
             for tokens in prompts:
                 _complete(url, str(tiny_model_dir), tokens)
@@ -158,7 +163,7 @@ def test_offloaded_blocks_are_announced_on_cpu_with_g1s_hashes_parents_and_token
         assert (parent, tokens) == g1[h], "a CPU block's parent or tokens differ from G1's for the same hash"
         assert len(tokens) == BLOCK
     # the prompts' own tokens, block by block (the hashes name the right content)
-    prompt_blocks = {tuple(p[i * BLOCK:(i + 1) * BLOCK]) for p in prompts for i in range(PROMPT_TOKENS // BLOCK)}
+    prompt_blocks = {tuple(p[i * BLOCK:(i + 1) * BLOCK]) for p in prompts for i in range(len(p) // BLOCK)}
     assert {tokens for _, _, tokens in cpu} <= prompt_blocks
 
 
