@@ -8,6 +8,8 @@ Operations (two-step plans, blocks pinned in between, as in vLLM's kv_offload ma
                                        (complete_stores / complete_cascades: each part on its own)
   disable_disk()                       the disk tier is gone (on any rank): forget G3, plan no more disk work
   record_hits(hashes)                  cache hits the engine served itself (feed the disk offload filter)
+  events                               a kvbm.events.TierEventLog (None: record nothing): blocks committed to
+                                       a tier, evicted, found corrupt or lost with their tier
   stats                                counters since start
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
+from kvbm.events import TierEventLog
 from kvbm.policy.filter import AdmitAll, FrequencyFilter
 from kvbm.policy.pool import BlockPool
 from kvbm.policy.types import BlockHash, Location, Tier
@@ -71,6 +74,7 @@ class TierManager:
         self.disk = BlockPool(Tier.G3, disk_slots) if disk_slots > 0 else None
         self.filter = disk_filter if disk_filter is not None else FrequencyFilter()
         self.stats = PolicyStats()
+        self.events: TierEventLog | None = None  # attached when the engine publishes KV events
 
     # ---- lookups -------------------------------------------------------------------------------------------
 
@@ -124,7 +128,8 @@ class TierManager:
                 continue
             pool.unpin(loc.block_hash)
             if loc.block_hash in failed:
-                pool.remove(loc.block_hash)
+                if pool.remove(loc.block_hash) and self.events is not None:
+                    self.events.removed(loc.tier, (loc.block_hash,))
                 self.stats.onboard_failed += 1
             elif loc.tier is Tier.G2:
                 self.stats.onboarded_from_host += 1
@@ -149,6 +154,8 @@ class TierManager:
             alloc = self.host.allocate(h)
             stores.append(Location(h, Tier.G2, alloc.slot))
             if alloc.evicted is not None:
+                if self.events is not None:
+                    self.events.removed(Tier.G2, (alloc.evicted,))
                 cascade = self._cascade(alloc.evicted, alloc.slot)
                 if cascade is not None:
                     cascades.append(cascade)
@@ -171,6 +178,8 @@ class TierManager:
         alloc = disk.allocate(evicted)
         if alloc.evicted is not None:
             self.stats.evicted_from_disk += 1
+            if self.events is not None:
+                self.events.removed(Tier.G3, (alloc.evicted,))
         return Cascade(evicted, host_slot, alloc.slot)
 
     def complete_offload(self, plan: OffloadPlan, failed: Iterable[BlockHash] = ()) -> None:
@@ -191,6 +200,8 @@ class TierManager:
             else:
                 self.disk.commit(c.block_hash)
                 self.stats.offloaded_to_disk += 1
+                if self.events is not None:
+                    self.events.stored(Tier.G3, (c.block_hash,))
 
     def complete_stores(self, plan: OffloadPlan, failed: Iterable[BlockHash] = ()) -> None:
         """Commit the plan's engine -> G2 stores that arrived; abort those in `failed`."""
@@ -202,10 +213,14 @@ class TierManager:
             else:
                 self.host.commit(loc.block_hash)
                 self.stats.offloaded_to_host += 1
+                if self.events is not None:
+                    self.events.stored(Tier.G2, (loc.block_hash,))
 
     def disable_disk(self) -> None:
         """Forget G3 and plan no more disk work: a rank lost its disk tier, and a block on disk is usable only
         when every rank holds its shard. Blocks pinned for an in-flight disk load fail in that load."""
+        if self.disk is not None and self.events is not None:
+            self.events.removed(Tier.G3, self.disk.ready_hashes())
         self.disk = None
 
     def record_hits(self, hashes: Iterable[BlockHash]) -> None:

@@ -7,6 +7,7 @@ Operations:
   pin(h) / unpin(h)            a pinned block is never evicted (in-flight loads and stores)
   touch(h)                     mark most recently used
   remove(h)                    drop a ready, unpinned block (e.g. found corrupt)
+  ready_hashes()               every ready block (pinned or not)
 """
 
 from __future__ import annotations
@@ -145,6 +146,10 @@ class BlockPool:
         del self._lru[block_hash]
         self._free.append(self._slot.pop(block_hash))
         return True
+
+    def ready_hashes(self) -> list[BlockHash]:
+        """Every ready block, pinned or not (pending ones are not in the tier yet)."""
+        return [h for h in self._slot if h not in self._pending]
 
     def check_invariants(self) -> None:
         """Raise AssertionError when internal state is inconsistent (used by the property tests)."""

@@ -10,7 +10,7 @@ a failed or corrupt load is recomputed (requires_kv_delivery False, kv_load_fail
 Operations (vLLM calls them; see docs/vllm-0.32-connector-notes.md for who calls what, when):
   scheduler: get_num_new_matched_tokens, update_state_after_alloc, get_external_cache_hit_sources,
              build_connector_meta, update_connector_output, request_finished, set_xfer_handshake_metadata,
-             shutdown
+             take_events, shutdown
   worker:    register_kv_caches, get_handshake_metadata, handle_preemptions, start_load_kv,
              wait_for_layer_load, save_kv_layer, wait_for_save, get_finished, get_block_ids_with_load_errors,
              build_connector_worker_meta, shutdown
@@ -35,7 +35,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvbm.config import KvbmConfig
+from kvbm.events import TierEventLog
 from kvbm.integrations.vllm import compat, plugin
+from kvbm.integrations.vllm.kv_events import KvEvents
 from kvbm.integrations.vllm.stats import KvbmPromMetrics, KvbmStats
 from kvbm.leader import KvbmLeader
 from kvbm.mechanism import KVLayout
@@ -90,6 +92,7 @@ class KvbmConnector(KVConnectorBase_V1):
         self._poll_errors: set[int] = set()
         self._poll_report: WorkerReport | None = None
         self._stats = KvbmStats()
+        self.kv_events: KvEvents | None = None  # with --kv-events-config: BlockStored/BlockRemoved per tier
         if not self.host_slots:
             log.warning("kvbm: no CPU cache configured (set DYN_KVBM_CPU_CACHE_GB, e.g. DYN_KVBM_CPU_CACHE_GB=8): "
                         "KVBM passes every request through")
@@ -102,6 +105,9 @@ class KvbmConnector(KVConnectorBase_V1):
             manager = TierManager(self.host_slots, self.disk_slots, disk_filter)
             self.leader = KvbmLeader(manager, self.geometry.block_size, self.geometry.block_bytes,
                                      self.geometry.world_size)
+            if KvEvents.enabled(vllm_config):
+                manager.events = TierEventLog()
+                self.kv_events = KvEvents(manager.events, self.geometry.block_size)
             if self.config.layerwise and compat.device_type(vllm_config) == "cuda":
                 from kvbm.mechanism.layerwise import MIN_LAYERWISE_BLOCKS
 
@@ -146,6 +152,8 @@ class KvbmConnector(KVConnectorBase_V1):
         if self.leader is None:
             return
         req_id = request.request_id
+        if self.kv_events is not None:
+            self.kv_events.track(request)
         result = self.leader.on_alloc(req_id, request.block_hashes, blocks.get_block_ids()[0], num_external_tokens)
         if num_external_tokens:
             self._hit_sources[req_id] = (result.host_tokens, result.disk_tokens)
@@ -172,7 +180,10 @@ class KvbmConnector(KVConnectorBase_V1):
             self.leader.on_scheduled(req_id, new_ids[0] if new_ids else None,
                                      cached.num_computed_tokens[i] + scheduled[req_id],
                                      replace=req_id in cached.resumed_req_ids)
-        return KvbmConnectorMetadata(self.leader.build_step())
+        plan = self.leader.build_step()
+        if self.kv_events is not None:
+            self.kv_events.snapshot(plan)
+        return KvbmConnectorMetadata(plan)
 
     def update_connector_output(self, connector_output) -> None:
         """Commit or abort the jobs every rank finished."""
@@ -189,9 +200,16 @@ class KvbmConnector(KVConnectorBase_V1):
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Hold the request's blocks only while a KVBM store still reads them (never for a load)."""
         self._hit_sources.pop(request.request_id, None)
+        if self.kv_events is not None:
+            self.kv_events.forget(request.request_id)
         if self.leader is None:
             return False, None
         return self.leader.request_finished(request.request_id), None
+
+    def take_events(self):
+        """BlockStored / BlockRemoved for blocks that entered or left G2 (medium CPU) and G3 (STORAGE) since the
+        last step; vLLM publishes them with its own when --kv-events-config enables KV cache events."""
+        return self.kv_events.take() if self.kv_events is not None else ()
 
     # ==== worker side ===========================================================================================
 
