@@ -45,7 +45,16 @@ BYTES_PER_GB = 1_000_000_000  # as DYN_KVBM_*_GB
 DEFAULT_MAX_MODEL_LEN = 16384  # for the embedded default model
 TINY_SERVED_NAME = "kvbm-tiny"  # what requests name the embedded model (its path is accepted too)
 TINY_KV_BYTES_PER_TOKEN = 2048  # 4 layers x (K, V) x 2 KV heads x 64 x 2 bytes
-KVBM_ENV = ("DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CACHE_DIR")
+KVBM_ENV = ("DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CACHE_DIR", "DYN_KVBM_REMOTE_URL")
+
+
+def shown(key: str, value: str) -> str:
+    """An environment value as printed or recorded: the shared store's password and secret never appear."""
+    if key == "DYN_KVBM_REMOTE_URL":
+        from kvbm.mechanism.remote import redacted
+
+        return redacted(value)
+    return "***" if key == "DYN_KVBM_REMOTE_SECRET" and value else value
 _SIZE_FLAGS = ("--kv-cache-memory-bytes", "--num-gpu-blocks-override")
 
 
@@ -74,6 +83,7 @@ class EngineSpec(Keys):
     cpu_cache_gb: Optional[float] = None
     disk_cache_gb: Optional[float] = None
     disk_cache_dir: Optional[str] = None
+    remote_url: Optional[str] = None
     vllm_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -101,7 +111,7 @@ class Launch:
     def shell(self) -> str:
         """One copy-pasteable shell line."""
         parts = [f"-u {k}" for k in self.env_unset]
-        assigns = [f"{k}={shlex.quote(v)}" for k, v in self.env_set.items()]
+        assigns = [f"{k}={shlex.quote(shown(k, v))}" for k, v in self.env_set.items()]
         prefix = (["env", *parts] if parts else []) + assigns
         return " ".join(prefix + [shlex.quote(a) for a in self.argv])
 
@@ -109,7 +119,7 @@ class Launch:
         """What summary.json records under "engine"."""
         env = self.environ(environ)
         return {"connector": self.spec.connector, "url": self.url,
-                "env": {k: v for k, v in sorted(env.items()) if k.startswith(("DYN_KVBM_", "VLLM_CPU_"))
+                "env": {k: shown(k, v) for k, v in sorted(env.items()) if k.startswith(("DYN_KVBM_", "VLLM_CPU_"))
                         or k in ("VLLM_PLUGINS", "KVBM_THREAD_PLACEMENT")},
                 "vllm_args": self.argv[3:]}
 
@@ -201,7 +211,7 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     env_unset: list[str] = []
     if "HF_HUB_OFFLINE" not in environ and (tiny or spec.model is None):
         env_set["HF_HUB_OFFLINE"] = "1"
-    for var, value in zip(KVBM_ENV, (spec.cpu_cache_gb, spec.disk_cache_gb, spec.disk_cache_dir)):
+    for var, value in zip(KVBM_ENV, (spec.cpu_cache_gb, spec.disk_cache_gb, spec.disk_cache_dir, spec.remote_url)):
         if value is not None:
             env_set[var] = f"{value:g}" if isinstance(value, float) else str(value)
     if spec.connector == "none" and any(environ.get(v) for v in KVBM_ENV):
@@ -477,6 +487,9 @@ def serve(
         help="KVBM disk tier (G3) in GB: sets DYN_KVBM_DISK_CACHE_GB.", rich_help_panel="KVBM")] = None,
     disk_cache_dir: Annotated[Optional[str], typer.Option(
         help="Directory of the disk tier: sets DYN_KVBM_DISK_CACHE_DIR.", rich_help_panel="KVBM")] = None,
+    remote_url: Annotated[Optional[str], typer.Option(
+        help="KVBM shared tier (G4) store, e.g. redis://host:6379/0 or file:///shared/dir: sets "
+             "DYN_KVBM_REMOTE_URL (needs --cpu-cache-gb).", rich_help_panel="KVBM")] = None,
     log_file: Annotated[Optional[Path], typer.Option(help="Write the engine's log here instead of streaming it "
                                                           "to stderr.", dir_okay=False)] = None,
     health_timeout: HealthTimeoutOpt = 600.0,
@@ -494,11 +507,11 @@ def serve(
                       gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
                       gpu_cache_gb=gpu_cache_gb, block_size=block_size, enable_prefix_caching=enable_prefix_caching,
                       max_model_len=max_model_len, cpu_cache_gb=cpu_cache_gb, disk_cache_gb=disk_cache_gb,
-                      disk_cache_dir=disk_cache_dir, vllm_args=list(ctx.args))
+                      disk_cache_dir=disk_cache_dir, remote_url=remote_url, vllm_args=list(ctx.args))
     launch = build_launch(spec)
     if dry_run:
         if json_out:
-            out().print_json(json.dumps({"argv": launch.argv, "env_set": launch.env_set,
+            out().print_json(json.dumps({"argv": launch.argv, "env_set": {k: shown(k, v) for k, v in launch.env_set.items()},
                                          "env_unset": launch.env_unset, "url": launch.url, "notes": launch.notes}))
         else:
             for note in launch.notes:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from kvbm.mechanism.remote.local_server import RedisServer, available, free_port
+from kvbm.mechanism.remote.local_server import RedisServer, available, free_port, local_cluster, stop_all
 from kvbm.policy import FrequencyFilter
 from tests.scripted_engine import BS, ScriptedEngine
 
@@ -78,15 +78,29 @@ def computed_by_first(tmp_path, url: str, **kw) -> ScriptedEngine:
     return first
 
 
-@pytest.mark.parametrize("backend", ["redis", "file"])
-def test_second_engine_onboards_what_the_first_computed(tmp_path, url, backend):
+@pytest.fixture(scope="module")
+def cluster():
+    servers = local_cluster(3)
+    try:
+        yield servers
+    finally:
+        stop_all(servers)
+
+
+@pytest.mark.parametrize("backend", ["redis", "cluster", "file"])
+def test_second_engine_onboards_what_the_first_computed(tmp_path, url, backend, request):
     """Engine B (another process's tiers: nothing local) finds A's prefixes in G4, loads them through G2, and
     every loaded block holds the KV of its hash on both ranks. Lookups answered 'ask again later' first."""
     if backend == "file":
         url = (tmp_path / "shared").as_uri()
+    elif backend == "cluster":
+        nodes = request.getfixturevalue("cluster")
+        url = nodes[1].url  # any node: the cluster is detected
     computed_by_first(tmp_path, url)
     second = make(tmp_path, "b", url)
     try:
+        if backend == "cluster":
+            assert second.workers[0].engine.remote.cluster
         serve(second)
         settle(second)
         second.check_quiescent()
@@ -210,6 +224,22 @@ def test_store_killed_mid_run_then_restarted(tmp_path):
             eng.close()
     finally:
         srv.kill()
+
+
+def test_serve_dry_run_redacts_the_store_password():
+    """`kvbm serve --remote-url` sets DYN_KVBM_REMOTE_URL; the printed command never shows the password."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from kvbm_cli.app import app
+
+    res = CliRunner().invoke(app, ["serve", "--connector", "kvbm", "--cpu-cache-gb", "1", "--remote-url",
+                                   "redis://user:hunter2@127.0.0.1:6379/0", "--dry-run", "--json"])
+    assert res.exit_code == 0, res.output
+    assert "hunter2" not in res.output
+    env = json.loads(res.stdout)["env_set"]
+    assert env["DYN_KVBM_REMOTE_URL"].startswith("redis://user:") and "127.0.0.1:6379" in env["DYN_KVBM_REMOTE_URL"]
 
 
 def test_store_down_at_start_one_warning_then_serving(tmp_path, caplog):
