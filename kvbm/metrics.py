@@ -71,7 +71,8 @@ class KvbmCollector:
                                 "(G4) (last 256 admissions)", value=remote_rate)
         yield CounterMetricFamily("kvbm_offload_bytes", "Bytes offloaded device -> host", value=leader.stats.offload_bytes)
         yield CounterMetricFamily("kvbm_onboard_bytes", "Bytes onboarded host/disk -> device", value=leader.stats.onboard_bytes)
-        yield CounterMetricFamily("kvbm_load_failures", "Blocks whose load failed (recomputed)", value=policy.onboard_failed)
+        yield CounterMetricFamily("kvbm_load_failures", "Blocks whose load failed (recomputed), shared tier included",
+                                  value=policy.onboard_failed + policy.remote_load_failed)
         stats = leader.stats
         yield CounterMetricFamily("kvbm_aborted_loads", "Requests finished (e.g. client disconnects) while their "
                                   "onboard was in flight; the load is dropped", value=stats.aborted_loads)

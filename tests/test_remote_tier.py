@@ -17,7 +17,7 @@ import pytest
 
 from kvbm.mechanism.remote.local_server import RedisServer, available, free_port, local_cluster, stop_all
 from kvbm.policy import FrequencyFilter
-from tests.scripted_engine import BS, ScriptedEngine
+from scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.skipif(not available(), reason="redis-server is not installed: run `make redis` "
                                                         "(Debian package redis-server)")
@@ -347,5 +347,31 @@ def test_world_size_two_needs_every_rank(tmp_path, url, server):
         settle(second)
         assert second.leader.stats.remote_lookup_hits == 0
         assert second.leader.manager.stats.onboarded_from_remote == 0
+    finally:
+        second.close()
+
+
+def test_dashboard_and_exporter_show_the_shared_tier(tmp_path, url):
+    """The Grafana dashboard queries the G4 series, and the exporter serves them with values that moved."""
+    from prom_server import dashboard_exprs
+
+    from kvbm.metrics import KvbmCollector
+
+    exprs = " ".join(e for _, e in dashboard_exprs())
+    for name in ("kvbm_offload_blocks_h2r", "kvbm_onboard_blocks_r2d", "kvbm_remote_lookup_hits_total",
+                 "kvbm_remote_failures_total", "kvbm_remote_cache_hit_rate"):
+        assert name in exprs, name
+    computed_by_first(tmp_path, url)
+    second = make(tmp_path, "b", url)
+    try:
+        serve(second)
+        settle(second)
+        samples = {s.name + str(sorted(s.labels.items())): s.value
+                   for family in KvbmCollector(second.leader).collect() for s in family.samples}
+        assert samples["kvbm_onboard_blocks_r2d[]"] == second.leader.manager.stats.onboarded_from_remote > 0
+        assert samples["kvbm_remote_lookup_hits_total[]"] > 0
+        assert samples["kvbm_remote_cache_hit_rate[]"] > 0
+        assert samples["kvbm_remote_tier_up[]"] == 1
+        assert samples["kvbm_remote_failures_total[('reason', 'load')]"] == 0
     finally:
         second.close()
