@@ -190,7 +190,7 @@ class TransferEngine:
     def __init__(self, layout: KVLayout, host: HostTier | None, disk: DiskTier | None = None,
                  chunk_bytes: int = 32 << 20, gpu_chunk_bytes: int = 64 << 20, write_chunk_bytes: int = 8 << 20,
                  cascade_staging_bytes: int = 256 << 20, remote=None, remote_inflight_bytes: int = 256 << 20,
-                 remote_wait_s: float = 30.0):
+                 remote_wait_s: float = 30.0, remote_chunk_bytes: int = 256 << 20):
         self.cuda = None  # the CUDA path (kvbm.mechanism.cuda_copy) when the engine cache is on a GPU
         if layout.device.type == "cuda":
             from kvbm.mechanism.cuda_copy import CudaCopier
@@ -205,6 +205,7 @@ class TransferEngine:
         self._remote_budget = remote_inflight_bytes  # G2 -> G4 bytes queued or being written
         self._remote_used = 0
         self._remote_wait_s = remote_wait_s  # a store operation never takes longer (its own timeouts are shorter)
+        self._remote_chunk_bytes = remote_chunk_bytes  # one GET batch: later ones arrive while this one is copied
         self._chunk = max(1, chunk_bytes // disk.slot_bytes) if disk is not None else 0
         # Writes go in smaller chunks: a chunk's checksums overlap the writes of the chunks before it.
         self._write_chunk = max(1, write_chunk_bytes // disk.slot_bytes) if disk is not None else 0
@@ -493,26 +494,40 @@ class TransferEngine:
                 self._pending["cascade"] += 1
             self._queues["cascade"].put((_Snapshot(cascade_job_id, cascades, buf), None))
 
-    def _read_remote(self, moves: list[BlockMove]) -> list[BlockMove]:
-        """G4 -> the moves' host slots, one batched GET; returns the moves that failed (not copied)."""
+    def _read_remote(self, moves: list[BlockMove]) -> tuple[list[BlockMove], list[BlockMove]]:
+        """G4 -> the moves' host slots: batched GETs of at most `chunk_bytes`, all in flight at once, each chunk
+        copied into its host slots (and, on a CPU engine, on into the engine pages) while later chunks are still
+        arriving. Returns (failed moves, moves staged in G2 whose G2 -> G1 copy is still to do)."""
         if self.remote is None:
-            return list(moves)
-        try:
-            values = self.remote.get_many([m.block_hash for m in moves]).result(timeout=self._remote_wait_s)
-        except Exception as exc:  # noqa: BLE001 - a store that does not answer fails these blocks
-            log.warning("kvbm: %d shared-tier blocks not loaded: %s", len(moves), exc)
-            return list(moves)
-        failed = []
-        for m, data in zip(moves, values):
-            if data is None:
-                failed.append(m)
+            return list(moves), []
+        per = max(1, self._remote_chunk_bytes // max(1, self.layout.block_bytes))
+        chunks = [moves[i:i + per] for i in range(0, len(moves), per)]
+        futures = [self.remote.get_many([m.block_hash for m in chunk]) for chunk in chunks]
+        failed: list[BlockMove] = []
+        pending: list[BlockMove] = []
+        for chunk, future in zip(chunks, futures):
+            try:
+                values = future.result(timeout=self._remote_wait_s)
+            except Exception as exc:  # noqa: BLE001 - a store that does not answer fails these blocks
+                log.warning("kvbm: %d shared-tier blocks not loaded: %s", len(chunk), exc)
+                failed.extend(chunk)
                 continue
-            src = memoryview(data).cast("B")
-            off = 0
-            for piece in self.pieces.host(m.slot):
-                piece[:] = src[off:off + len(piece)]
-                off += len(piece)
-        return failed
+            good = []
+            for m, data in zip(chunk, values):
+                if data is None:
+                    failed.append(m)
+                    continue
+                src = memoryview(data).cast("B")
+                off = 0
+                for piece in self.pieces.host(m.slot):
+                    piece[:] = src[off:off + len(piece)]
+                    off += len(piece)
+                good.append(m)
+            if self.cuda is None and good:  # CPU engine: on into G1 now, overlapping the next chunk's receive
+                copy_g2_to_g1(self.layout, self.host, [m.block_id for m in good], [m.slot for m in good])
+            else:
+                pending.extend(good)
+        return failed, pending
 
     def run_remote_store(self, job: RemoteStoreJob, ready=None) -> JobResult:
         """Write host slots to the shared tier (the G4 thread calls this); blocks the store refused fail."""
@@ -567,14 +582,12 @@ class TransferEngine:
             self._detach(job.cascade_job_id, list(job.cascades))
         from_remote = [m for m in job.loads if m.tier is Tier.G4]
         failed: list[BlockMove] = []
+        staged: list[BlockMove] = []
         if from_remote:
-            failed = self._read_remote(from_remote)
-            bad = set(id(m) for m in failed)
-            # staged in host memory: from here on the same G2 -> G1 copy as a host hit
-            staged = [BlockMove(m.block_hash, m.block_id, m.slot, Tier.G2) for m in from_remote if id(m) not in bad]
-        else:
-            staged = []
-        n_remote = len(staged)
+            failed, pending = self._read_remote(from_remote)
+            # staged in host memory: from here on (CUDA) the same G2 -> G1 copy as a host hit
+            staged = [BlockMove(m.block_hash, m.block_id, m.slot, Tier.G2) for m in pending]
+        n_remote = len(from_remote) - len(failed)
         from_host = [m for m in job.loads if m.tier is Tier.G2] + staged
         from_disk = [m for m in job.loads if m.tier is Tier.G3]
         error = None
@@ -595,10 +608,10 @@ class TransferEngine:
                 bad_disk, error = self._read_from_disk(from_disk)
                 failed += bad_disk
         n_disk = len(from_disk) - (len(failed) - (len(from_remote) - n_remote))
-        blocks = {"g2_g1": len(from_host) - n_remote, "g3_g1": n_disk}
+        blocks = {"g2_g1": len(from_host) - len(staged), "g3_g1": n_disk}
         if from_remote:
             blocks["g4_g1"] = n_remote
         return JobResult(job.job_id, "onboard", blocks,
-                         (len(from_host) + n_disk) * self.layout.block_bytes, time.perf_counter() - start,
+                         (len(from_host) - len(staged) + n_remote + n_disk) * self.layout.block_bytes, time.perf_counter() - start,
                          failed_hashes=frozenset(m.block_hash for m in failed),
                          failed_block_ids=frozenset(m.block_id for m in failed), error=error, disk_error=error)
