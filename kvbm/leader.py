@@ -198,8 +198,10 @@ class KvbmLeader:
         queried = max(0, usable - start)
         if queried:
             locs = self.manager.match(block_hashes[start:usable])
-            if self.remote is not None and start + len(locs) < usable:
-                n_remote = self._remote_match(req_id, tuple(block_hashes[start + len(locs):usable]))
+            rest = block_hashes[start + len(locs):usable]
+            rest = rest[:self.manager.remote_usable(rest)] if self.remote is not None else ()
+            if rest:
+                n_remote = self._remote_match(req_id, tuple(rest))
                 if n_remote is None:
                     return None
             n = (len(locs) + n_remote) * self.block_size

@@ -136,6 +136,12 @@ def test_another_secret_is_never_served(tmp_path, url):
         policy = other.leader.manager.stats
         assert policy.onboarded_from_remote == 0
         assert policy.remote_load_failed > 0
+        # vLLM recomputes from the first failed block and looks the request up again: the bad values are not
+        # offered again (else the request would loop, load failure after load failure, never served)
+        from scripted_engine import chain_hashes
+
+        tokens = list(other.prefixes[0]) + [1234] * 3
+        assert other.leader.num_matched_tokens("again", chain_hashes(tokens), 0, len(tokens)) == 0
     finally:
         other.close()
 

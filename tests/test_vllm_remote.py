@@ -116,7 +116,42 @@ def two_engines(model_dir, env: dict, tmp: Path):
         yield [(urls[i], f"http://127.0.0.1:{ports[i]}/metrics") for i in range(2)]
 
 
-def run_pair(model_dir, backend: str, url: str, where, tmp: Path, secret: str | None = None) -> dict:
+def fresh(n: int, seed: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(10, 2000) for _ in range(PREFIX_BLOCKS * 128 + SUFFIX_TOKENS)] for _ in range(n)]
+
+
+def kill_and_restart(server: RedisServer, model: str, a_url: str, a_metrics: str, b_url: str, b_metrics: str) -> dict:
+    """The store is killed while both engines serve: no request fails; it comes back on its port (empty) and
+    kvbm reconnects by itself: A's new hit prefix is written again and B onboards it."""
+    before = scrape(b_metrics)
+    server.kill()
+    down = fresh(2, 99)
+    for tokens in down:  # lookups and writes meet a dead store: misses
+        complete(a_url, model, tokens)
+        complete(a_url, model, tokens)
+        complete(b_url, model, tokens)
+    server.start()
+    deadline = time.monotonic() + 60
+    back, onboarded = fresh(6, 100), before["kvbm_onboard_blocks_r2d"]
+    for tokens in back:  # the stores back off up to 5 s: try new prefixes until one goes A -> G4 -> B
+        complete(a_url, model, tokens)
+        complete(a_url, model, tokens)
+        time.sleep(1.0)
+        complete(a_url, model, [7] * 20)
+        complete(b_url, model, tokens)
+        onboarded = scrape(b_metrics)["kvbm_onboard_blocks_r2d"]
+        if onboarded > before["kvbm_onboard_blocks_r2d"] or time.monotonic() > deadline:
+            break
+    health = [urllib.request.urlopen(u + "/health", timeout=10).status for u in (a_url, b_url)]
+    return {"before": before, "after": scrape(b_metrics), "a_after": scrape(a_metrics), "health": health,
+            "onboarded_after_restart": onboarded - before["kvbm_onboard_blocks_r2d"]}
+
+
+def run_pair(model_dir, backend: str, url: str, where, tmp: Path, secret: str | None = None,
+             restart: RedisServer | None = None) -> dict:
     env = {"DYN_KVBM_CPU_CACHE_GB": "0.2", "DYN_KVBM_REMOTE_URL": url, "PYTHONHASHSEED": None}
     if secret:
         env["DYN_KVBM_REMOTE_SECRET"] = secret
@@ -141,16 +176,17 @@ def run_pair(model_dir, backend: str, url: str, where, tmp: Path, secret: str | 
         answers = [complete(b_url, model, tokens) for tokens in ps]
         time.sleep(0.5)
         b_kvbm, b_vllm = scrape(b_metrics), scrape(b_url + "/metrics")
+        fault = kill_and_restart(restart, model, a_url, a_metrics, b_url, b_metrics) if restart else None
         log_b = (tmp / "engineB.log").read_text(errors="replace")
     return {"first": first, "reference": reference, "answers": answers, "a": a_kvbm, "b": b_kvbm, "b_vllm": b_vllm,
-            "forged": forged, "log_b": log_b}
+            "forged": forged, "log_b": log_b, "fault": fault}
 
 
 @pytest.fixture(scope="module")
 def redis_pair(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("g4-redis")
     with RedisServer() as srv:
-        yield run_pair(tiny_model_dir, "redis", srv.url, srv, tmp, secret=SECRET)
+        yield run_pair(tiny_model_dir, "redis", srv.url, srv, tmp, secret=SECRET, restart=srv)
 
 
 @pytest.fixture(scope="module")
@@ -203,3 +239,15 @@ def test_second_engine_onboards_from_a_redis_cluster(cluster_pair):
 
 def test_second_engine_onboards_from_a_shared_directory(file_pair):
     check_shared(file_pair)
+
+
+def test_store_killed_and_restarted_under_two_engines(redis_pair):
+    """No failed request (complete() raises on any HTTP error), both engines healthy, the failures counted,
+    and G4 used again after the restart without restarting an engine."""
+    fault = redis_pair["fault"]
+    assert fault["health"] == [200, 200]
+    failures = sum(v for k, v in fault["after"].items() if k.startswith("kvbm_remote_failures_total"))
+    before = sum(v for k, v in fault["before"].items() if k.startswith("kvbm_remote_failures_total"))
+    assert failures > before or fault["after"]["kvbm_remote_tier_up"] == 1
+    assert fault["onboarded_after_restart"] >= PREFIX_BLOCKS, "kvbm never used the restarted store"
+    assert "shared tier" in redis_pair["log_b"] and "reachable again" in redis_pair["log_b"]

@@ -18,6 +18,7 @@ Operations (two-step plans, blocks pinned in between, as in vLLM's kv_offload ma
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
@@ -87,6 +88,11 @@ class TierManager:
         # only: the store may evict any of them, which a later load finds out (a miss, recomputed)
         self.remote_known: OrderedDict[BlockHash, None] = OrderedDict()
         self.remote_known_max = 1 << 20
+        # blocks whose G4 load failed (missing, corrupt, bad MAC): not offered again for a while, or vLLM, which
+        # recomputes from the failed block, would look the request up again and be offered the same bad value
+        self.remote_bad: OrderedDict[BlockHash, float] = OrderedDict()
+        self.remote_bad_ttl_s = 60.0
+        self._clock = time.monotonic
 
     # ---- lookups -------------------------------------------------------------------------------------------
 
@@ -259,6 +265,16 @@ class TierManager:
         self._know_remote(loc.block_hash for loc in stores)
         return OffloadPlan(tuple(stores), tuple(cascades))
 
+    def remote_usable(self, hashes: Sequence[BlockHash]) -> int:
+        """How many leading blocks of `hashes` may be taken from G4: up to the first whose G4 load failed lately."""
+        now = self._clock()
+        while self.remote_bad and next(iter(self.remote_bad.values())) < now - self.remote_bad_ttl_s:
+            self.remote_bad.popitem(last=False)
+        for i, h in enumerate(hashes):
+            if h in self.remote_bad:
+                return i
+        return len(hashes)
+
     def complete_remote_onboard(self, plan: OffloadPlan, failed: Iterable[BlockHash] = ()) -> None:
         """The staged G4 blocks that arrived are ready in G2; the failed ones (missing, evicted, corrupt, bad
         MAC, store down) free their slots and are forgotten as G4 blocks. (Cascades complete on their own.)"""
@@ -267,10 +283,14 @@ class TierManager:
             if loc.block_hash in failed:
                 self.host.abort(loc.block_hash)
                 self.remote_known.pop(loc.block_hash, None)
+                self.remote_bad[loc.block_hash] = self._clock()
+                self.remote_bad.move_to_end(loc.block_hash)
                 self.stats.remote_load_failed += 1
             else:
                 self.host.commit(loc.block_hash)
                 self.stats.onboarded_from_remote += 1
+        while len(self.remote_bad) > self.remote_known_max:
+            self.remote_bad.popitem(last=False)
 
     def prepare_remote_offload(self, hashes: Iterable[BlockHash]) -> list[Location]:
         """Ready host blocks of `hashes` to write to G4: those the disk offload filter admits (a block written
