@@ -253,6 +253,8 @@ class TierManager:
         for h in hashes:
             if self.host.holds(h) or not self.host.can_allocate():
                 self.stats.remote_staging_full += len(hashes) - len(stores)
+                for rest in hashes[len(stores):]:  # recomputed now: not offered again at once (no re-lookup loop)
+                    self.remote_bad[rest] = self._clock()
                 break
             alloc = self.host.allocate(h)
             stores.append(Location(h, Tier.G4, alloc.slot))
