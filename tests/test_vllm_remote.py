@@ -214,7 +214,8 @@ def check_shared(run: dict, skip: set = frozenset()) -> None:
     assert b["kvbm_onboard_blocks_r2d"] >= served * PREFIX_BLOCKS, "B did not onboard A's prefixes from G4"
     assert b["kvbm_remote_lookup_hits_total"] >= served * PREFIX_BLOCKS
     assert b_vllm["vllm:external_prefix_cache_hits_total"] >= served * PREFIX_BLOCKS * 128
-    assert b["kvbm_offload_blocks_h2r"] == 0, "B rewrote blocks G4 already holds"
+    # B writes back only what it had to recompute (the rejected values: it repairs them), never what it loaded
+    assert b["kvbm_offload_blocks_h2r"] <= len(skip) * PREFIX_BLOCKS, "B rewrote blocks G4 already holds"
     for i in range(NUM_PROMPTS):
         if i not in skip:
             assert run["answers"][i] == run["reference"][i], f"prompt {i}: B's answer differs from A's"
