@@ -381,3 +381,24 @@ def test_dashboard_and_exporter_show_the_shared_tier(tmp_path, url):
         assert samples["kvbm_remote_failures_total[('reason', 'load')]"] == 0
     finally:
         second.close()
+
+
+def test_staging_evictions_cascade_to_disk(tmp_path, url):
+    """A G4 hit takes a host slot; when that evicts a host block, the block goes to disk first (snapshotted
+    before the G4 bytes overwrite the slot), as a job of its own. Every loaded block and every disk block is
+    checked; nothing leaks."""
+    computed_by_first(tmp_path, url)
+    second = make(tmp_path, "b", url, host_slots=4, disk_slots=24)
+    try:
+        serve(second)
+        settle(second)
+        second.check_quiescent()
+        policy = second.leader.manager.stats
+        assert policy.onboarded_from_remote > 0 and policy.offloaded_to_disk > 0
+        before = policy.onboarded_from_disk
+        serve(second, prefixes=[0])  # evicted from the small host tier by now: it comes back from disk
+        settle(second)
+        second.check_quiescent()
+        assert policy.onboarded_from_disk > before
+    finally:
+        second.close()
