@@ -29,6 +29,12 @@ _DYNAMO_COUNTERS = (
     ("kvbm_disk_bytes_written", "Bytes written to the disk tier", lambda l, p: l.stats.disk_bytes_written),
     ("kvbm_cache_evictions", "Blocks evicted from host or disk without a lower tier to keep them",
      lambda l, p: p.dropped_by_filter + p.dropped_no_disk + p.evicted_from_disk),
+    # the shared tier (G4), in Dynamo's naming style: h2r = host -> remote, r2d = remote -> device (through host)
+    ("kvbm_offload_blocks_h2r", "Blocks written from host (G2) to the shared tier (G4)", lambda l, p: p.offloaded_to_remote),
+    ("kvbm_onboard_blocks_r2d", "Blocks onboarded from the shared tier (G4) to device (G1), staged through host",
+     lambda l, p: p.onboarded_from_remote),
+    ("kvbm_remote_bytes_read", "Bytes read from the shared tier (G4)", lambda l, p: l.stats.remote_bytes_read),
+    ("kvbm_remote_bytes_written", "Bytes written to the shared tier (G4)", lambda l, p: l.stats.remote_bytes_written),
 )
 
 
@@ -44,26 +50,29 @@ class KvbmCollector:
     def __init__(self, leader):
         self.leader = leader
 
-    def _hit_rates(self) -> tuple[float, float]:
+    def _hit_rates(self) -> tuple[float, float, float]:
         window = list(self.leader.stats.window)
         looked = sum(w[0] for w in window)
         if not looked:
-            return 0.0, 0.0
-        return sum(w[1] for w in window) / looked, sum(w[2] for w in window) / looked
+            return 0.0, 0.0, 0.0
+        return tuple(sum(w[i] for w in window) / looked for i in (1, 2, 3))
 
     def collect(self):
         """Yield every metric family (called by prometheus_client on each scrape)."""
         leader, policy = self.leader, self.leader.manager.stats
         for name, doc, get in _DYNAMO_COUNTERS:
             yield _exact_counter(name, doc, get(leader, policy))
-        host_rate, disk_rate = self._hit_rates()
+        host_rate, disk_rate, remote_rate = self._hit_rates()
         yield GaugeMetricFamily("kvbm_host_cache_hit_rate", "Share of looked-up blocks found in host memory "
                                 "(last 256 admissions)", value=host_rate)
         yield GaugeMetricFamily("kvbm_disk_cache_hit_rate", "Share of looked-up blocks found on disk "
                                 "(last 256 admissions)", value=disk_rate)
+        yield GaugeMetricFamily("kvbm_remote_cache_hit_rate", "Share of looked-up blocks found in the shared tier "
+                                "(G4) (last 256 admissions)", value=remote_rate)
         yield CounterMetricFamily("kvbm_offload_bytes", "Bytes offloaded device -> host", value=leader.stats.offload_bytes)
         yield CounterMetricFamily("kvbm_onboard_bytes", "Bytes onboarded host/disk -> device", value=leader.stats.onboard_bytes)
-        yield CounterMetricFamily("kvbm_load_failures", "Blocks whose load failed (recomputed)", value=policy.onboard_failed)
+        yield CounterMetricFamily("kvbm_load_failures", "Blocks whose load failed (recomputed), shared tier included",
+                                  value=policy.onboard_failed + policy.remote_load_failed)
         stats = leader.stats
         yield CounterMetricFamily("kvbm_aborted_loads", "Requests finished (e.g. client disconnects) while their "
                                   "onboard was in flight; the load is dropped", value=stats.aborted_loads)
@@ -79,6 +88,7 @@ class KvbmCollector:
                                 value=leader.jobs_in_flight)
         yield GaugeMetricFamily("kvbm_disk_tier_up", "1 while the disk tier (G3) is in use",
                                 value=float(leader.manager.disk is not None))
+        yield from self._remote(leader, policy)
         skipped = CounterMetricFamily("kvbm_offload_skipped_blocks", "Blocks not offloaded", labels=["reason"])
         skipped.add_metric(["host_full"], policy.skipped_full)
         skipped.add_metric(["disk_filter"], policy.dropped_by_filter)
@@ -100,6 +110,30 @@ class KvbmCollector:
                 for q, idx in (("0.5", 49), ("0.9", 89), ("0.99", 98)):
                     latency.add_metric([kind, q], cuts[idx])
         yield latency
+
+
+    @staticmethod
+    def _remote(leader, policy):
+        """The shared tier (G4): lookups, hits, failures, whether the store answers."""
+        stats = leader.stats
+        yield CounterMetricFamily("kvbm_remote_lookups", "Shared-tier (G4) lookups sent (one batch per request)",
+                                  value=stats.remote_lookups)
+        yield CounterMetricFamily("kvbm_remote_lookup_blocks", "Blocks asked of the shared tier (G4)",
+                                  value=stats.remote_lookup_blocks)
+        yield CounterMetricFamily("kvbm_remote_lookup_hits", "Blocks the shared tier (G4) held when asked "
+                                  "(leading runs)", value=stats.remote_lookup_hits)
+        failures = CounterMetricFamily("kvbm_remote_failures", "Shared-tier (G4) blocks lost, by reason: a load "
+                                       "that found the block missing, evicted, corrupt or with a bad MAC "
+                                       "(recomputed), a write the store refused, a lookup not answered in time, "
+                                       "a hit with no host slot to stage it through", labels=["reason"])
+        failures.add_metric(["load"], policy.remote_load_failed)
+        failures.add_metric(["store"], policy.remote_offload_failed)
+        failures.add_metric(["lookup_timeout"], stats.remote_lookup_timeouts)
+        failures.add_metric(["staging_full"], policy.remote_staging_full)
+        yield failures
+        remote = leader.remote
+        yield GaugeMetricFamily("kvbm_remote_tier_up", "1 while the shared tier (G4) is configured and answers",
+                                value=float(remote is not None and all(s.reachable for s in remote.stores)))
 
 
 def serve_metrics(leader, host: str, port: int):

@@ -6,7 +6,7 @@ The policy (leader side) and the mechanism (worker side) both import this module
 Operations:
   Tier, BlockMove, SlotCopy  where a block lives; one block between the engine and a tier; host -> disk
   Handshake                  each worker's geometry at start-up (block bytes, slots, world size, disk up)
-  StepPlan                   leader -> workers once per engine step: loads, stores, fences, releases
+  StepPlan                   leader -> workers once per engine step: loads, stores, fences, releases, G4 writes
   JobOutcome / WorkerReport  workers -> leader: finished jobs by rank id, merged across ranks by `aggregate`
 """
 
@@ -23,16 +23,18 @@ class Tier(enum.Enum):
     G1 = "G1"  # engine cache (GPU or CPU)
     G2 = "G2"  # host memory
     G3 = "G3"  # local disk
+    G4 = "G4"  # the shared tier (a store several engine instances share), staged through G2
 
     @property
     def label(self) -> str:
-        """Human name: device, host, disk."""
-        return {"G1": "device", "G2": "host", "G3": "disk"}[self.value]
+        """Human name: device, host, disk, remote."""
+        return {"G1": "device", "G2": "host", "G3": "disk", "G4": "remote"}[self.value]
 
 
 @dataclass(frozen=True)
 class BlockMove:
-    """One block between the engine cache and a kvbm tier: engine block id <-> slot of `tier`."""
+    """One block between the engine cache and a kvbm tier: engine block id <-> slot of `tier`. For a G4 load,
+    `slot` is the host (G2) slot the block is staged through (G4 -> G2 -> G1)."""
 
     block_hash: Hashable
     block_id: int
@@ -60,6 +62,7 @@ class Handshake:
     host_slots: int
     disk_slots: int
     disk_error: str | None = None  # the disk tier could not be created on this rank
+    remote_fingerprint: bytes | None = None  # this rank's shared-tier (G4) key fingerprint; None: no G4 here
 
 
 @dataclass
@@ -73,6 +76,19 @@ class LoadSpec:
     # Layer-wise: the request runs in this very step; the worker copies layer i before layer i's attention
     # (host hits only, on GPU engines). Otherwise asynchronous: the request waits for "finished receiving".
     layerwise: bool = False
+    # G4 loads stage through host slots: the G2 evictions that freed them go to disk first (snapshotted before
+    # the load overwrites the slots), reported as `cascade_job_id`
+    cascades: list[SlotCopy] = field(default_factory=list)
+    cascade_job_id: str | None = None
+
+
+@dataclass
+class RemoteStoreSpec:
+    """Write ready host (G2) blocks to the shared tier (G4): (block hash, host slot) pairs. The leader pins the
+    slots until the job reports, so the worker reads them in place."""
+
+    job_id: str
+    blocks: list[tuple[Hashable, int]]
 
 
 @dataclass
@@ -101,11 +117,12 @@ class StepPlan:
     fences: dict[str, tuple[str, ...]] = field(default_factory=dict)
     releases: dict[str, tuple[str, ...]] = field(default_factory=dict)
     no_disk: bool = False
+    remote_stores: list[RemoteStoreSpec] = field(default_factory=list)
 
     @property
     def empty(self) -> bool:
         """True when there is nothing to do."""
-        return not (self.loads or self.stores or self.fences or self.releases)
+        return not (self.loads or self.stores or self.fences or self.releases or self.remote_stores)
 
 
 @dataclass

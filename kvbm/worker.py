@@ -6,7 +6,8 @@ named with it are done here. Jobs are known by id: a plan delivered twice runs n
 is reported once.
 
 Operations:
-  register(layout, host_slots, disk_slots, fingerprint)  allocate G2 (and G3, or warn and go on without it)
+  register(layout, host_slots, disk_slots, fingerprint)  allocate G2 (and G3, or warn and go on without it);
+                                           open the shared tier (G4) when DYN_KVBM_REMOTE_URL is set
   handshake(block_size)                    this rank's geometry for the leader's start-up check
   fence(plan)                              wait for the jobs reading preempted requests' blocks (only those)
   start_loads(plan) / start_stores(plan)   submit the step's onboards and offloads; note its releases
@@ -27,7 +28,7 @@ from kvbm.config import KvbmConfig
 from kvbm.errors import StorageError
 from kvbm.mechanism import DiskTier, HostTier, KVLayout, OffloadJob, OnboardJob, TransferEngine
 from kvbm.mechanism.fileio import PosixDiskIO
-from kvbm.mechanism.transfer import JobResult
+from kvbm.mechanism.transfer import JobResult, RemoteStoreJob
 from kvbm.protocol import Handshake, JobOutcome, LoadSpec, StepPlan, Tier, WorkerReport
 
 log = logging.getLogger("kvbm.worker")
@@ -89,6 +90,7 @@ class KvbmWorker:
         self.engine: TransferEngine | None = None
         self.host_slots = self.disk_slots = 0
         self.disk_error: str | None = None
+        self.remote_fingerprint: bytes | None = None  # set when this rank opened the shared tier (G4)
         self._disk_reported = False
         self._loads_this_step = False
         self._accepted = _Recent(recent)
@@ -123,7 +125,8 @@ class KvbmWorker:
             except StorageError as exc:
                 self.disk_error = str(exc)
                 log.warning("kvbm: disk tier disabled, serving goes on with host memory only: %s", exc)
-        self.engine = TransferEngine(layout, host, disk)
+        remote = self._open_remote(layout, fingerprint) if host_slots > 0 else None
+        self.engine = TransferEngine(layout, host, disk, remote=remote)
         if layout.device.type == "cuda" and self.config.layerwise:
             from kvbm.mechanism.layerwise import LayerwiseCopier
 
@@ -133,11 +136,28 @@ class KvbmWorker:
         log.info("kvbm worker %d: G2 %d blocks (%.2f GB)%s", self.rank, host_slots, host.nbytes / 1e9,
                  f", G3 {disk_slots} blocks at {disk.path} ({disk.nbytes / 1e9:.2f} GB)" if disk else "")
 
+    def _open_remote(self, layout: KVLayout, fingerprint: bytes):
+        """This rank's shared-tier store (keys carry `fingerprint`: model, layout, block size, rank), or None.
+        A store that is down now is kept (it is used once it answers); a bad URL or refused credentials: one
+        warning naming DYN_KVBM_REMOTE_URL, and no G4."""
+        if not self.config.remote_url:
+            return None
+        from kvbm.mechanism.remote import open_store
+
+        secret = self.config.remote_secret.get_secret_value() if self.config.remote_secret else None
+        cache = int(self.config.remote_cache_gb * 1e9) if self.config.remote_cache_gb else None
+        store = open_store(self.config.remote_url, fingerprint, secret, block_bytes=layout.block_bytes,
+                           cache_bytes=cache, keep_if_unreachable=True)
+        if store is not None:
+            self.remote_fingerprint = store.fingerprint
+            log.info("kvbm worker %d: shared tier (G4) %s", self.rank, store.describe())
+        return store
+
     def handshake(self, block_size: int) -> Handshake:
         """This rank's geometry, for the leader's start-up check."""
         block_bytes = self.engine.layout.block_bytes if self.engine is not None else 0
         return Handshake(self.rank, self.world_size, block_size, block_bytes, self.host_slots, self.disk_slots,
-                         self.disk_error)
+                         self.disk_error, self.remote_fingerprint)
 
     @property
     def layerwise_enabled(self) -> bool:
@@ -186,8 +206,11 @@ class KvbmWorker:
                 self._local.append(JobResult(spec.job_id, "onboard", error="tiers not registered",
                                              failed_hashes=frozenset(m.block_hash for m in spec.moves),
                                              failed_block_ids=frozenset(m.block_id for m in spec.moves)))
+                if spec.cascade_job_id is not None:
+                    self._local.append(JobResult(spec.cascade_job_id, "cascade", error="tiers not registered",
+                                                 failed_hashes=frozenset(c.block_hash for c in spec.cascades)))
                 continue
-            self.engine.submit_onboard(OnboardJob(spec.job_id, spec.moves))
+            self.engine.submit_onboard(OnboardJob(spec.job_id, spec.moves, spec.cascades, spec.cascade_job_id))
             self._loads_this_step = True
         if self.layerwise is not None:
             for spec in plan.stores:  # stores without cascades move per layer, behind the forward's layers
@@ -252,6 +275,14 @@ class KvbmWorker:
                                                  failed_hashes=frozenset(c.block_hash for c in spec.cascades)))
                 continue
             self.engine.submit_offload(OffloadJob(spec.job_id, spec.stores, spec.cascades, spec.cascade_job_id))
+        for spec in plan.remote_stores:  # G2 -> G4, on the engine's G4 thread
+            if not self._accepted.add(spec.job_id):
+                continue
+            if self.engine is None:
+                self._local.append(JobResult(spec.job_id, "remote", error="tiers not registered",
+                                             failed_hashes=frozenset(h for h, _ in spec.blocks)))
+                continue
+            self.engine.submit_remote_store(RemoteStoreJob(spec.job_id, list(spec.blocks)))
 
     def _unregistered(self) -> None:
         if not self._warned_unregistered:

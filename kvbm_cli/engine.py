@@ -42,7 +42,18 @@ BYTES_PER_GB = 1_000_000_000  # as DYN_KVBM_*_GB
 DEFAULT_MAX_MODEL_LEN = 16384  # for the embedded default model
 TINY_SERVED_NAME = "kvbm-tiny"  # what requests name the embedded model (its path is accepted too)
 TINY_KV_BYTES_PER_TOKEN = tiny_model.NUM_LAYERS * 2 * tiny_model.NUM_KV_HEADS * tiny_model.HEAD_DIM * 2  # bf16 K and V
-KVBM_ENV = ("DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CACHE_DIR")
+KVBM_ENV = ("DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CACHE_DIR", "DYN_KVBM_REMOTE_URL")
+
+
+def shown(key: str, value: str) -> str:
+    """An environment value as printed or recorded: the shared store's password and secret never appear."""
+    if key == "DYN_KVBM_REMOTE_URL":
+        from kvbm.mechanism.remote import redacted
+
+        return redacted(value)
+    return "***" if key == "DYN_KVBM_REMOTE_SECRET" and value else value
+
+
 _SIZE_FLAGS = ("--kv-cache-memory-bytes", "--num-gpu-blocks-override")
 
 
@@ -71,6 +82,7 @@ class EngineSpec(Keys):
     cpu_cache_gb: Optional[float] = None
     disk_cache_gb: Optional[float] = None
     disk_cache_dir: Optional[str] = None
+    remote_url: Optional[str] = None
     vllm_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
 
@@ -98,7 +110,7 @@ class Launch:
     def shell(self) -> str:
         """One copy-pasteable shell line."""
         parts = [f"-u {k}" for k in self.env_unset]
-        assigns = [f"{k}={shlex.quote(v)}" for k, v in self.env_set.items()]
+        assigns = [f"{k}={shlex.quote(shown(k, v))}" for k, v in self.env_set.items()]
         prefix = (["env", *parts] if parts else []) + assigns
         return " ".join(prefix + [shlex.quote(a) for a in self.argv])
 
@@ -106,7 +118,7 @@ class Launch:
         """What summary.json records under "engine"."""
         env = self.environ(environ)
         return {"connector": self.spec.connector, "url": self.url,
-                "env": {k: v for k, v in sorted(env.items()) if k.startswith(("DYN_KVBM_", "VLLM_CPU_"))
+                "env": {k: shown(k, v) for k, v in sorted(env.items()) if k.startswith(("DYN_KVBM_", "VLLM_CPU_"))
                         or k in ("VLLM_PLUGINS", "KVBM_THREAD_PLACEMENT")},
                 "vllm_args": self.argv[3:]}
 
@@ -196,7 +208,7 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     env_unset: list[str] = []
     if "HF_HUB_OFFLINE" not in environ and (tiny or spec.model is None):
         env_set["HF_HUB_OFFLINE"] = "1"
-    for var, value in zip(KVBM_ENV, (spec.cpu_cache_gb, spec.disk_cache_gb, spec.disk_cache_dir)):
+    for var, value in zip(KVBM_ENV, (spec.cpu_cache_gb, spec.disk_cache_gb, spec.disk_cache_dir, spec.remote_url)):
         if value is not None:
             env_set[var] = f"{value:g}" if isinstance(value, float) else str(value)
     if spec.connector == "none" and any(environ.get(v) for v in KVBM_ENV):

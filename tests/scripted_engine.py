@@ -9,7 +9,8 @@ derived from (block hash, rank, layer), so a load can be checked byte for byte a
 
 The scheduler side asserts what vLLM asserts (a reported request must still exist) and more: a request is
 reported once, a held block is never reused, a loaded block holds its hash's KV. Faults: duplicate plans,
-duplicate and late reports, a rank whose disk tier breaks.
+duplicate and late reports, a rank whose disk tier breaks. With `remote_url` every rank opens the shared tier
+(G4) as the connector does, and a lookup may answer None ("ask again later"): the request stays waiting.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ class ScriptedEngine:
     """vLLM's scheduler side plus `world_size` workers, one step at a time."""
 
     def __init__(self, tmp_path, world_size: int = 1, num_blocks: int = 24, host_slots: int = 8,
-                 disk_slots: int = 16, seed: int = 0, num_prefixes: int = 4, layerwise_min_blocks: int | None = None):
+                 disk_slots: int = 16, seed: int = 0, num_prefixes: int = 4, layerwise_min_blocks: int | None = None,
+                 remote_url: str | None = None, remote_secret: str | None = None, disk_filter=None,
+                 model: str = "scripted"):
         self.rng = random.Random(seed)
         self.world_size = world_size
         self.num_blocks = num_blocks
@@ -116,6 +119,10 @@ class ScriptedEngine:
                "DYN_KVBM_DISK_DISABLE_O_DIRECT": "true"}
         if disk_slots:
             env["DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS"] = str(disk_slots)
+        if remote_url:
+            env["DYN_KVBM_REMOTE_URL"] = remote_url
+        if remote_secret:
+            env["DYN_KVBM_REMOTE_SECRET"] = remote_secret
         config = KvbmConfig.from_env(env)
         self.caches = [RankCache(num_blocks, r) for r in range(world_size)]
         self.workers = []
@@ -123,11 +130,17 @@ class ScriptedEngine:
         for r in range(world_size):
             w = KvbmWorker(config, rank=r, world_size=world_size, load_wait_s=0.0)
             layout = KVLayout.from_layers(self.caches[r].layers, block_dim=0)
-            w.register(layout, host_slots, disk_slots, layout.fingerprint(model="scripted", extra=f"r{r}"))
+            w.register(layout, host_slots, disk_slots, layout.fingerprint(model=model, extra=f"r{r}"))
             self.workers.append(w)
             block_bytes = layout.block_bytes
-        self.leader = KvbmLeader(TierManager(host_slots, disk_slots, AdmitAll()), BS, block_bytes, world_size)
+        self.leader = KvbmLeader(TierManager(host_slots, disk_slots, disk_filter or AdmitAll()), BS, block_bytes,
+                                 world_size)
         self.leader.check_handshake({r: w.handshake(BS) for r, w in enumerate(self.workers)})
+        if remote_url and self.leader.remote_fingerprints:  # what the connector does after the handshake
+            from kvbm.mechanism.remote.index import RemoteIndex
+
+            self.leader.remote = RemoteIndex.open(remote_url, self.leader.remote_fingerprints, remote_secret)
+        self.num_ask_again = 0
         # the GPU engines' protocol: host hits of at least this many blocks load within the step that runs the
         # request (on CPU the worker moves them before the forward; the protocol is the same)
         self.leader.layerwise_min_blocks = layerwise_min_blocks
@@ -245,6 +258,9 @@ class ScriptedEngine:
                 budget -= 1
                 hashes = req.hashes
                 n_ext = self.leader.num_matched_tokens(req_id, hashes, 0, len(req.tokens))
+                if n_ext is None:  # a G4 lookup in flight: vLLM skips the request and asks again next step
+                    self.num_ask_again += 1
+                    continue
                 is_async = self.leader.load_is_async(req_id)
                 assert not (is_async is False and n_ext == 0), "a layer-wise answer with nothing to load"
                 got = self._alloc(-(-len(req.tokens) // BS))
@@ -452,3 +468,5 @@ class ScriptedEngine:
     def close(self) -> None:
         for w in self.workers:
             w.close()
+        if self.leader.remote is not None:
+            self.leader.remote.close()

@@ -7,10 +7,16 @@ bounded chunk per request, several in flight. Jobs run asynchronously on two thr
 onboard never waits behind an offload, and completion is reported per job, never assumed. When the engine
 cache is on a GPU, kvbm.mechanism.cuda_copy moves the G1 bytes (staging, CUDA streams and events).
 
+The shared tier (G4, a BlockStore) is reached through G2: a G4 load is one batched GET into the host slots
+the leader reserved, then the usual G2 -> G1 copy, on the load thread; only verified values are copied (a
+missing, evicted, corrupt or foreign value fails its block, which the engine recomputes). G2 -> G4 writes run
+on a thread of their own straight from the (pinned) host slots, with bounded bytes in flight.
+
 Operations:
   copy_g1_to_g2 / copy_g2_to_g1   engine pages <-> host slots
   BlockPieces                     byte views of host slots and engine pages for in-place disk I/O
-  TransferEngine                  submit_offload / submit_onboard / get_finished / wait / close
+  TransferEngine                  submit_offload / submit_onboard / submit_remote_store / get_finished / wait /
+                                  close
 """
 
 from __future__ import annotations
@@ -56,10 +62,22 @@ class OffloadJob:
 
 @dataclass(frozen=True)
 class OnboardJob:
-    """Loads from host or disk into engine blocks."""
+    """Loads from host, disk or the shared tier (G4, staged through the move's host slot) into engine blocks.
+    `cascades`: host blocks the G4 staging slots evicted, snapshotted before the load and written to disk as
+    `cascade_job_id` (as an offload's detached cascades)."""
 
     job_id: Hashable
     loads: Sequence[BlockMove] = ()
+    cascades: Sequence[SlotCopy] = ()
+    cascade_job_id: Hashable | None = None
+
+
+@dataclass(frozen=True)
+class RemoteStoreJob:
+    """Write host slots to the shared tier: (block hash, host slot) pairs (the slots are not reused meanwhile)."""
+
+    job_id: Hashable
+    blocks: Sequence[tuple[Hashable, int]] = ()
 
 
 @dataclass
@@ -67,8 +85,8 @@ class JobResult:
     """What a finished job did: blocks per direction, bytes, time, and the blocks that failed."""
 
     job_id: Hashable
-    kind: str  # "offload" | "onboard" | "cascade"
-    blocks: dict[str, int] = field(default_factory=dict)  # "g1_g2", "g2_g3", "g2_g1", "g3_g1"
+    kind: str  # "offload" | "onboard" | "cascade" | "remote"
+    blocks: dict[str, int] = field(default_factory=dict)  # "g1_g2", "g2_g3", "g2_g1", "g3_g1", "g4_g1", "g2_g4"
     nbytes: int = 0
     seconds: float = 0.0
     failed_hashes: frozenset = frozenset()
@@ -171,7 +189,8 @@ class TransferEngine:
 
     def __init__(self, layout: KVLayout, host: HostTier | None, disk: DiskTier | None = None,
                  chunk_bytes: int = 32 << 20, gpu_chunk_bytes: int = 64 << 20, write_chunk_bytes: int = 8 << 20,
-                 cascade_staging_bytes: int = 256 << 20):
+                 cascade_staging_bytes: int = 256 << 20, remote=None, remote_inflight_bytes: int = 256 << 20,
+                 remote_wait_s: float = 30.0, remote_chunk_bytes: int = 256 << 20):
         self.cuda = None  # the CUDA path (kvbm.mechanism.cuda_copy) when the engine cache is on a GPU
         if layout.device.type == "cuda":
             from kvbm.mechanism.cuda_copy import CudaCopier
@@ -182,6 +201,11 @@ class TransferEngine:
         self.layout = layout
         self.host = host
         self.disk = disk
+        self.remote = remote  # a kvbm.mechanism.remote.BlockStore, or None
+        self._remote_budget = remote_inflight_bytes  # G2 -> G4 bytes queued or being written
+        self._remote_used = 0
+        self._remote_wait_s = remote_wait_s  # a store operation never takes longer (its own timeouts are shorter)
+        self._remote_chunk_bytes = remote_chunk_bytes  # one GET batch: later ones arrive while this one is copied
         self._chunk = max(1, chunk_bytes // disk.slot_bytes) if disk is not None else 0
         # Writes go in smaller chunks: a chunk's checksums overlap the writes of the chunks before it.
         self._write_chunk = max(1, write_chunk_bytes // disk.slot_bytes) if disk is not None else 0
@@ -194,8 +218,9 @@ class TransferEngine:
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvbm-io",
                                       initializer=place_background_thread)  # disk I/O beside staging
         self._done: queue.SimpleQueue[JobResult] = queue.SimpleQueue()
-        self._queues = {"onboard": queue.SimpleQueue(), "offload": queue.SimpleQueue(), "cascade": queue.SimpleQueue()}
-        self._pending = {"onboard": 0, "offload": 0, "cascade": 0}
+        self._queues = {"onboard": queue.SimpleQueue(), "offload": queue.SimpleQueue(), "cascade": queue.SimpleQueue(),
+                        "remote": queue.SimpleQueue()}
+        self._pending = {"onboard": 0, "offload": 0, "cascade": 0, "remote": 0}
         self._open: set = set()  # job ids submitted and not finished (detached cascades included)
         self._staging_budget = cascade_staging_bytes  # snapshots of cascading host slots awaiting their write
         self._staging_used = 0
@@ -217,6 +242,23 @@ class TransferEngine:
     def submit_onboard(self, job: OnboardJob) -> None:
         """Queue an onboard; its JobResult appears in get_finished()."""
         self._submit("onboard", job)
+
+    def submit_remote_store(self, job: RemoteStoreJob) -> None:
+        """Queue a G2 -> G4 write; over the in-flight byte budget (or with no store) it fails at once, unwritten."""
+        nbytes = len(job.blocks) * self.layout.block_bytes
+        with self._lock:
+            admitted = self.remote is not None and self._remote_used + nbytes <= self._remote_budget
+            if admitted:
+                self._remote_used += nbytes
+        if not admitted:
+            why = "no shared tier" if self.remote is None else "shared-tier writes backlogged"
+            with self._lock:
+                self._pending["remote"] += 1
+                self._open.add(job.job_id)
+            self._finish("remote", JobResult(job.job_id, "remote", {"g2_g4": 0}, error=why,
+                                             failed_hashes=frozenset(h for h, _ in job.blocks)))
+            return
+        self._submit("remote", job)
 
     def get_finished(self) -> list[JobResult]:
         """Results of the jobs finished since the last call."""
@@ -266,6 +308,8 @@ class TransferEngine:
             self.cuda.close()
         if self.disk is not None:
             self.disk.close()
+        if self.remote is not None:
+            self.remote.close()
 
     # ---- execution -----------------------------------------------------------------------------------------
 
@@ -281,7 +325,8 @@ class TransferEngine:
         self._queues[kind].put((job, self.cuda.mark() if self.cuda is not None else None))
 
     def _loop(self, kind: str) -> None:
-        run = {"offload": self.run_offload, "onboard": self.run_onboard, "cascade": self._run_cascade}[kind]
+        run = {"offload": self.run_offload, "onboard": self.run_onboard, "cascade": self._run_cascade,
+               "remote": self.run_remote_store}[kind]
         q = self._queues[kind]
         while True:
             item = q.get()
@@ -431,6 +476,78 @@ class TransferEngine:
         return JobResult(job_id, "cascade", {"g2_g3": n}, n * self.layout.block_bytes, time.perf_counter() - start,
                          failed_hashes=frozenset(failed), error=error, disk_error=error)
 
+    def _detach(self, cascade_job_id, cascades: list[SlotCopy]) -> None:
+        """Snapshot the cascading host slots now and queue their disk writes as `cascade_job_id` (or fail it)."""
+        try:
+            buf = None if self.disk is None or self.disk_disabled else self._snapshot(cascades)
+        except Exception as exc:  # noqa: BLE001 - a failed snapshot drops these disk writes, nothing else
+            log.warning("kvbm: %d blocks not kept for disk: %s", len(cascades), exc)
+            buf = None
+        if buf is None:  # no disk, or too many writes in flight: these evicted blocks are not kept
+            with self._lock:
+                self._pending["cascade"] += 1
+            why = self.disk_disabled or ("no disk tier" if self.disk is None else "disk writes backlogged")
+            self._finish("cascade", JobResult(cascade_job_id, "cascade", {"g2_g3": 0},
+                                              failed_hashes=frozenset(c.block_hash for c in cascades), error=why))
+        else:
+            with self._lock:
+                self._pending["cascade"] += 1
+            self._queues["cascade"].put((_Snapshot(cascade_job_id, cascades, buf), None))
+
+    def _read_remote(self, moves: list[BlockMove]) -> tuple[list[BlockMove], list[BlockMove]]:
+        """G4 -> the moves' host slots: batched GETs of at most `chunk_bytes`, all in flight at once, each chunk
+        copied into its host slots (and, on a CPU engine, on into the engine pages) while later chunks are still
+        arriving. Returns (failed moves, moves staged in G2 whose G2 -> G1 copy is still to do)."""
+        if self.remote is None:
+            return list(moves), []
+        per = max(1, self._remote_chunk_bytes // max(1, self.layout.block_bytes))
+        chunks = [moves[i:i + per] for i in range(0, len(moves), per)]
+        futures = [self.remote.get_many([m.block_hash for m in chunk]) for chunk in chunks]
+        failed: list[BlockMove] = []
+        pending: list[BlockMove] = []
+        for chunk, future in zip(chunks, futures):
+            try:
+                values = future.result(timeout=self._remote_wait_s)
+            except Exception as exc:  # noqa: BLE001 - a store that does not answer fails these blocks
+                log.warning("kvbm: %d shared-tier blocks not loaded: %s", len(chunk), exc)
+                failed.extend(chunk)
+                continue
+            good = []
+            for m, data in zip(chunk, values):
+                if data is None:
+                    failed.append(m)
+                    continue
+                src = memoryview(data).cast("B")
+                off = 0
+                for piece in self.pieces.host(m.slot):
+                    piece[:] = src[off:off + len(piece)]
+                    off += len(piece)
+                good.append(m)
+            if self.cuda is None and good:  # CPU engine: on into G1 now, overlapping the next chunk's receive
+                copy_g2_to_g1(self.layout, self.host, [m.block_id for m in good], [m.slot for m in good])
+            else:
+                pending.extend(good)
+        return failed, pending
+
+    def run_remote_store(self, job: RemoteStoreJob, ready=None) -> JobResult:
+        """Write host slots to the shared tier (the G4 thread calls this); blocks the store refused fail."""
+        start = time.perf_counter()
+        blocks = list(job.blocks)
+        try:
+            items = [(h, self.pieces.host(slot)) for h, slot in blocks]
+            try:
+                ok = self.remote.put_many(items).result(timeout=self._remote_wait_s)
+            except Exception as exc:  # noqa: BLE001 - not written: a later hit may write it again
+                log.warning("kvbm: %d blocks not written to the shared tier: %s", len(blocks), exc)
+                ok = [False] * len(blocks)
+        finally:
+            with self._lock:
+                self._remote_used -= len(blocks) * self.layout.block_bytes
+        failed = frozenset(h for (h, _), good in zip(blocks, ok) if not good)
+        n = len(blocks) - len(failed)
+        return JobResult(job.job_id, "remote", {"g2_g4": n}, n * self.layout.block_bytes, time.perf_counter() - start,
+                         failed_hashes=failed)
+
     def run_offload(self, job: OffloadJob, ready=None) -> JobResult:
         """Execute an offload synchronously (the store thread calls this); CUDA: after event `ready`."""
         start = time.perf_counter()
@@ -439,21 +556,7 @@ class TransferEngine:
         cascades = list(job.cascades)
         detached = job.cascade_job_id is not None and bool(cascades)
         if detached:
-            try:
-                buf = None if self.disk is None or self.disk_disabled else self._snapshot(cascades)
-            except Exception as exc:  # noqa: BLE001 - a failed snapshot drops these disk writes, nothing else
-                log.warning("kvbm: %d blocks not kept for disk: %s", len(cascades), exc)
-                buf = None
-            if buf is None:  # no disk, or too many writes in flight: these evicted blocks are not kept
-                with self._lock:
-                    self._pending["cascade"] += 1
-                why = self.disk_disabled or ("no disk tier" if self.disk is None else "disk writes backlogged")
-                self._finish("cascade", JobResult(job.cascade_job_id, "cascade", {"g2_g3": 0},
-                                                  failed_hashes=frozenset(c.block_hash for c in cascades), error=why))
-            else:
-                with self._lock:
-                    self._pending["cascade"] += 1
-                self._queues["cascade"].put((_Snapshot(job.cascade_job_id, cascades, buf), None))
+            self._detach(job.cascade_job_id, cascades)
             cascades = []
         elif cascades:
             if self.disk is None or self.disk_disabled:
@@ -475,9 +578,18 @@ class TransferEngine:
     def run_onboard(self, job: OnboardJob, ready=None) -> JobResult:
         """Execute an onboard synchronously (the load thread calls this); CUDA: after event `ready`."""
         start = time.perf_counter()
-        from_host = [m for m in job.loads if m.tier is Tier.G2]
-        from_disk = [m for m in job.loads if m.tier is Tier.G3]
+        if job.cascade_job_id is not None and job.cascades:  # before the G4 blocks overwrite their host slots
+            self._detach(job.cascade_job_id, list(job.cascades))
+        from_remote = [m for m in job.loads if m.tier is Tier.G4]
         failed: list[BlockMove] = []
+        staged: list[BlockMove] = []
+        if from_remote:
+            failed, pending = self._read_remote(from_remote)
+            # staged in host memory: from here on (CUDA) the same G2 -> G1 copy as a host hit
+            staged = [BlockMove(m.block_hash, m.block_id, m.slot, Tier.G2) for m in pending]
+        n_remote = len(from_remote) - len(failed)
+        from_host = [m for m in job.loads if m.tier is Tier.G2] + staged
+        from_disk = [m for m in job.loads if m.tier is Tier.G3]
         error = None
         if from_host:
             ids, slots = [m.block_id for m in from_host], [m.slot for m in from_host]
@@ -487,14 +599,19 @@ class TransferEngine:
                 copy_g2_to_g1(self.layout, self.host, ids, slots)
         if from_disk:
             if self.disk is None or self.disk_disabled:
-                failed = list(from_disk)
+                failed += list(from_disk)
             elif self.cuda is not None:
-                failed, error = self.cuda.load_from_disk(self.disk, self._chunks(from_disk, key=lambda m: m.slot),
-                                                         self._io, ready)
+                bad_disk, error = self.cuda.load_from_disk(self.disk, self._chunks(from_disk, key=lambda m: m.slot),
+                                                           self._io, ready)
+                failed += list(bad_disk)
             else:
-                failed, error = self._read_from_disk(from_disk)
-        n_disk = len(from_disk) - len(failed)
-        return JobResult(job.job_id, "onboard", {"g2_g1": len(from_host), "g3_g1": n_disk},
-                         (len(from_host) + n_disk) * self.layout.block_bytes, time.perf_counter() - start,
+                bad_disk, error = self._read_from_disk(from_disk)
+                failed += bad_disk
+        n_disk = len(from_disk) - (len(failed) - (len(from_remote) - n_remote))
+        blocks = {"g2_g1": len(from_host) - len(staged), "g3_g1": n_disk}
+        if from_remote:
+            blocks["g4_g1"] = n_remote
+        return JobResult(job.job_id, "onboard", blocks,
+                         (len(from_host) - len(staged) + n_remote + n_disk) * self.layout.block_bytes, time.perf_counter() - start,
                          failed_hashes=frozenset(m.block_hash for m in failed),
                          failed_block_ids=frozenset(m.block_id for m in failed), error=error, disk_error=error)

@@ -10,11 +10,18 @@ Operations (two-step plans, blocks pinned in between, as in vLLM's kv_offload ma
   record_hits(hashes)                  cache hits the engine served itself (feed the disk offload filter)
   events                               a kvbm.events.TierEventLog (None: record nothing): blocks committed to
                                        a tier, evicted, found corrupt or lost with their tier
+  prepare_remote_onboard / complete_remote_onboard
+                                       host (G2) slots to stage shared-tier (G4) hits through; commit or drop
+  prepare_remote_offload / complete_remote_offload
+                                       ready host blocks the disk offload filter admits and G4 is not known
+                                       to hold (write-once blocks stay local), pinned while they are written
   stats                                counters since start
 """
 
 from __future__ import annotations
 
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -64,6 +71,12 @@ class PolicyStats:
     matched_blocks: int = 0
     matched_host: int = 0
     matched_disk: int = 0
+    matched_remote: int = 0         # G4 hits planned for a load (staged through G2)
+    onboarded_from_remote: int = 0  # G4 -> G2 -> G1 loads that arrived
+    remote_load_failed: int = 0     # G4 loads that failed: missing, evicted, corrupt, bad MAC, store down
+    remote_staging_full: int = 0    # G4 hits not loaded: no host slot to stage them through
+    offloaded_to_remote: int = 0    # G2 -> G4 writes committed
+    remote_offload_failed: int = 0
 
 
 class TierManager:
@@ -75,6 +88,15 @@ class TierManager:
         self.filter = disk_filter if disk_filter is not None else FrequencyFilter()
         self.stats = PolicyStats()
         self.events: TierEventLog | None = None  # attached when the engine publishes KV events
+        # blocks G4 is believed to hold (written or found there): never written again while remembered. A hint
+        # only: the store may evict any of them, which a later load finds out (a miss, recomputed)
+        self.remote_known: OrderedDict[BlockHash, None] = OrderedDict()
+        self.remote_known_max = 1 << 20
+        # blocks whose G4 load failed (missing, corrupt, bad MAC): not offered again for a while, or vLLM, which
+        # recomputes from the failed block, would look the request up again and be offered the same bad value
+        self.remote_bad: OrderedDict[BlockHash, float] = OrderedDict()
+        self.remote_bad_ttl_s = 60.0
+        self._clock = time.monotonic
 
     # ---- lookups -------------------------------------------------------------------------------------------
 
@@ -227,6 +249,93 @@ class TierManager:
         """Hits the engine served from its own cache: they raise the blocks' disk-filter frequency."""
         for h in hashes:
             self.filter.record_hit(h)
+
+    # ---- the shared tier (G4), reached through G2 ------------------------------------------------------------
+
+    def _know_remote(self, hashes: Iterable[BlockHash]) -> None:
+        for h in hashes:
+            self.remote_known[h] = None
+            self.remote_known.move_to_end(h)
+        while len(self.remote_known) > self.remote_known_max:
+            self.remote_known.popitem(last=False)
+
+    def prepare_remote_onboard(self, hashes: Sequence[BlockHash]) -> OffloadPlan:
+        """Pending, pinned host slots to stage the leading G4 hits of `hashes` through (G4 -> G2 -> G1); stops
+        at the first block already in G2 (pending) or with no slot to take. The host evictions cascade to G3
+        through the disk offload filter, as for a store. The blocks count as hits (disk offload filter)."""
+        stores: list[Location] = []
+        cascades: list[Cascade] = []
+        for h in hashes:
+            if self.host.holds(h) or not self.host.can_allocate():
+                self.stats.remote_staging_full += len(hashes) - len(stores)
+                for rest in hashes[len(stores):]:  # recomputed now: not offered again at once (no re-lookup loop)
+                    self.remote_bad[rest] = self._clock()
+                break
+            alloc = self.host.allocate(h)
+            stores.append(Location(h, Tier.G4, alloc.slot))
+            self.filter.record_hit(h)
+            if alloc.evicted is not None:
+                cascade = self._cascade(alloc.evicted, alloc.slot)
+                if cascade is not None:
+                    cascades.append(cascade)
+        self.stats.matched_remote += len(stores)
+        self._know_remote(loc.block_hash for loc in stores)
+        return OffloadPlan(tuple(stores), tuple(cascades))
+
+    def remote_usable(self, hashes: Sequence[BlockHash]) -> int:
+        """How many leading blocks of `hashes` may be taken from G4: up to the first whose G4 load failed lately."""
+        now = self._clock()
+        while self.remote_bad and next(iter(self.remote_bad.values())) < now - self.remote_bad_ttl_s:
+            self.remote_bad.popitem(last=False)
+        for i, h in enumerate(hashes):
+            if h in self.remote_bad:
+                return i
+        return len(hashes)
+
+    def complete_remote_onboard(self, plan: OffloadPlan, failed: Iterable[BlockHash] = ()) -> None:
+        """The staged G4 blocks that arrived are ready in G2; the failed ones (missing, evicted, corrupt, bad
+        MAC, store down) free their slots and are forgotten as G4 blocks. (Cascades complete on their own.)"""
+        failed = set(failed)
+        for loc in plan.stores:
+            if loc.block_hash in failed:
+                self.host.abort(loc.block_hash)
+                self.remote_known.pop(loc.block_hash, None)
+                self.remote_bad[loc.block_hash] = self._clock()
+                self.remote_bad.move_to_end(loc.block_hash)
+                self.stats.remote_load_failed += 1
+            else:
+                self.host.commit(loc.block_hash)
+                self.stats.onboarded_from_remote += 1
+        while len(self.remote_bad) > self.remote_known_max:
+            self.remote_bad.popitem(last=False)
+
+    def prepare_remote_offload(self, hashes: Iterable[BlockHash]) -> list[Location]:
+        """Ready host blocks of `hashes` to write to G4: those the disk offload filter admits (a block written
+        once and never hit again stays local) and G4 is not known to hold. Pinned until complete_remote_offload."""
+        out: list[Location] = []
+        seen: set = set()
+        for h in hashes:
+            if h in seen or h in self.remote_known or not self.filter.admits(h):
+                continue
+            seen.add(h)
+            slot = self.host.lookup(h)
+            if slot is None:
+                continue
+            self.host.pin(h)
+            out.append(Location(h, Tier.G2, slot))
+        self._know_remote(loc.block_hash for loc in out)  # in flight: not planned twice
+        return out
+
+    def complete_remote_offload(self, locations: Iterable[Location], failed: Iterable[BlockHash] = ()) -> None:
+        """Unpin the written blocks; a failed write is forgotten, so a later hit may write it again."""
+        failed = set(failed)
+        for loc in locations:
+            self.host.unpin(loc.block_hash)
+            if loc.block_hash in failed:
+                self.remote_known.pop(loc.block_hash, None)
+                self.stats.remote_offload_failed += 1
+            else:
+                self.stats.offloaded_to_remote += 1
 
     def usage(self) -> dict[Tier, tuple[int, int]]:
         """(blocks held, slots) per kvbm tier."""

@@ -12,8 +12,8 @@ import typer
 from kvbm_cli._errors import EXIT_INTERRUPTED
 from kvbm_cli._options import BlockSizeOpt, Connector, HealthTimeoutOpt, JsonOpt, ModelOpt, PortOpt
 from kvbm_cli._output import emit_json, note, out
-from kvbm_cli.engine import (Engine, EngineFailed, EngineSpec, Terminated, build_launch, sigterm_as_exception,
-                             start_and_wait)
+from kvbm_cli.engine import (Engine, EngineFailed, EngineSpec, Terminated, build_launch, shown,
+                             sigterm_as_exception, start_and_wait)
 
 
 def serve(
@@ -41,6 +41,9 @@ def serve(
         help="KVBM disk tier (G3) in GB: sets DYN_KVBM_DISK_CACHE_GB.", rich_help_panel="KVBM")] = None,
     disk_cache_dir: Annotated[Optional[str], typer.Option(
         help="Directory of the disk tier: sets DYN_KVBM_DISK_CACHE_DIR.", rich_help_panel="KVBM")] = None,
+    remote_url: Annotated[Optional[str], typer.Option(
+        help="KVBM shared tier (G4) store, e.g. redis://host:6379/0 or file:///shared/dir: sets "
+             "DYN_KVBM_REMOTE_URL (needs --cpu-cache-gb).", rich_help_panel="KVBM")] = None,
     log_file: Annotated[Optional[Path], typer.Option(help="Write the engine's log here instead of streaming it "
                                                           "to stderr.", dir_okay=False)] = None,
     health_timeout: HealthTimeoutOpt = 600.0,
@@ -51,13 +54,13 @@ def serve(
 
     G1 sizing: on a GPU use --gpu-memory-utilization (as Dynamo's demo does); on vLLM's CPU build use
     --kv-cache-memory-bytes or --gpu-cache-gb. KVBM's tiers: --cpu-cache-gb (G2), --disk-cache-gb and
-    --disk-cache-dir (G3); the DYN_KVBM_* variables already in the environment work as well.
+    --disk-cache-dir (G3), --remote-url (G4); the DYN_KVBM_* variables already in the environment work as well.
     """
     options = {k: v for k, v in locals().items() if k in EngineSpec.model_fields}
     connector = Connector(connector).value
     launch = build_launch(EngineSpec(**options | {"connector": connector, "vllm_args": list(ctx.args)}))
     if dry_run and json_out:
-        emit_json({"argv": launch.argv, "env_set": launch.env_set, "env_unset": launch.env_unset, "url": launch.url,
+        emit_json({"argv": launch.argv, "env_set": {k: shown(k, v) for k, v in launch.env_set.items()}, "env_unset": launch.env_unset, "url": launch.url,
                    "notes": launch.notes})
         return
     for line in launch.notes:

@@ -76,8 +76,9 @@ def model_identity(vllm_config) -> str:
     return f"{mc.model}|{getattr(mc, 'revision', None)}|{mc.dtype}|{vllm_config.cache_config.cache_dtype}"
 
 
-def cache_hit_sources(host_tokens: int, disk_tokens: int) -> dict:
-    """{CacheHitSource.HOST: n, CacheHitSource.DISK: m} for vllm:prompt_tokens_cached_by_source."""
+def cache_hit_sources(host_tokens: int, disk_tokens: int, remote_tokens: int = 0) -> dict:
+    """{CacheHitSource.HOST: n, CacheHitSource.DISK: m, ...} for vllm:prompt_tokens_cached_by_source (vLLM has
+    no remote-store source: shared-tier tokens are EXTERNAL_UNSPECIFIED)."""
     from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
     out = {}
@@ -85,6 +86,8 @@ def cache_hit_sources(host_tokens: int, disk_tokens: int) -> dict:
         out[CacheHitSource.HOST] = host_tokens
     if disk_tokens:
         out[CacheHitSource.DISK] = disk_tokens
+    if remote_tokens:
+        out[CacheHitSource.EXTERNAL_UNSPECIFIED] = remote_tokens
     return out
 
 

@@ -18,6 +18,10 @@ Operations (vLLM calls them; see docs/vllm-0.32-connector-notes.md for who calls
 The request lifecycle (kvbm.leader) decides who frees the engine's blocks: vLLM is asked to hold them only
 while a store reads them, and a call in an unexpected order is answered with a miss, never with a load into
 blocks nobody matched. At start-up the workers' geometry is checked against the leader's (handshake).
+
+The shared tier (G4, DYN_KVBM_REMOTE_URL): each worker opens its store (keys carry its rank's fingerprint)
+and reports the fingerprint in the handshake; the leader then gets an index of those stores for its
+asynchronous lookups, and `get_num_new_matched_tokens` answers None ("ask again later") while one is pending.
 """
 
 from __future__ import annotations
@@ -88,7 +92,7 @@ class KvbmConnector(KVConnectorBase_V1):
         self.leader: KvbmLeader | None = None
         self.worker: KvbmWorker | None = None
         self.metrics_server = None
-        self._hit_sources: dict[str, tuple[int, int]] = {}
+        self._hit_sources: dict[str, tuple[int, int, int]] = {}
         self._poll_errors: set[int] = set()
         self._poll_report: WorkerReport | None = None
         self._stats = KvbmStats()
@@ -136,13 +140,16 @@ class KvbmConnector(KVConnectorBase_V1):
 
     # ==== scheduler side ========================================================================================
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens KVBM can load beyond vLLM's own prefix hit, and whether they load asynchronously (the request
-        waits) or layer by layer in the step that runs it (GPU engines, host hits). No side effects on tiers."""
+        waits) or layer by layer in the step that runs it (GPU engines, host hits). No side effects on tiers.
+        None: a shared-tier (G4) lookup is in flight; vLLM asks again in a later step."""
         if self.leader is None:
             return 0, False
         n = self.leader.num_matched_tokens(request.request_id, request.block_hashes, num_computed_tokens,
                                            request.num_tokens)  # a resumed request's generated blocks too
+        if n is None:
+            return None, False
         if n and log.isEnabledFor(logging.DEBUG):
             log.debug("%s: %d tokens in vLLM's cache, %d more in KVBM", request.request_id, num_computed_tokens, n)
         return n, n > 0 and self.leader.load_is_async(request.request_id)
@@ -156,14 +163,14 @@ class KvbmConnector(KVConnectorBase_V1):
             self.kv_events.track(request)
         result = self.leader.on_alloc(req_id, request.block_hashes, blocks.get_block_ids()[0], num_external_tokens)
         if num_external_tokens:
-            self._hit_sources[req_id] = (result.host_tokens, result.disk_tokens)
+            self._hit_sources[req_id] = (result.host_tokens, result.disk_tokens, result.remote_tokens)
 
     def get_external_cache_hit_sources(self, request, num_external_tokens: int) -> dict:
         """Split loaded tokens by tier, for vllm:prompt_tokens_cached_by_source."""
-        host, disk = self._hit_sources.pop(request.request_id, (0, 0))
-        if host + disk != num_external_tokens:
-            host = num_external_tokens - disk
-        return compat.cache_hit_sources(host, disk)
+        host, disk, remote = self._hit_sources.pop(request.request_id, (0, 0, 0))
+        if host + disk + remote != num_external_tokens:
+            host = max(0, num_external_tokens - disk - remote)
+        return compat.cache_hit_sources(host, disk, remote)
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
         """Plan stores of the blocks this step completes; hand the step's loads and stores to the workers."""
@@ -196,6 +203,15 @@ class KvbmConnector(KVConnectorBase_V1):
         if self.leader is not None:
             self.leader.check_handshake({rank: m.handshake for rank, m in metadata.items()
                                          if isinstance(m, KvbmHandshakeMetadata)})
+            if self.leader.remote_fingerprints and self.config.remote_url and self.leader.remote is None:
+                from kvbm.mechanism.remote.index import RemoteIndex
+
+                secret = self.config.remote_secret.get_secret_value() if self.config.remote_secret else None
+                try:
+                    self.leader.remote = RemoteIndex.open(self.config.remote_url, self.leader.remote_fingerprints,
+                                                          secret)
+                except (ValueError, ImportError) as exc:  # the workers already warned about this URL
+                    log.debug("kvbm: no shared-tier index: %s", exc)
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         """Hold the request's blocks only while a KVBM store still reads them (never for a load)."""
@@ -310,6 +326,9 @@ class KvbmConnector(KVConnectorBase_V1):
         """Finish in-flight jobs, remove the disk cache file, stop the metrics endpoint."""
         if self.worker is not None:
             self.worker.close()
+        if self.leader is not None and self.leader.remote is not None:
+            self.leader.remote.close()
+            self.leader.remote = None
         if self.metrics_server is not None:
             self.metrics_server.shutdown()
             self.metrics_server = None

@@ -12,7 +12,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-DIRECTIONS = ("g1_g2", "g2_g3", "g2_g1", "g3_g1")
+DIRECTIONS = ("g1_g2", "g2_g3", "g2_g1", "g3_g1", "g4_g1", "g2_g4")
 
 
 def _empty() -> dict[str, Any]:
@@ -34,7 +34,7 @@ class KvbmStats(KVConnectorStats):
         stats = cls()
         d = stats.data
         for outcome in report.jobs.values():
-            kind = "onboard" if ("g2_g1" in outcome.blocks or "g3_g1" in outcome.blocks) else "offload"
+            kind = "onboard" if any(k in outcome.blocks for k in ("g2_g1", "g3_g1", "g4_g1")) else "offload"
             d["bytes"][kind] += outcome.nbytes
             d[f"{'load' if kind == 'onboard' else 'store'}_seconds"].append(outcome.seconds)
             if rank == 0:
@@ -83,7 +83,7 @@ class KvbmPromMetrics(KVConnectorPromMetrics):
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
         super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
         self._blocks = self._counter_cls(name="vllm:kvbm_transfer_blocks", documentation=
-                                         "KV blocks moved by KVBM, by direction (g1_g2, g2_g3, g2_g1, g3_g1)",
+                                         "KV blocks moved by KVBM, by direction (g1_g2, g2_g3, g2_g1, g3_g1, g4_g1, g2_g4)",
                                          labelnames=labelnames + ["direction"])
         self._bytes = self._counter_cls(name="vllm:kvbm_transfer_bytes", documentation=
                                         "Bytes moved by KVBM (all ranks)", labelnames=labelnames + ["kind"])

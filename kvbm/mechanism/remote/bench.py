@@ -1,7 +1,10 @@
 """G4 get throughput through a BlockStore against a raw pipelined Redis GET of the same values, same run.
 
   python -m kvbm.mechanism.remote.bench [--url redis://HOST:PORT/0] [--blocks 256] [--block-kib 2048]
-                                        [--secret S] [--rounds 5]
+                                        [--secret S] [--rounds 5] [--onboard]
+
+--onboard measures the whole G4 onboard instead of get_many: the transfer engine's load job, G4 -> host (G2)
+staging slots -> a CPU engine cache (G1), verified byte for byte, against the raw GET of the same values.
 
 Without --url it starts its own redis-server on a free loopback port (Debian's redis-server). Both sides read
 the same keys from the same server with the same client settings (socket timeout, 1 MiB socket reads, one
@@ -78,6 +81,79 @@ def bench_get(url: str, *, blocks: int = 256, block_bytes: int = 2 << 20, secret
             "store_GBps": round(store_gbps, 3), "raw_GBps": round(raw_gbps, 3), "ratio": round(store_gbps / raw_gbps, 3)}
 
 
+def bench_onboard(url: str, *, blocks: int = 256, block_bytes: int = 2 << 20, secret: bytes | None = None,
+                  rounds: int = 5, chunk_bytes: int = 256 << 20) -> dict:
+    """Median GB/s of a G4 onboard job (G4 -> G2 -> G1 through TransferEngine) and of a raw pipelined GET of
+    the same values, alternated; their ratio."""
+    import redis
+    import torch
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from kvbm.mechanism.host import HostTier
+    from kvbm.mechanism.layout import KVLayout
+    from kvbm.mechanism.remote import make_store
+    from kvbm.mechanism.remote.redis_store import PIPELINE_BYTES, READ_SIZE
+    from kvbm.mechanism.transfer import OnboardJob, RemoteStoreJob, TransferEngine
+    from kvbm.protocol import BlockMove, Tier
+
+    layers, page = 16, block_bytes // 16  # a block: 16 layer pages, each [1 head, 64 tokens, page/128 bf16]
+    words = page // 2
+    caches = [torch.zeros(blocks + 1, 1, 64, words // 64, dtype=torch.bfloat16) for _ in range(layers)]
+    layout = KVLayout.from_layers(caches, block_dim=0)
+    assert layout.block_bytes == block_bytes, (layout.block_bytes, block_bytes)
+    host = HostTier.for_layout(layout, blocks)
+    fp = os.urandom(16)
+    store = make_store(url, fp, secret, block_bytes=block_bytes, timeout=10.0, workers=2)
+    engine = TransferEngine(layout, host, None, remote=store, remote_inflight_bytes=1 << 40,
+                            remote_chunk_bytes=chunk_bytes)
+    hashes = [i.to_bytes(8, "little") for i in range(blocks)]
+    host.tensor.view(torch.uint8).copy_(torch.randint(0, 256, host.tensor.view(torch.uint8).shape, dtype=torch.uint8))
+    want = [host.read_slot(i) for i in range(min(4, blocks))]
+    for i in range(0, blocks, 32):
+        res = engine.run_remote_store(RemoteStoreJob(f"put{i}", [(hashes[j], j) for j in range(i, min(blocks, i + 32))]))
+        if res.failed_hashes:
+            raise RuntimeError("could not store the benchmark blocks (is the server full?)")
+    keys = [store.key(h) for h in hashes]
+    raw = redis.Redis.from_url(url, socket_timeout=10.0, retry=Retry(NoBackoff(), 0), socket_read_size=READ_SIZE)
+    per = max(1, PIPELINE_BYTES // block_bytes)
+
+    def raw_get() -> None:
+        values = []
+        for i in range(0, blocks, per):
+            pipe = raw.pipeline(transaction=False)
+            for k in keys[i:i + per]:
+                pipe.get(k)
+            values.extend(pipe.execute())
+
+    moves = [BlockMove(h, i + 1, i, Tier.G4) for i, h in enumerate(hashes)]  # engine block i+1 <- G4 via slot i
+
+    def onboard() -> None:
+        res = engine.run_onboard(OnboardJob("onboard", moves))
+        if res.failed_hashes:
+            raise RuntimeError(f"G4 onboard missed {len(res.failed_hashes)} blocks: {store.stats()}")
+
+    onboard()
+    for i, w in enumerate(want):  # byte-exact: G1 holds what the host slots held when written
+        got = torch.cat([c[i + 1].reshape(-1).view(torch.uint8) for c in caches])
+        assert torch.equal(got, w.reshape(-1).view(torch.uint8)), "G4 onboard not byte-exact"
+    raw_get()
+    times = {"onboard": [], "raw": []}
+    for r in range(rounds):
+        order = (("onboard", onboard), ("raw", raw_get))
+        for name, fn in order if r % 2 == 0 else order[::-1]:
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    engine.close()
+    raw.close()
+    total = blocks * block_bytes
+    ob = total / statistics.median(times["onboard"]) / 1e9
+    rg = total / statistics.median(times["raw"]) / 1e9
+    return {"mode": "onboard G4->G2->G1", "blocks": blocks, "block_bytes": block_bytes, "secret": bool(secret),
+            "rounds": rounds, "onboard_GBps": round(ob, 3), "raw_GBps": round(rg, 3), "ratio": round(ob / rg, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--url")
@@ -85,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-kib", type=int, default=2048)
     ap.add_argument("--secret")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--onboard", action="store_true", help="the whole G4 -> G2 -> G1 onboard, not get_many")
     args = ap.parse_args(argv)
     server = None
     url = args.url
@@ -95,8 +172,9 @@ def main(argv: list[str] | None = None) -> int:
         url = server.url
     try:
         for secret in ([None, args.secret.encode()] if args.secret else [None]):
-            print(json.dumps(bench_get(url, blocks=args.blocks, block_bytes=args.block_kib << 10, secret=secret,
-                                       rounds=args.rounds)))
+            fn = bench_onboard if args.onboard else bench_get
+            print(json.dumps(fn(url, blocks=args.blocks, block_bytes=args.block_kib << 10, secret=secret,
+                                rounds=args.rounds)))
     finally:
         if server is not None:
             server.kill()
