@@ -396,7 +396,14 @@ class KvbmLeader:
 
     def g4_changes(self, stored: Sequence, removed: Sequence) -> None:
         """Blocks that entered G4 (written by this engine) and left it (a load found them missing or bad).
-        The hook for KV events (BlockStored / BlockRemoved with the remote medium); nothing else reads it."""
+        Recorded as KV events (BlockStored / BlockRemoved, medium STORAGE, locality REMOTE) when the engine
+        asked for events."""
+        events = self.manager.events
+        if events is not None:
+            if stored:
+                events.stored(Tier.G4, stored)
+            if removed:
+                events.removed(Tier.G4, removed)
 
     def on_preempted(self, req_ids: Sequence[str]) -> None:
         """vLLM took these requests' blocks back: fence the jobs that still read them; start afresh later."""

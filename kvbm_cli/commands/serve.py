@@ -60,7 +60,8 @@ def serve(
     connector = Connector(connector).value
     launch = build_launch(EngineSpec(**options | {"connector": connector, "vllm_args": list(ctx.args)}))
     if dry_run and json_out:
-        emit_json({"argv": launch.argv, "env_set": {k: shown(k, v) for k, v in launch.env_set.items()}, "env_unset": launch.env_unset, "url": launch.url,
+        emit_json({"argv": launch.argv, "env_set": {k: shown(k, v) for k, v in launch.env_set.items()},
+                   "env_unset": launch.env_unset, "url": launch.url,
                    "notes": launch.notes})
         return
     for line in launch.notes:
