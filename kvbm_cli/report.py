@@ -32,6 +32,7 @@ from kvbm_cli import results
 from kvbm_cli._options import JsonOpt
 from kvbm_cli._output import out
 from kvbm_cli._errors import CliError
+from kvbm_cli.bench import hit_rate
 from kvbm_cli.collect import parse_labels
 from kvbm_cli.stats import bootstrap_ratio, ecdf
 
@@ -427,6 +428,8 @@ def build_report(runs: list[Run], out_dir: str | os.PathLike[str], *, n_boot: in
         ("Throughput", plot_throughput(runs, out_path / "throughput.png")),
         ("Hit rates", plot_hit_rates(runs, out_path / "hit_rates.png")),
         ("Traffic per tier", plot_tier_traffic(runs, out_path / "tier_traffic.png")),
+        ("Throughput against the hit rate", hit_rate.plot_throughput_vs_hit_rate([r.summary for r in runs],
+                                                                                 out_path / "hit_rate.png")),
     ]
     plots = [(t, p) for t, p in plots if p is not None]
     explain = (f"Quantiles are Harrell-Davis estimates; a ratio is run / {runs[0].name} with a 95% bootstrap "

@@ -44,6 +44,7 @@ from kvbm_cli._output import err, out
 from kvbm_cli import prom
 from kvbm_cli._data import data_dir
 from kvbm_cli._errors import CliError
+from kvbm_cli.bench.hit_rate import HitRateConfig, run_hit_rate
 from kvbm_cli.bench.multi_round import MultiRoundConfig, run_multi_round
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
 from kvbm_cli.collect import background
@@ -83,9 +84,9 @@ def _problem(exc: ValidationError, where: str) -> str:
 def _workload_config(wl: dict[str, Any]) -> PrefixReuseConfig | MultiRoundConfig:
     wl = dict(wl)
     kind = wl.pop("type", None)
-    cls = {"prefix-reuse": PrefixReuseConfig, "multi-round": MultiRoundConfig}.get(kind)
+    cls = {"prefix-reuse": PrefixReuseConfig, "multi-round": MultiRoundConfig, "hit-rate": HitRateConfig}.get(kind)
     if cls is None:
-        raise CliError(f"workload.type: must be prefix-reuse or multi-round, not {kind!r}")
+        raise CliError(f"workload.type: must be prefix-reuse, multi-round or hit-rate, not {kind!r}")
     try:
         cfg = cls.model_validate(wl)
     except ValidationError as exc:
@@ -343,6 +344,8 @@ def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, lau
     with background(sources, run_dir / "metrics.csv"):  # vLLM's and KVBM's series, for kvbm report
         if isinstance(wl, PrefixReuseConfig):
             summary = run_prefix_reuse(wl, driver=scenario.driver, **common_kw)
+        elif isinstance(wl, HitRateConfig):
+            summary = run_hit_rate(wl, driver=scenario.driver, **common_kw)
         else:
             summary = run_multi_round(wl, driver=scenario.driver, **common_kw)
     delta = metrics_delta(before, prom.scrape(launch.url))
