@@ -66,7 +66,7 @@ def test_plan_primes_each_reused_prefix_once_then_flushes(tiny_model_dir, rate, 
 def test_shipped_scenario_sweeps_the_hit_rate():
     points = sweep_points(load_scenario("hit-rate-cpu"))
     assert [label for label, _ in points] == ["hit-rate-0.0", "hit-rate-0.5", "hit-rate-0.8"]
-    assert [c.hits for _, c in points] == [0, 24, 38] and len({c.random_seed for _, c in points}) == 3
+    assert [c.hits for _, c in points] == [0, 128, 205] and len({c.random_seed for _, c in points}) == 3
 
 
 def test_plot_of_throughput_against_hit_rate(tmp_path):

@@ -45,9 +45,10 @@ from kvbm_cli import prom
 from kvbm_cli._data import data_dir
 from kvbm_cli._errors import CliError
 from kvbm_cli.bench.hit_rate import HitRateConfig, run_hit_rate
-from kvbm_cli.bench.multi_round import MultiRoundConfig, run_multi_round
+from kvbm_cli.bench.multi_round import MultiRoundConfig, explain_reuse, reuse_accounting, run_multi_round
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
 from kvbm_cli.collect import background
+from kvbm_cli.results import read_run
 from kvbm_cli.serve import free_port as _free_port
 from kvbm_cli.serve import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
 
@@ -239,7 +240,7 @@ def build_comparison(scenario: Scenario, results: dict[str, dict[str, Any]]) -> 
         extra.append({"config": n, "errors": results[n]["summary"].num_errors,
                       "requests": results[n]["summary"].num_requests,
                       "g1_hit_tokens": h, "g1_query_tokens": q, "kvbm_hit_tokens": eh, "kvbm_query_tokens": eq,
-                      "vllm_ttft": m.get("vllm:time_to_first_token_seconds")})
+                      "vllm_ttft": m.get("vllm:time_to_first_token_seconds"), "reuse": m.get("reuse")})
     return {"scenario": scenario.name, "baseline": base, "configs": names, "rows": rows, "cache": extra}
 
 
@@ -268,6 +269,9 @@ def comparison_markdown(comp: dict[str, Any]) -> str:
         lines.append(f"| {c['config']} | {c['requests']} | {c['errors']} | {c['g1_hit_tokens']:.0f} / "
                      f"{c['g1_query_tokens']:.0f} | {c['kvbm_hit_tokens']:.0f} / {c['kvbm_query_tokens']:.0f} | "
                      f"{t.get('count', 0):.0f}, {ms(t.get('mean'))}, {ms(t.get('p50'))}, {ms(t.get('p90'))} |")
+    reuse = [(c["config"], c["reuse"]) for c in comp["cache"] if c.get("reuse")]
+    if reuse:
+        lines += ["", *[f"- {name}: {explain_reuse(acc)}" for name, acc in reuse]]
     return "\n".join(lines) + "\n"
 
 
@@ -349,6 +353,10 @@ def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, lau
         else:
             summary = run_multi_round(wl, driver=scenario.driver, **common_kw)
     delta = metrics_delta(before, prom.scrape(launch.url))
+    if isinstance(wl, MultiRoundConfig):  # which queried tokens could have been in a cache at all
+        block = int(launch.spec.block_size or 128)
+        delta["reuse"] = reuse_accounting(read_run(run_dir)[0], wl.shared_system_prompt, block,
+                                          delta["vllm:prefix_cache_hits"], delta["vllm:external_prefix_cache_hits"])
     (run_dir / "vllm_metrics.json").write_text(json.dumps(delta, indent=2) + "\n")
     return {"summary": summary, "vllm_metrics": delta}
 
