@@ -169,9 +169,48 @@ def tier_traffic(runs: list[Run], path: Path) -> Path | None:
                  "blocks (cumulative)", fontsize=7, loc="upper left")
 
 
+
+def throughput_points(summaries: list[dict]) -> dict[str, list[tuple[float, float]]]:
+    """{config (run name): [(hit rate, requests/s)] sorted by hit rate} from hit-rate run summaries."""
+    points: dict[str, list[tuple[float, float]]] = {}
+    for s in summaries:
+        if s.get("workload") != "hit-rate" or s.get("requests_per_s") is None:
+            continue
+        points.setdefault(str(s.get("run")), []).append((float(s["config"]["hit_rate"]), float(s["requests_per_s"])))
+    return {name: sorted(p) for name, p in points.items()}
+
+
+def throughput_vs_hit_rate(runs: list[Run], path: Path) -> Path | None:
+    """requests/s against the hit rate, one line per configuration (the first is the baseline: ratios in the
+    labels); None when no `kvbm bench hit-rate` run is among them."""
+    points = throughput_points([r.summary for r in runs])
+    if not points:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 4.2))
+    base = dict(next(iter(points.values())))
+    for name, pts in points.items():
+        xs, ys = [x for x, _ in pts], [y for _, y in pts]
+        ax.plot(xs, ys, marker="o", label=name)
+        for x, y in pts:
+            if base.get(x) and name != next(iter(points)):
+                ax.annotate(f"{y / base[x]:.2f}x", (x, y), textcoords="offset points", xytext=(0, 6),
+                            ha="center", fontsize=8)
+    ax.set_xlabel("share of requests whose prefix was computed earlier and evicted from G1")
+    ax.set_ylabel("requests/s")
+    ax.set_title("Throughput against the hit rate (ratios: against the first configuration)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
 PLOTS = (("TTFT CDF", "ttft_cdf.png", ttft_cdf),
          ("TTFT per request over time", "ttft_over_time.png", ttft_over_time),
          ("Inter-token latency", "itl.png", itl),
          ("Throughput", "throughput.png", throughput),
          ("Hit rates", "hit_rates.png", hit_rates),
-         ("Traffic per tier", "tier_traffic.png", tier_traffic))
+         ("Traffic per tier", "tier_traffic.png", tier_traffic),
+         ("Throughput against the hit rate", "hit_rate.png", throughput_vs_hit_rate))

@@ -39,7 +39,7 @@ REQUESTS_FILE = "requests.jsonl"
 SUMMARY_FILE = "summary.json"
 METRICS_FILE = "metrics.csv"
 
-Workload = Literal["prefix-reuse", "multi-round", "soak"]
+Workload = Literal["prefix-reuse", "multi-round", "soak", "hit-rate"]
 Driver = Literal["native", "aiperf", "genai-perf"]
 
 

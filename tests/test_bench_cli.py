@@ -233,7 +233,7 @@ def test_shipped_scenarios_load():
 
 @pytest.mark.parametrize("body, needle", [
     ("name: x\nworkload: {type: prefix-reuse}\nconfigs: [{name: a}]\n", "at least two configs"),
-    ("name: x\nworkload: {type: chat}\nconfigs: [{name: a}, {name: b}]\n", "prefix-reuse or multi-round"),
+    ("name: x\nworkload: {type: chat}\nconfigs: [{name: a}, {name: b}]\n", "prefix-reuse, multi-round or hit-rate"),
     ("name: x\nworkload: {type: prefix-reuse, prefix-length: 5}\nconfigs: [{name: a}, {name: b}]\n",
      "workload.prefix-length: unknown key"),
     ("name: x\nworkload: {type: prefix-reuse}\nconfigs: [{name: a}, {name: b, cpu-gb: 1}]\n", "configs (b).cpu-gb: unknown key"),

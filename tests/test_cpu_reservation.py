@@ -147,6 +147,19 @@ def test_background_threads_leave_the_omp_cores_and_yield(monkeypatch):
     assert os.sched_getaffinity(0) == set(allowed) or allowed[0] in os.sched_getaffinity(0)  # caller untouched
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+@pytest.mark.parametrize("mode", ["auto", "idle"])
+def test_an_awaited_thread_leaves_the_omp_cores_but_keeps_its_priority(monkeypatch, mode):
+    # onboarding: a request waits for it, so it must not starve behind busy processes on the reserved core
+    allowed = sorted(threads.allowed_cpus())
+    monkeypatch.setenv("OMP_PLACES", "{%d}" % allowed[0])
+    monkeypatch.setenv("KVBM_THREAD_PLACEMENT", mode)
+    got = _run_in_thread(lambda: threads.place_background_thread(awaited=True))
+    assert got["nice"] == os.getpriority(os.PRIO_PROCESS, 0) and got["policy"] == os.sched_getscheduler(0)
+    if mode == "auto":
+        assert allowed[0] not in got["affinity"] and got["affinity"]
+
+
 def test_placement_modes(monkeypatch):
     monkeypatch.setenv("OMP_PLACES", "{0}")
     monkeypatch.setenv("KVBM_THREAD_PLACEMENT", "off")

@@ -15,7 +15,8 @@ KVBM_THREAD_PLACEMENT picks what is done (measured on 2 cores, see README "CPU c
 Operations:
   omp_cpus(environ)               the cores the engine's OMP threads are bound to (None: not bound)
   allowed_cpus()                  the cores this engine may use (its parent process's affinity)
-  place_background_thread()       apply KVBM_THREAD_PLACEMENT to the calling thread (Linux; no-op elsewhere)
+  place_background_thread(awaited)  apply KVBM_THREAD_PLACEMENT to the calling thread (Linux; no-op elsewhere);
+                                  awaited=True (onboard: a request waits for it) pins but never lowers priority
 """
 
 from __future__ import annotations
@@ -69,8 +70,12 @@ def placement() -> str:
     return value if value in PLACEMENTS else "auto"
 
 
-def place_background_thread() -> None:
+def place_background_thread(awaited: bool = False) -> None:
     """Move the calling thread off the OMP cores and/or lower its priority (KVBM_THREAD_PLACEMENT).
+
+    `awaited`: a request waits for this thread's work (onboarding): it is pinned like the others but keeps
+    normal priority, since a nice-10 load starves behind any busy process on the reserved core and its
+    request's TTFT with it (seen here: 400 ms loads that take a few ms).
 
     Best effort: anything the OS refuses is left as it is. Threads this thread starts later inherit the
     placement (Linux copies affinity, nice and policy to new threads).
@@ -90,13 +95,13 @@ def place_background_thread() -> None:
                     done.append(f"pinned to cores {sorted(others)} (OMP uses {sorted(omp)})")
                 except OSError:
                     pass
-    if mode in ("auto", "nice"):
+    if mode in ("auto", "nice") and not awaited:
         try:
             os.setpriority(os.PRIO_PROCESS, tid, max(NICE, os.getpriority(os.PRIO_PROCESS, tid)))
             done.append(f"nice {NICE}")
         except OSError:
             pass
-    if mode == "idle" and hasattr(os, "SCHED_IDLE"):
+    if mode == "idle" and not awaited and hasattr(os, "SCHED_IDLE"):
         try:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             done.append("SCHED_IDLE")
@@ -110,10 +115,10 @@ def place_background_thread() -> None:
                      mode)
 
 
-def background_target(fn):
+def background_target(fn, awaited: bool = False):
     """`fn` run as a KVBM background thread's target: placed first (place_background_thread), then run."""
     def run(*args, **kwargs):
-        place_background_thread()
+        place_background_thread(awaited)
         return fn(*args, **kwargs)
 
     return run

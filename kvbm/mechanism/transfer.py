@@ -227,7 +227,7 @@ class TransferEngine:
         self.disk_disabled: str | None = None  # why disk work stopped (set by disable_disk)
         self._lock = threading.Condition()
         self._closed = False
-        self._threads = [threading.Thread(target=background_target(self._loop), args=(kind,),
+        self._threads = [threading.Thread(target=background_target(self._loop, awaited=kind == "onboard"), args=(kind,),
                                           name=f"kvbm-{kind}", daemon=True)
                          for kind in self._queues]
         for t in self._threads:

@@ -44,11 +44,13 @@ from kvbm_cli._output import emit_json, err, markdown, out
 from kvbm_cli import prom
 from kvbm_cli._data import data_dir
 from kvbm_cli._errors import CliError
-from kvbm_cli.bench.multi_round import MultiRoundConfig, run_multi_round
+from kvbm_cli.bench.hit_rate import HitRateConfig, run_hit_rate
+from kvbm_cli.bench.multi_round import MultiRoundConfig, explain_reuse, reuse_accounting, run_multi_round
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
 from kvbm_cli.collect import background
 from kvbm_cli.engine import free_port as _free_port
 from kvbm_cli.engine import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
+from kvbm_cli.results import read_run
 
 SCENARIO_DIR = data_dir("scenarios")
 DEFAULT_SCENARIO = "prefix-reuse-cpu.yaml"
@@ -83,9 +85,9 @@ def _problem(exc: ValidationError, where: str) -> str:
 def _workload_config(wl: dict[str, Any]) -> PrefixReuseConfig | MultiRoundConfig:
     wl = dict(wl)
     kind = wl.pop("type", None)
-    cls = {"prefix-reuse": PrefixReuseConfig, "multi-round": MultiRoundConfig}.get(kind)
+    cls = {"prefix-reuse": PrefixReuseConfig, "multi-round": MultiRoundConfig, "hit-rate": HitRateConfig}.get(kind)
     if cls is None:
-        raise CliError(f"workload.type: must be prefix-reuse or multi-round, not {kind!r}")
+        raise CliError(f"workload.type: must be prefix-reuse, multi-round or hit-rate, not {kind!r}")
     try:
         cfg = cls.model_validate(wl)
     except ValidationError as exc:
@@ -238,7 +240,7 @@ def build_comparison(scenario: Scenario, results: dict[str, dict[str, Any]]) -> 
         extra.append({"config": n, "errors": results[n]["summary"].num_errors,
                       "requests": results[n]["summary"].num_requests,
                       "g1_hit_tokens": h, "g1_query_tokens": q, "kvbm_hit_tokens": eh, "kvbm_query_tokens": eq,
-                      "vllm_ttft": m.get("vllm:time_to_first_token_seconds")})
+                      "vllm_ttft": m.get("vllm:time_to_first_token_seconds"), "reuse": m.get("reuse")})
     return {"scenario": scenario.name, "baseline": base, "configs": names, "rows": rows, "cache": extra}
 
 
@@ -261,7 +263,8 @@ def comparison_markdown(comp: dict[str, Any]) -> str:
         markdown(["metric", *names, *[f"{n} vs {base}" for n in names[1:]]], rows), "",
         "Gains are baseline/config for latencies and config/baseline for throughputs: above 1 is better.", "",
         markdown(["config", "requests", "errors", "G1 hit tokens / queried", "KVBM hit tokens / queried",
-                  "vLLM TTFT histogram: count, mean, ~p50, ~p90 (ms)"], cache)]) + "\n"
+                  "vLLM TTFT histogram: count, mean, ~p50, ~p90 (ms)"], cache),
+        *[f"\n- {c['config']}: {explain_reuse(c['reuse'])}" for c in comp["cache"] if c.get("reuse")]]) + "\n"
 
 
 def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None,
@@ -336,8 +339,15 @@ def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, lau
                      engine=launch.engine_info(), show_progress=show_progress)
     run = run_prefix_reuse if isinstance(wl, PrefixReuseConfig) else run_multi_round
     with background(sources, run_dir / "metrics.csv"):  # vLLM's and KVBM's series, for kvbm report
-        summary = run(wl, driver=scenario.driver.value, **common_kw)
+        if isinstance(wl, HitRateConfig):
+            summary = run_hit_rate(wl, driver=scenario.driver.value, **common_kw)
+        else:
+            summary = run(wl, driver=scenario.driver.value, **common_kw)
     delta = metrics_delta(before, prom.scrape(launch.url))
+    if isinstance(wl, MultiRoundConfig):  # which queried tokens could have been in a cache at all
+        block = int(launch.spec.block_size or 128)
+        delta["reuse"] = reuse_accounting(read_run(run_dir)[0], wl.shared_system_prompt, block,
+                                          delta["vllm:prefix_cache_hits"], delta["vllm:external_prefix_cache_hits"])
     (run_dir / "vllm_metrics.json").write_text(json.dumps(delta, indent=2) + "\n")
     return {"summary": summary, "vllm_metrics": delta}
 

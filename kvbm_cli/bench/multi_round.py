@@ -11,6 +11,7 @@ finished user is replaced by a new one until `--time` is up (without --time: no 
 Operations:
   MultiRoundConfig                  the options (field names = LMBenchmark's flags)
   run_multi_round(cfg, ...)         run the sessions against a server, write requests.jsonl + summary.json
+  reuse_accounting(records, ...)    which prompt tokens could have come from a cache at all, and which did
   kvbm bench multi-round ...        the command
 """
 
@@ -208,6 +209,52 @@ def run_multi_round(cfg: MultiRoundConfig, *, url: str, model: Optional[str], to
     return common.run_workload(cfg, WORKLOAD, lambda model, tok, writer: _drive(
         cfg, tok, url, model, run, timeout_s, writer, show_progress), url=url, model=model, tokenizer=tokenizer,
         artifact_dir=artifact_dir, run=run, engine=engine)
+
+
+def reuse_accounting(records: list, shared_system_prompt: int, block_size: int = 128,
+                     g1_hits: Optional[float] = None, kvbm_hits: Optional[float] = None) -> dict[str, Any]:
+    """Split the prompt tokens of a run (warm-up included, as vLLM's counters count it) by where they could come
+    from, from token counts alone (an estimate: chat-template tokens at the seams are not counted apart):
+
+      first_round_new   a user's first question: its own context (never seen) beyond the shared system prompt
+      new               later rounds: the new question and template tokens, beyond the previous round's
+                        prompt and answer (the answer's last token has no KV yet)
+      partial_block     the tail of the reusable part that does not fill a block: never stored, always recomputed
+      reusable          whole blocks computed by an earlier request (shared prompt, previous rounds)
+
+    With vLLM's counters: of `reusable`, what G1 had (g1_hits), what KVBM onboarded (kvbm_hits) and the rest
+    (evicted from every tier, or asked for before the previous round's store finished)."""
+    acc = dict(queried=0, first_round_new=0, new=0, partial_block=0, reusable=0)
+    last: dict[Any, Any] = {}
+    for r in sorted((r for r in records if not r.error), key=lambda r: r.start_s):
+        n = r.input_tokens
+        prev = last.get(r.user_id)
+        if prev is None:  # a first round: only the shared system prompt can be known, if anyone came before
+            could = min(shared_system_prompt, n - 1) if last else 0
+            acc["first_round_new"] += n - could
+        else:
+            could = min(prev.input_tokens + prev.output_tokens - 1, n - 1)
+            acc["new"] += n - could
+        full = could // block_size * block_size
+        acc["partial_block"] += could - full
+        acc["reusable"] += full
+        acc["queried"] += n
+        last[r.user_id] = r
+    if g1_hits is not None and kvbm_hits is not None:
+        acc |= {"g1_hits": g1_hits, "kvbm_hits": kvbm_hits, "reusable_missed": acc["reusable"] - g1_hits - kvbm_hits}
+    return acc
+
+
+def explain_reuse(acc: dict[str, Any]) -> str:
+    """One sentence of reuse_accounting's split."""
+    f = lambda key: f"{acc[key]:,.0f}"  # noqa: E731
+    text = (f"{f('queried')} prompt tokens: {f('first_round_new')} in first rounds (a user's own context, never "
+            f"seen before), {f('new')} new in later rounds (the question and template), {f('partial_block')} in "
+            f"partial blocks (never stored), {f('reusable')} in whole blocks computed earlier")
+    if "g1_hits" in acc:
+        text += (f": G1 had {f('g1_hits')}, KVBM onboarded {f('kvbm_hits')}, {f('reusable_missed')} came from "
+                 "neither (evicted everywhere, or asked for before their store finished)")
+    return text + " (estimated from token counts)."
 
 
 def multi_round(
