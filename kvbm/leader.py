@@ -41,14 +41,13 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 from kvbm.errors import KvbmError
 from kvbm.policy import Location, OffloadPlan, Tier, TierManager
-import time
-
 from kvbm.protocol import (BlockMove, Handshake, JobOutcome, LoadSpec, RemoteStoreSpec, StepPlan, StoreSpec,
                            WorkerReport)
 

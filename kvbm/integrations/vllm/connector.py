@@ -40,7 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvbm.config import KvbmConfig
 from kvbm.events import TierEventLog
-from kvbm.integrations.vllm import compat, plugin
+from kvbm.integrations.vllm import compat, hash_identity, plugin
 from kvbm.integrations.vllm.kv_events import KvEvents
 from kvbm.integrations.vllm.stats import KvbmPromMetrics, KvbmStats
 from kvbm.leader import KvbmLeader
@@ -105,6 +105,12 @@ class KvbmConnector(KVConnectorBase_V1):
             note = plugin.startup_note(vllm_config)
             if note is not None:
                 log.warning("%s", note)
+            self._remote_ok = True
+            if self.config.remote_url:
+                problem = hash_identity.shared_tier_hash_problem(vllm_config)
+                if problem is not None:  # a prefix would never hit across instances: no G4 traffic at all
+                    log.warning("%s", problem)
+                    self._remote_ok = False
             disk_filter = AdmitAll() if self.config.disable_disk_offload_filter else FrequencyFilter()
             manager = TierManager(self.host_slots, self.disk_slots, disk_filter)
             self.leader = KvbmLeader(manager, self.geometry.block_size, self.geometry.block_bytes,
@@ -203,7 +209,8 @@ class KvbmConnector(KVConnectorBase_V1):
         if self.leader is not None:
             self.leader.check_handshake({rank: m.handshake for rank, m in metadata.items()
                                          if isinstance(m, KvbmHandshakeMetadata)})
-            if self.leader.remote_fingerprints and self.config.remote_url and self.leader.remote is None:
+            if (self.leader.remote_fingerprints and self.config.remote_url and self.leader.remote is None
+                    and self._remote_ok):
                 from kvbm.mechanism.remote.index import RemoteIndex
 
                 secret = self.config.remote_secret.get_secret_value() if self.config.remote_secret else None
