@@ -145,10 +145,31 @@ def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=
         engine_old = TransferEngine(layout, host3, None)
         engine_old.cuda._layerwise.close()
         engine_old.cuda._layerwise = OLD.LayerwiseCopier(layout, host3)
+        if hasattr(engine_old, "_directable"):  # the old hand-off: every job runs on the kind's thread
+            engine_old._directable = lambda kind, job: False
     big = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     host_bytes = host.tensor.view(-1).view(torch.uint8)
     big_rows = big.view(torch.int64).view(-1, layout.segment_words)
     engine_raw = TransferEngine(layout, HostTier(1, L, layout.segment_words, layout.word, pin=True), None)
+
+    class _RawDone:
+        def __init__(self, event):
+            self.event = event
+
+        def query(self):
+            return self.event.query()
+
+        def wait_blocking(self):
+            self.event.synchronize()
+
+    def raw_start(to_host):
+        def go(ids, slots_, ready=None):
+            stream = torch.cuda.current_stream()
+            if ready is not None:
+                stream.wait_event(ready)
+            (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
+            return _RawDone(stream.record_event())
+        return go
 
     def raw_job(to_host):
         def go(ids, slots_, ready=None):
@@ -159,6 +180,8 @@ def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=
             stream.synchronize()
         return go
     engine_raw.cuda.offload, engine_raw.cuda.onboard = raw_job(True), raw_job(False)
+    # the engine starts G1<->G2 jobs on the submitting thread (TransferEngine._start_direct): so does this
+    engine_raw.cuda.start_offload, engine_raw.cuda.start_onboard = raw_start(True), raw_start(False)
     stores = [BlockMove(i, b, s) for i, (b, s) in enumerate(zip(src, slots))]
     loads = [BlockMove(i, b, s, Tier.G2) for i, (b, s) in enumerate(zip(dst, slots))]
     flat = FlatRows.of(layout)
@@ -340,11 +363,11 @@ def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=
     for m in mods:
         origs[m] = m.LayerwiseCopier._copy
 
-        def patched(self_, c, staged, to_host, stream, _orig=origs[m]):
+        def patched(self_, c, staged, to_host, stream, *rest, _orig=origs[m]):
             if trace["on"] and trace["first"] is None:
                 trace["first"] = torch.cuda.Event(enable_timing=True)
                 trace["first"].record(stream)
-            _orig(self_, c, staged, to_host, stream)
+            _orig(self_, c, staged, to_host, stream, *rest)
             if trace["on"]:
                 trace["last"] = torch.cuda.Event(enable_timing=True)
                 trace["last"].record(stream)
@@ -417,6 +440,31 @@ def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=
     ld.synchronize()
     t_all = time.perf_counter() - t
     lines.append(f"{name:<22} start_load host time {t_enq * 1e3:.2f} ms of {t_all * 1e3:.2f} ms")
+    print(lines[-1], flush=True)
+    # host time of a whole-request store before its first copy can start, phase by phase (medians of 9)
+    ph: dict[str, list[float]] = {}
+    for _ in range(9):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ids_sorted, units = lw_mod._plan(src, slots, cp.max_rows)
+        t1 = time.perf_counter()
+        cp._unit_copies(units)
+        t2 = time.perf_counter()
+        with torch.cuda.device(cp.device):
+            cp._upload_rows(ids_sorted, units, cp.store_kernel)
+        t3 = time.perf_counter()
+        st = cp.start_store(src, slots)
+        t4 = time.perf_counter()
+        st.save_layer(0)
+        t5 = time.perf_counter()
+        st.finish()
+        t6 = time.perf_counter()
+        st.synchronize()
+        for key, a, b in (("plan", t0, t1), ("unit copies", t1, t2), ("upload rows", t2, t3),
+                          ("start_store", t3, t4), ("save_layer(0)", t4, t5), ("finish (other layers)", t5, t6)):
+            ph.setdefault(key, []).append((b - a) * 1e6)
+    lines.append(f"{name:<22} store host phases (us): " +
+                 ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in ph.items()))
     print(lines[-1], flush=True)
     for e in (engine, engine_old, engine_raw):
         if e is not None:

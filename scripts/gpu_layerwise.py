@@ -450,9 +450,31 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
     copiers = {k: layerwise_copier(layout, h, dev) for k, h in hosts.items()}
     stores = [BlockMove(i, b, s) for i, (b, s) in enumerate(zip(src, slots))]
     loads = [BlockMove(i, b, s, Tier.G2) for i, (b, s) in enumerate(zip(dst, slots))]
-    engine_raw = None
+    engine_raw = engine_thread = None
+    if dev != "cpu":  # the hand-off before 2026-12-05b: every job enqueued by the kind's thread, not the caller
+        engine_thread = TransferEngine(layout, hosts["layer-major"], None)
+        engine_thread._directable = lambda kind, job: False
     if dev != "cpu":  # the same job hand-off with a raw memcpy in place of kvbm's copy
         engine_raw = TransferEngine(layout, host_tier(layout, 1, False, dev), None)
+
+        class _RawDone:
+            def __init__(self, event):
+                self.event = event
+
+            def query(self):
+                return self.event.query()
+
+            def wait_blocking(self):
+                self.event.synchronize()
+
+        def raw_start(to_host):
+            def go(ids, slots_, ready=None):
+                stream = torch.cuda.current_stream()
+                if ready is not None:
+                    stream.wait_event(ready)
+                (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
+                return _RawDone(stream.record_event())
+            return go
 
         def raw_job(to_host):
             def go(ids, slots_, ready=None):
@@ -463,6 +485,8 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
                 stream.synchronize()
             return go
         engine_raw.cuda.offload, engine_raw.cuda.onboard = raw_job(True), raw_job(False)
+        # the engine starts G1<->G2 jobs on the submitting thread (TransferEngine._start_direct): so does this
+        engine_raw.cuda.start_offload, engine_raw.cuda.start_onboard = raw_start(True), raw_start(False)
 
     def raw_d2h():
         pinned.copy_(gpu, non_blocking=True)
@@ -506,11 +530,13 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
         d2h.update({"G1->G2 layer-wise": lw_store("layer-major"), "G1->G2 whole request, CudaCopier": cc_off,
                     "G1->G2 whole request, TransferEngine job": job_off(engine_lm),
                     "ref: raw D2H as a TransferEngine job": job_off(engine_raw),
+                    "ref: G1->G2 TE job, thread hand-off (before)": job_off(engine_thread),
                     "ref: G1->G2 TE, block-major host": job_off(engine),
                     "ref: G1->G2 layer-wise, block-major host": lw_store("block-major")})
         h2d.update({"G2->G1 layer-wise": lw_load("layer-major"), "G2->G1 whole request, CudaCopier": cc_on,
                     "G2->G1 whole request, TransferEngine job": job_on(engine_lm),
                     "ref: raw H2D as a TransferEngine job": job_on(engine_raw),
+                    "ref: G2->G1 TE job, thread hand-off (before)": job_on(engine_thread),
                     "ref: G2->G1 TE, block-major host": job_on(engine),
                     "ref: G2->G1 layer-wise, block-major host": lw_load("block-major")})
     else:
@@ -542,17 +568,17 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
         ratio = ref / t
         rows.append({"part": "transfer", "layout": lay, "block_size": desc["block_size"], "path": name,
                      "nbytes": nbytes, "gbps": nbytes / t / 1e9, "ratio_vs_raw": ratio})
-        log(lines, f"{lay:<6}{desc['block_size']:>4}{layout.block_bytes // 1024:>8} {name:<42}{nbytes / t / 1e9:8.2f}"
+        log(lines, f"{lay:<6}{desc['block_size']:>4}{layout.block_bytes // 1024:>8} {name:<46}{nbytes / t / 1e9:8.2f}"
                    f"{ratio:8.3f}")
     log(lines, f"{'':<6}{'':>4}{'':>8} byte-exact: {exact}")
     rows.append({"part": "transfer_exact", "layout": lay, "block_size": desc["block_size"], **exact})
-    for eng in (engine, engine_lm, engine_raw):
+    for eng in (engine, engine_lm, engine_raw, engine_thread):
         if eng is not None:
             eng.close()
     for cp in copiers.values():
         if cp is not None:
             cp.close()
-    del raw, views, layout, hosts, copiers, engine, engine_lm, engine_raw, gpu, pinned
+    del raw, views, layout, hosts, copiers, engine, engine_lm, engine_raw, engine_thread, gpu, pinned
     if dev != "cpu":
         torch.cuda.empty_cache()
 

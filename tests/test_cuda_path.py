@@ -8,6 +8,7 @@ over one buffer), onboarded into other blocks; the submit-time stream event; cor
 
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -258,6 +259,51 @@ def test_corrupt_disk_block_fails_alone_and_leaves_its_page(tmp_path):
     assert torch.equal(block_bytes(layout, 11), page)  # never unverified bytes in an engine page
     for b in set(range(8)) - {3}:
         assert torch.equal(block_bytes(layout, 8 + b), saved[b])
+    engine.close()
+
+
+@needs_cuda
+def test_host_jobs_start_on_the_submitting_thread_in_order_and_report_once(tmp_path):
+    """G1<->G2 jobs are enqueued by the submitting thread (no wake-up of the kind's thread before the copy
+    engine starts) and reported exactly once, whether wait() or the kind's thread sees them finish first;
+    a host load submitted behind a queued disk load into the same block still lands after it."""
+    num_blocks = 16
+    caches = flash_attn_caches(num_blocks, "cuda")
+    randomize(caches, 21)
+    layout = KVLayout.from_layers(caches, block_dim=1)
+    host = HostTier.for_layout(layout, 8)
+    disk = DiskTier.create(tmp_path, 8, layout.block_bytes, layout.fingerprint(model="t"),
+                           direct=fileio.probe_o_direct(tmp_path) is None)
+    engine = TransferEngine(layout, host, disk)
+    assert engine.cuda.uses_layerwise
+    a, b = block_bytes(layout, 0), block_bytes(layout, 1)
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        torch.cuda._sleep(200_000_000)  # a "forward" still running: the store waits for it on the GPU
+        engine.submit_offload(OffloadJob("s", stores=[BlockMove("a", 0, 0), BlockMove("b", 1, 1)]))
+    assert [d.result.job_id for d in engine._direct] == ["s"], "the store was not started on this thread"
+    engine.wait()  # reported by this thread: no result lost, none twice
+    assert torch.equal(host.read_slot(0), a) and torch.equal(host.read_slot(1), b)
+    engine.submit_offload(OffloadJob("c", cascades=[SlotCopy("a", 0, 0)]))  # slot 0 -> disk slot 0
+    assert engine.wait(60)
+    engine.submit_offload(OffloadJob("s2", stores=[BlockMove("b2", 1, 2)]))
+    time.sleep(0.5)  # reported by the offload thread
+    assert engine.wait(0)
+    done = engine.get_finished()
+    assert sorted(r.job_id for r in done) == ["c", "s", "s2"] and all(r.ok for r in done), done
+    assert {r.job_id: r.blocks for r in done}["s"] == {"g1_g2": 2, "g2_g3": 0}
+
+    # block 5 is loaded twice: from disk (a, queued on the load thread) then from host slot 1 (b); the host
+    # load must not overtake the disk load
+    with torch.cuda.stream(torch.cuda.Stream()):
+        engine.submit_onboard(OnboardJob("d", loads=[BlockMove("a", 5, 0, Tier.G3)]))
+        engine.submit_onboard(OnboardJob("h", loads=[BlockMove("b", 5, 1, Tier.G2)]))
+    assert engine.wait(60)
+    assert torch.equal(block_bytes(layout, 5), b), "a host load overtook the disk load queued before it"
+    assert not torch.equal(a, b)
+    done = engine.get_finished()
+    assert sorted(r.job_id for r in done) == ["d", "h"] and all(r.ok for r in done), done
+    assert not engine._direct and engine.wait(0)
     engine.close()
 
 

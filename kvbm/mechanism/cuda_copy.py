@@ -20,7 +20,8 @@ Operations:
   host_copies(chunk, ...)                     pure: the 2D copies (offsets, pitches) of one chunk
   FlatRows.of(layout)                         one (rows, segment_words) view over all segments, when uniform
   mark(device)                                an event on the current stream (taken at submit time)
-  CudaCopier(layout, host)                    offload / onboard / load_from_disk / copy_per_segment / close
+  CudaCopier(layout, host)                    offload / onboard (start_offload / start_onboard: enqueue now,
+                                              wait later) / load_from_disk / copy_per_segment / close
 """
 
 from __future__ import annotations
@@ -327,13 +328,29 @@ class CudaCopier:
         """True when G1<->G2 moves layer by layer (layer-major pinned host tier)."""
         return self._layerwise is not None
 
+    def start_offload(self, block_ids: Sequence[int], slots: Sequence[int], ready=None):
+        """Layer-major host tier: enqueue every copy of engine pages `block_ids` -> host `slots` now and return
+        the handle (query / wait_blocking); None when this copier has no such split (the chunked paths)."""
+        if self._layerwise is None:
+            return None
+        with torch.cuda.device(self.device):
+            if ready is None:
+                ready = torch.cuda.current_stream(self.device).record_event()
+            return self._layerwise.start_store(block_ids, slots).finish(ready)
+
+    def start_onboard(self, block_ids: Sequence[int], slots: Sequence[int], ready=None):
+        """Layer-major host tier: enqueue every copy of host `slots` -> engine pages `block_ids` now and return
+        the handle (query / wait_blocking); None when this copier has no such split (the chunked paths)."""
+        if self._layerwise is None:
+            return None
+        with torch.cuda.device(self.device):
+            return self._layerwise.start_load(block_ids, slots, ready)
+
     def offload(self, block_ids: Sequence[int], slots: Sequence[int], ready=None) -> None:
         """Engine pages `block_ids` -> host `slots`; returns once the bytes are in host memory."""
-        if self._layerwise is not None:
-            with torch.cuda.device(self.device):
-                if ready is None:
-                    ready = torch.cuda.current_stream(self.device).record_event()
-                self._layerwise.start_store(block_ids, slots).finish(ready).wait_blocking()
+        handle = self.start_offload(block_ids, slots, ready)
+        if handle is not None:
+            handle.wait_blocking()
             return
         lay = self.layout
         lane = self._lane("offload", self.chunk_blocks * lay.block_bytes)
@@ -370,9 +387,9 @@ class CudaCopier:
 
     def onboard(self, block_ids: Sequence[int], slots: Sequence[int], ready=None) -> None:
         """Host `slots` -> engine pages `block_ids`; returns once the pages hold the bytes."""
-        if self._layerwise is not None:
-            with torch.cuda.device(self.device):
-                self._layerwise.start_load(block_ids, slots, ready).wait_blocking()
+        handle = self.start_onboard(block_ids, slots, ready)
+        if handle is not None:
+            handle.wait_blocking()
             return
         lay = self.layout
         lane = self._lane("onboard", self.chunk_blocks * lay.block_bytes)

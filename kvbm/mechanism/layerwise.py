@@ -218,16 +218,18 @@ class LayerwiseCopier:
             views = ring.views[(k, rows)] = (staged, staged.view(-1, lay.segment_words))
         return views
 
-    def _copy(self, c: Copy2D, staged: torch.Tensor, to_host: bool, stream: torch.cuda.Stream) -> None:
-        """One host<->staging copy on `stream`."""
+    def _copy(self, c: Copy2D, staged: torch.Tensor, to_host: bool, stream: torch.cuda.Stream, shift: int = 0) -> None:
+        """One host<->staging copy on `stream`, `shift` bytes further into the host tier (a later layer)."""
         dense = c.height == 1 or (c.host_pitch == c.width and c.staging_pitch == c.width)
         if self._driver is not None and (dense or self._two_d):
             if dense:
-                self._driver.copy(self._host_ptr + c.host_offset, staged.data_ptr() + c.staging_offset,
+                self._driver.copy(self._host_ptr + shift + c.host_offset, staged.data_ptr() + c.staging_offset,
                                   c.width * c.height, to_host, stream.cuda_stream)
             else:
-                self._driver.copy2d(c, self._host_ptr, staged.data_ptr(), to_host, stream.cuda_stream)
+                self._driver.copy2d(c, self._host_ptr + shift, staged.data_ptr(), to_host, stream.cuda_stream)
             return
+        if shift:
+            c = replace(c, host_offset=c.host_offset + shift)
         g_all = staged.view(-1).view(torch.uint8)
         with torch.cuda.stream(stream):  # no driver (or a pitch past its limit): torch copies, row by row
             for i in range(1 if dense else c.height):
@@ -315,7 +317,7 @@ class LayerwiseCopier:
                     if ring.free[k] is not None:
                         self.h2d.wait_event(ring.free[k])
                     for c in unit_copies:
-                        self._copy(replace(c, host_offset=c.host_offset + layer * shift), staged, False, self.h2d)
+                        self._copy(c, staged, False, self.h2d, layer * shift)
                     loaded = self.h2d.record_event()
                     if ids is None and rows is None:  # behind the first copy: it need not wait for these
                         if self.flat is not None:
@@ -350,30 +352,36 @@ class LayerwiseCopier:
                     store.ids = self._ids(ids_sorted, self.store_kernel)
         return store
 
-    def _save_layer(self, store: "LayerStore", layer: int, written=None) -> None:
+    def _save_layers(self, store: "LayerStore", layers: Sequence[int], written=None) -> None:
+        """Queue the gathers and D2H copies of `layers` behind `written` (device and stream entered once: each
+        entry costs host time before the first copy of a whole-request store)."""
         if written is None:  # after this layer's attention, queued on the current stream
             written = torch.cuda.current_stream(self.device).record_event()
         ring = self._ring("store")
         n, shift = len(store.ids_sorted), self._layer_shift
         with torch.cuda.device(self.device), torch.cuda.stream(self.store_kernel):
             self.store_kernel.wait_event(written)
-            for unit, unit_copies in zip(store.units, store.copies):
-                k = ring.take()
-                staged, staged_rows = self._staged(ring, k, unit.rows)
-                if ring.free[k] is not None:
-                    self.store_kernel.wait_event(ring.free[k])
-                if store.index is not None:
-                    torch.index_select(self.flat.rows, 0, self._rows(store.index, n, layer, unit), out=staged_rows)
-                else:
-                    self._per_segment(store.ids, layer, unit, staged, load=False)
-                self.d2h.wait_event(self.store_kernel.record_event())
-                for c in unit_copies:
-                    self._copy(replace(c, host_offset=c.host_offset + layer * shift), staged, True, self.d2h)
-                ring.free[k] = self.d2h.record_event()
-            store.last = ring.free[k]
-            if layer == store.nap_layer:
-                store.nap = torch.cuda.Event(blocking=True)
-                store.nap.record(self.d2h)
+            for layer in layers:
+                self._gather_and_copy(store, ring, n, shift, layer)
+
+    def _gather_and_copy(self, store: "LayerStore", ring: _Ring, n: int, shift: int, layer: int) -> None:
+        for unit, unit_copies in zip(store.units, store.copies):
+            k = ring.take()
+            staged, staged_rows = self._staged(ring, k, unit.rows)
+            if ring.free[k] is not None:
+                self.store_kernel.wait_event(ring.free[k])
+            if store.index is not None:
+                torch.index_select(self.flat.rows, 0, self._rows(store.index, n, layer, unit), out=staged_rows)
+            else:
+                self._per_segment(store.ids, layer, unit, staged, load=False)
+            self.d2h.wait_event(self.store_kernel.record_event())
+            for c in unit_copies:
+                self._copy(c, staged, True, self.d2h, layer * shift)
+            ring.free[k] = self.d2h.record_event()
+        store.last = ring.free[k]
+        if layer == store.nap_layer:
+            store.nap = torch.cuda.Event(blocking=True)
+            store.nap.record(self.d2h)
 
     def close(self) -> None:
         """Wait for kvbm's streams and release the staging buffers."""
@@ -433,14 +441,15 @@ class LayerStore:
         if self.saved[layer] or not self.units:
             return
         self.saved[layer] = True
-        self.copier._save_layer(self, layer, written)
+        self.copier._save_layers(self, (layer,), written)
 
     def finish(self, written=None) -> "LayerStore":
         """After the forward: save the layers no hook saved; the store completes when `query()` is True."""
-        if written is None and not all(self.saved):
-            written = torch.cuda.current_stream(self.copier.device).record_event()
-        for layer in range(self.copier.num_layers):
-            self.save_layer(layer, written)
+        todo = [layer for layer, saved in enumerate(self.saved) if not saved]
+        if todo and self.units:
+            for layer in todo:
+                self.saved[layer] = True
+            self.copier._save_layers(self, todo, written)
         return self
 
     def wait_blocking(self) -> None:

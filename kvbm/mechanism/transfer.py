@@ -100,6 +100,20 @@ class JobResult:
         return not self.failed_hashes and not self.failed_block_ids
 
 
+@dataclass
+class _Direct:
+    """A CUDA job whose copies the submitting thread enqueued itself (no hand-off before the copy engine
+    starts): its handle (LayerLoad / LayerStore), the result it reports once the handle completes, and
+    whether it has been reported (by the kind's thread or by a waiting caller, whichever comes first)."""
+
+    kind: str
+    job: object
+    handle: object
+    result: JobResult
+    start: float
+    done: bool = False
+
+
 @dataclass(frozen=True)
 class _Snapshot:
     """Detached cascades and the staging rows holding their bytes, queued for the disk thread."""
@@ -221,6 +235,8 @@ class TransferEngine:
         self._queues = {"onboard": queue.SimpleQueue(), "offload": queue.SimpleQueue(), "cascade": queue.SimpleQueue(),
                         "remote": queue.SimpleQueue()}
         self._pending = {"onboard": 0, "offload": 0, "cascade": 0, "remote": 0}
+        self._direct: list[_Direct] = []  # CUDA jobs started on the submitting thread, not yet reported
+        self._submit_lock = threading.Lock()  # a direct start and the queue see submissions in one order
         self._open: set = set()  # job ids submitted and not finished (detached cascades included)
         self._staging_budget = cascade_staging_bytes  # snapshots of cascading host slots awaiting their write
         self._staging_used = 0
@@ -273,6 +289,11 @@ class TransferEngine:
         """Block until every submitted job (of `kind`: "onboard", "offload" or "cascade", default all) has
         finished; False on timeout."""
         kinds = [kind] if kind else list(self._pending)
+        if timeout is None:  # jobs started here: wait on their CUDA events on this thread, no wake-up hand-off
+            with self._lock:
+                direct = [d for d in self._direct if d.kind in kinds]
+            for d in direct:
+                self._complete(d)
         with self._lock:
             return self._lock.wait_for(lambda: not any(self._pending[k] for k in kinds), timeout)
 
@@ -316,13 +337,67 @@ class TransferEngine:
     def _submit(self, kind: str, job) -> None:
         if self._closed:
             raise KvbmError("transfer engine is closed")
+        with self._submit_lock:
+            with self._lock:
+                # a CUDA G1<->G2 job starts here when no queued job of its kind must run first
+                direct = self._directable(kind, job) and self._pending[kind] == sum(
+                    1 for d in self._direct if d.kind == kind)
+                self._pending[kind] += 1
+                self._open.add(job.job_id)
+                if getattr(job, "cascade_job_id", None) is not None and job.cascades:
+                    self._open.add(job.cascade_job_id)
+            # CUDA: the job waits for the work queued so far on the submitter's stream (the forward's writes)
+            ready = self.cuda.mark() if self.cuda is not None else None
+            if not (direct and self._start_direct(kind, job, ready)):
+                self._queues[kind].put((job, ready))
+
+    def _directable(self, kind: str, job) -> bool:
+        """A CUDA job of engine <-> host copies only, on a copier that can start them without waiting."""
+        if self.cuda is None or not self.cuda.uses_layerwise or getattr(job, "cascades", ()):
+            return False
+        if kind == "offload":
+            return bool(job.stores)
+        return kind == "onboard" and bool(job.loads) and all(m.tier is Tier.G2 for m in job.loads)
+
+    def _start_direct(self, kind: str, job, ready) -> bool:
+        """Enqueue the job's copies on this (the submitting) thread: the copy engine starts without waiting
+        for the kind's thread to wake (measured ~0.3 ms of a 20 ms GiB on an H200). The kind's thread only
+        reports completion; wait() reports it itself when it gets there first. False: not started (no split
+        start on this copier), queue it as usual."""
+        start = time.perf_counter()
+        moves = job.stores if kind == "offload" else job.loads
+        ids, slots = [m.block_id for m in moves], [m.slot for m in moves]
+        try:
+            handle = (self.cuda.start_offload if kind == "offload" else self.cuda.start_onboard)(ids, slots, ready)
+        except Exception as exc:  # noqa: BLE001 - a job never raises into the caller; its blocks fail instead
+            log.exception("kvbm %s job %r failed", kind, job.job_id)
+            self._finish(kind, self._failed(kind, job, exc))
+            return True
+        if handle is None:
+            return False
+        n = len(moves)
+        blocks = {"g1_g2": n, "g2_g3": 0} if kind == "offload" else {"g2_g1": n, "g3_g1": 0}
+        entry = _Direct(kind, job, handle, JobResult(job.job_id, kind, blocks, n * self.layout.block_bytes), start)
         with self._lock:
-            self._pending[kind] += 1
-            self._open.add(job.job_id)
-            if getattr(job, "cascade_job_id", None) is not None and job.cascades:
-                self._open.add(job.cascade_job_id)
-        # CUDA: the job waits for the work queued so far on the submitter's stream (the forward's writes)
-        self._queues[kind].put((job, self.cuda.mark() if self.cuda is not None else None))
+            self._direct.append(entry)
+        self._queues[kind].put((entry, None))
+        return True
+
+    def _complete(self, entry: _Direct) -> None:
+        """Wait for a direct job's last copy (asleep, then spinning for its tail) and report it, once."""
+        try:
+            entry.handle.wait_blocking()
+            result = entry.result
+        except Exception as exc:  # noqa: BLE001 - a failed copy fails the job's blocks
+            log.exception("kvbm %s job %r failed", entry.kind, entry.result.job_id)
+            result = self._failed(entry.kind, entry.job, exc)
+        with self._lock:
+            if entry.done:
+                return
+            entry.done = True
+            self._direct.remove(entry)
+        result.seconds = time.perf_counter() - entry.start
+        self._finish(entry.kind, result)
 
     def _loop(self, kind: str) -> None:
         run = {"offload": self.run_offload, "onboard": self.run_onboard, "cascade": self._run_cascade,
@@ -333,6 +408,9 @@ class TransferEngine:
             if item is None:
                 return
             job, ready = item
+            if isinstance(job, _Direct):  # started on the submitting thread: report its completion
+                self._complete(job)
+                continue
             try:
                 result = run(job, ready)
             except Exception as exc:  # noqa: BLE001 - a job never kills the thread; its blocks fail instead
