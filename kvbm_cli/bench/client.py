@@ -145,8 +145,10 @@ async def run_requests(specs: Sequence[RequestSpec], url: str, model: str, *, ru
                        show_progress: bool = True) -> list[RequestRecord]:
     """Send `specs` in order: with at most `concurrency` in flight, or started every 1/`request_rate` s.
 
-    Warm-up specs (which must come first) all finish before the measured ones start.
+    Warm-up specs (which must come first) all finish before the measured ones start. `url` may list several
+    servers, comma-separated: spec i goes to server i mod their number (a round-robin client).
     """
+    urls = url.split(",")
     records: list[Optional[RequestRecord]] = [None] * len(specs)
     warm = [i for i, s in enumerate(specs) if s.warmup]
     measured = [i for i, s in enumerate(specs) if not s.warmup]
@@ -159,7 +161,7 @@ async def run_requests(specs: Sequence[RequestSpec], url: str, model: str, *, ru
             async def one(i: int) -> None:
                 nonlocal errors
                 async with limit:
-                    sent = await send(client, url, model, specs[i], run=run, workload=workload,
+                    sent = await send(client, urls[i % len(urls)], model, specs[i], run=run, workload=workload,
                                       streaming=streaming, ignore_eos=ignore_eos)
                 records[i] = sent.record
                 errors += sent.record.error is not None

@@ -35,7 +35,7 @@ class Keys(BaseModel):
 
 def resolve_model_and_tokenizer(url: str, model: Optional[str], tokenizer: Optional[str]) -> tuple[str, str]:
     """(model name to send, tokenizer source)."""
-    served, root = server_model(url)  # root: what the server loaded (the tiny model's directory for kvbm-tiny)
+    served, root = server_model(url.split(",")[0])  # root: what the server loaded (the tiny model's directory for kvbm-tiny)
     model = model or served
     source = tokenizer or model
     if tokenizer is None and not Path(source).expanduser().exists() and Path(root).exists():

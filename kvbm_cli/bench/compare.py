@@ -15,6 +15,11 @@ For each configuration: start the engine (log in OUT/<name>/engine.log), wait fo
 (OUT/<name>/vllm_metrics.json: the deltas), stop the engine's process group. Then OUT/comparison.json and
 OUT/comparison.md: TTFT p50/p90, ITL, throughput side by side with ratios against the first configuration.
 
+`instances: 2` starts each configuration as two engines behind one round-robin client (request i goes to engine
+i mod 2, so with warm-up requests that compute each prefix, every measured prefix returns on the other engine);
+prefix-reuse workload, native driver. A config with `remote: redis` shares G4 between its engines: a fresh
+redis-server kvbm starts for it (or the store of `--remote-url`); vLLM's counters are summed over the engines.
+
 `sweep: {concurrency: [1, 8]}` (one workload key, several values) runs the workload once per value on each
 engine (started once): results in OUT/<name>/<key>-<value>/, one comparison table per value. Each value draws
 its own prompts (random seed + its index), so no value reuses the KV another one left behind.
@@ -29,6 +34,7 @@ Operations:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -49,7 +55,8 @@ from kvbm_cli.bench.multi_round import MultiRoundConfig, explain_reuse, reuse_ac
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
 from kvbm_cli.collect import background
 from kvbm_cli.engine import free_port as _free_port
-from kvbm_cli.engine import Engine, EngineSpec, build_launch, sigterm_as_exception, start_and_wait
+from kvbm_cli.engine import Engine, EngineSpec, Launch, build_launch, sigterm_as_exception, start_and_wait
+from kvbm.mechanism.remote import local_server as local_redis
 from kvbm_cli.results import read_run
 
 SCENARIO_DIR = data_dir("scenarios")
@@ -73,6 +80,7 @@ class Scenario(BaseModel):
     driver: Driver = Driver.native
     health_timeout: float = Field(600.0, alias="health-timeout")
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    instances: int = Field(1, ge=1, le=8)
 
 
 def _problem(exc: ValidationError, where: str) -> str:
@@ -102,6 +110,11 @@ def engine_spec(shared: dict[str, Any], config: dict[str, Any]) -> tuple[str, En
     name = merged.pop("name", None)
     if not name or not re.fullmatch(r"[\w.-]+", str(name)):
         raise CliError(f"every scenario config needs a name of letters, digits, '-', '_' or '.' (got {name!r})")
+    remote = merged.pop("remote", None)
+    if remote not in (None, "redis"):
+        raise CliError(f"configs ({name}).remote: must be redis (a shared store kvbm starts), not {remote!r}")
+    if remote and (merged.get("connector") != "kvbm" or merged.get("remote-url")):
+        raise CliError(f"configs ({name}).remote: needs connector: kvbm (and a cpu-cache-gb) and no remote-url")
     for key in ("vllm-args", "vllm_args"):
         if key in merged:
             merged[key] = [str(a) for a in merged[key] or []]
@@ -137,6 +150,9 @@ def load_scenario(path: Path) -> Scenario:
         raise CliError(f"scenario {path}: {exc}") from None
     if len(set(names)) != len(names):
         raise CliError(f"scenario {path}: config names must be unique ({', '.join(names)})")
+    if scenario.instances > 1 and (scenario.workload.get("type") != "prefix-reuse" or scenario.driver != Driver.native):
+        raise CliError(f"scenario {path}: instances: {scenario.instances} needs a prefix-reuse workload and the "
+                       "native driver (its client sends request i to engine i mod instances)")
     return scenario
 
 
@@ -267,50 +283,69 @@ def comparison_markdown(comp: dict[str, Any]) -> str:
         *[f"\n- {c['config']}: {explain_reuse(c['reuse'])}" for c in comp["cache"] if c.get("reuse")]]) + "\n"
 
 
-def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None,
+def _instance(spec: EngineSpec, i: int, port: Optional[int]) -> tuple[Launch, list[str]]:
+    """Engine `i` of a configuration: its Launch and the metrics sources (vLLM's, and KVBM's own when on)."""
+    spec = spec.model_copy(deep=True)
+    spec.port = port + i if port else _free_port()
+    spec.host = spec.host or "127.0.0.1"
+    sources = []
+    if spec.connector == "kvbm":  # KVBM's own metrics too, recorded beside the results
+        kvbm_port = int((i == 0 and spec.env.get("DYN_KVBM_METRICS_PORT")) or _free_port())
+        spec.env = dict(spec.env) | {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(kvbm_port)}
+        sources.append(f"http://127.0.0.1:{kvbm_port}")
+    launch = build_launch(spec)
+    return launch, [launch.url, *sources]
+
+
+def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None, remote_url: Optional[str] = None,
                 show_progress: bool = True) -> dict:
     """Launch, measure and stop each configuration in turn; write per-config results and the comparison."""
     points = sweep_points(scenario)
+    if any(c.get("remote") for c in scenario.configs) and not remote_url and not local_redis.available():
+        raise CliError("remote: redis needs redis-server and redis-cli on PATH (`make redis`, or apt-get install "
+                       "redis-server), or give a store with --remote-url")
     out_dir.mkdir(parents=True, exist_ok=True)
     results: dict[Optional[str], dict[str, dict[str, Any]]] = {label: {} for label, _ in points}
     console = err()
     for raw in scenario.configs:
         name, spec = engine_spec(scenario.engine, raw)
-        spec.port = port or _free_port()
-        spec.host = spec.host or "127.0.0.1"
-        sources = []
-        if spec.connector == "kvbm":  # KVBM's own metrics too, recorded beside the results
-            kvbm_port = int(spec.env.get("DYN_KVBM_METRICS_PORT") or _free_port())
-            spec.env = dict(spec.env) | {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(kvbm_port)}
-            sources.append(f"http://127.0.0.1:{kvbm_port}")
-        launch = build_launch(spec)
-        sources.insert(0, launch.url)
         run_dir = out_dir / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        log = run_dir / "engine.log"
-        log.write_text("")
-        for note in launch.notes:
-            console.print(f"note ({name}): {note}", markup=False)
-        console.print(f"[{name}] {launch.shell()}", markup=False, soft_wrap=True)
-        engine = Engine(launch, log_path=log)
-        try:
-            took = start_and_wait(engine, scenario.health_timeout, f"{name}: vLLM ({spec.connector})")
-            console.print(f"[{name}] engine healthy after {took:.0f} s", markup=False)
-            for label, wl in points:
-                point_dir = run_dir if label is None else run_dir / label
-                point_dir.mkdir(parents=True, exist_ok=True)
-                tag = name if label is None else f"{name} {label}"
-                console.print(f"[{tag}] running {scenario.workload['type']}", markup=False)
-                results[label][name] = _run_point(scenario, wl, launch, sources, point_dir, name, show_progress)
-                summary = results[label][name]["summary"]
-                console.print(f"[{tag}] done: TTFT p50 {_fmt((summary.ttft_s.p50 or 0) * 1000)} ms, "
-                              f"{_fmt(summary.output_tokens_per_s)} output tokens/s, {summary.num_errors} errors",
-                              markup=False)
-        except BaseException:
-            console.print(f"[{name}] engine log: {log}", markup=False)
-            raise
-        finally:
-            engine.stop()
+        with contextlib.ExitStack() as stack:
+            if raw.get("remote"):  # a fresh store per configuration: nothing left from an earlier one
+                spec.remote_url = remote_url or stack.enter_context(local_redis.RedisServer()).url
+            launches, sources, engines = [], [], []
+            for i in range(scenario.instances):
+                launch, srcs = _instance(spec, i, port)
+                launches.append(launch)
+                sources += srcs
+                log = run_dir / ("engine.log" if i == 0 else f"engine-{i}.log")
+                log.write_text("")
+                for note in launch.notes if i == 0 else []:
+                    console.print(f"note ({name}): {note}", markup=False)
+                console.print(f"[{name}] {launch.shell()}", markup=False, soft_wrap=True)
+                engines.append(Engine(launch, log_path=log))
+                stack.callback(engines[-1].stop)
+            try:
+                for engine in engines[1:]:  # started together; the first one shows the spinner
+                    engine.start()
+                took = start_and_wait(engines[0], scenario.health_timeout, f"{name}: vLLM ({spec.connector})")
+                took = max([took] + [e.wait_healthy(scenario.health_timeout) for e in engines[1:]])
+                console.print(f"[{name}] {len(engines)} engine(s) healthy after {took:.0f} s", markup=False)
+                for label, wl in points:
+                    point_dir = run_dir if label is None else run_dir / label
+                    point_dir.mkdir(parents=True, exist_ok=True)
+                    tag = name if label is None else f"{name} {label}"
+                    console.print(f"[{tag}] running {scenario.workload['type']}", markup=False)
+                    results[label][name] = _run_point(scenario, wl, launches, sources, point_dir, name,
+                                                      show_progress)
+                    summary = results[label][name]["summary"]
+                    console.print(f"[{tag}] done: TTFT p50 {_fmt((summary.ttft_s.p50 or 0) * 1000)} ms, "
+                                  f"{_fmt(summary.output_tokens_per_s)} output tokens/s, {summary.num_errors} errors",
+                                  markup=False)
+            except BaseException:
+                console.print(f"[{name}] engine log: {run_dir / 'engine.log'}", markup=False)
+                raise
     if not scenario.sweep:
         comp = build_comparison(scenario, results[None])
     else:
@@ -331,19 +366,33 @@ def comparison_text(comp: dict[str, Any]) -> str:
     return "\n".join(f"### {key} = {p['value']}\n\n{comparison_markdown(p)}" for p in comp["points"])
 
 
-def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, launch, sources: list[str],
-               run_dir: Path, name: str, show_progress: bool) -> dict[str, Any]:
-    """One workload run on a running engine: results in run_dir; {"summary", "vllm_metrics"}."""
-    before = prom.scrape(launch.url)
-    common_kw = dict(url=launch.url, model=None, tokenizer=None, artifact_dir=run_dir, run=name,
-                     engine=launch.engine_info(), show_progress=show_progress)
+def _scrape(launches: list[Launch]) -> prom.Metrics:
+    """vLLM's /metrics of every engine of a configuration, samples with the same labels summed."""
+    summed: dict[str, dict[tuple, float]] = {}
+    for launch in launches:
+        for name, samples in prom.scrape(launch.url).items():
+            for labels, v in samples:
+                key = tuple(sorted(labels.items()))
+                summed.setdefault(name, {})[key] = summed.get(name, {}).get(key, 0.0) + v
+    return {name: [(dict(k), v) for k, v in samples.items()] for name, samples in summed.items()}
+
+
+def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, launches: list[Launch],
+               sources: list[str], run_dir: Path, name: str, show_progress: bool) -> dict[str, Any]:
+    """One workload run on running engines (a round-robin client over several): results in run_dir;
+    {"summary", "vllm_metrics"}."""
+    launch = launches[0]
+    before = _scrape(launches)
+    engine = launch.engine_info() | ({"instances": [x.url for x in launches]} if len(launches) > 1 else {})
+    common_kw = dict(url=",".join(x.url for x in launches), model=None, tokenizer=None, artifact_dir=run_dir,
+                     run=name, engine=engine, show_progress=show_progress)
     run = run_prefix_reuse if isinstance(wl, PrefixReuseConfig) else run_multi_round
     with background(sources, run_dir / "metrics.csv"):  # vLLM's and KVBM's series, for kvbm report
         if isinstance(wl, HitRateConfig):
             summary = run_hit_rate(wl, driver=scenario.driver.value, **common_kw)
         else:
             summary = run(wl, driver=scenario.driver.value, **common_kw)
-    delta = metrics_delta(before, prom.scrape(launch.url))
+    delta = metrics_delta(before, _scrape(launches))
     if isinstance(wl, MultiRoundConfig):  # which queried tokens could have been in a cache at all
         block = int(launch.spec.block_size or 128)
         delta["reuse"] = reuse_accounting(read_run(run_dir)[0], wl.shared_system_prompt, block,
@@ -358,7 +407,10 @@ def compare(
                                    "the embedded model.", dir_okay=False)] = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Results directory. Default: "
                                                                  "runs/compare-<scenario name>.", file_okay=False)] = None,
-    port: Annotated[Optional[int], typer.Option(help="Engine port (default: a free one).")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Engine port (default: a free one; the next ones for more "
+                                                     "instances).")] = None,
+    remote_url: Annotated[Optional[str], typer.Option(help="The store of `remote: redis` configs (default: a "
+                                                           "fresh local redis-server each); never emptied by kvbm.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Launch each engine configuration of a scenario in turn, run its workload, compare them side by side."""
@@ -366,7 +418,7 @@ def compare(
     scenario = load_scenario(path)
     out_dir = out_dir or Path("runs") / f"compare-{scenario.name}"
     with sigterm_as_exception():
-        comp = run_compare(scenario, out_dir, port=port, show_progress=not json_out)
+        comp = run_compare(scenario, out_dir, port=port, remote_url=remote_url, show_progress=not json_out)
     if json_out:
         emit_json(comp)
         return
