@@ -1,6 +1,6 @@
 """`kvbm doctor`, `kvbm doctor disk` and `kvbm doctor store`: can KVBM run here, use this directory, this store.
 
-The checks are kvbm_cli.doctor and kvbm_cli.doctor_store; this module renders them (a table, or --json) and
+The checks are kvbm_cli.doctor's; this module renders them (a table, or --json) and
 exits 1 when a check fails (CI can gate on it), 2 for bad options; warnings do not fail.
 """
 
@@ -17,7 +17,7 @@ from kvbm.config import KvbmConfig
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli._options import JsonOpt, StoreUrlOpt, group
 from kvbm_cli._output import emit_json, out, table
-from kvbm_cli.doctor import DEFAULT_BLOCK_BYTES, Check, disk_checks, env_checks, verdict
+from kvbm_cli.doctor import DEFAULT_BLOCK_BYTES, Check, disk_checks, env_checks, store_checks, verdict
 
 doctor_app = group(help="Check this machine and a disk-cache directory for KVBM; exit 1 when a check fails.",
                    no_args_is_help=False, invoke_without_command=True)
@@ -74,13 +74,12 @@ def store(
 ) -> None:
     """Can the shared tier (G4) use this store: reachable, version, maxmemory and policy, latency, throughput."""
     from kvbm.mechanism.remote import redacted
-    from kvbm_cli.doctor_store import store_checks
 
     url = url or os.environ.get("DYN_KVBM_REMOTE_URL")
     if not url or blocks < 1:
         raise CliError("give --url redis://host:port/0 (or set DYN_KVBM_REMOTE_URL), and --blocks 1 or more")
-    rows, facts = store_checks(url, secret=os.environ.get("DYN_KVBM_REMOTE_SECRET") or None, blocks=blocks)
-    _show([Check(*r) for r in rows], f"kvbm doctor store {redacted(url)}", f"shared store {redacted(url)}", facts,
+    checks, facts = store_checks(url, secret=os.environ.get("DYN_KVBM_REMOTE_SECRET") or None, blocks=blocks)
+    _show(checks, f"kvbm doctor store {redacted(url)}", f"shared store {redacted(url)}", facts,
           as_json)
 
 
@@ -97,9 +96,6 @@ def doctor(
     if not 1 <= port <= 65535 or workers < 1:
         raise CliError("--port must be 1..65535 and --workers 1 or more")
     checks, rows = env_checks(dict(os.environ), port, workers)
-    from kvbm_cli.doctor_store import redact_variable_rows
-
-    rows = redact_variable_rows(rows)  # the store's password and the MAC secret are never printed
     if not as_json:
         variables = table("DYN_KVBM_* variables", ["variable", "set to", "in effect", "meaning"])
         for r in rows:
