@@ -123,14 +123,6 @@ class Launch:
                 "vllm_args": self.argv[3:]}
 
 
-def _is_tiny(model_dir: Path) -> bool:
-    return (model_dir / tiny_model.MARKER).is_file()
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
-
-
 def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, python: Optional[str] = None,
                  cpu: Optional[bool] = None) -> Launch:
     """The argv and environment for `spec`; raises CliError for contradictory or impossible settings."""
@@ -142,14 +134,14 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     if spec.model is None:
         model = str(tiny_model.default_model_dir())
         notes.append(f"model: the embedded tiny default ({model}), seeded random weights")
+    elif spec.model.startswith(("/", "./", "../", "~")) or Path(spec.model).exists():  # a path, not a model id
+        path = Path(spec.model).expanduser()
+        if not (path / "config.json").is_file():
+            raise CliError(f"model not found: {spec.model} is not a model directory (no config.json there)")
+        model = str(path)
     else:
         model = spec.model
-        if _looks_like_path(model):
-            path = Path(model).expanduser()
-            if not (path / "config.json").is_file():
-                raise CliError(f"model not found: {model} is not a model directory (no config.json there)")
-            model = str(path)
-    tiny = _is_tiny(Path(model))
+    tiny = (Path(model) / tiny_model.MARKER).is_file()
     if spec.kv_cache_memory_bytes is not None and spec.gpu_cache_gb is not None:
         raise CliError("give --kv-cache-memory-bytes or --gpu-cache-gb, not both (both size vLLM's own KV cache)")
     kv_bytes = spec.kv_cache_memory_bytes
@@ -371,10 +363,8 @@ class Engine:
             if log:
                 log.close()
 
-    def healthy(self) -> bool:
-        return httpclient.healthy(self.launch.url)
-
     def failure(self) -> str:
+        """Why the engine stopped, in one line (explain_failure of its log's tail)."""
         if self._reader:
             self._reader.join(timeout=5)
         return explain_failure("\n".join(self.tail), self.proc.returncode if self.proc else None)
@@ -386,7 +376,7 @@ class Engine:
         while True:
             if self.proc.poll() is not None:
                 raise EngineFailed(self.failure())
-            if self.healthy():
+            if httpclient.healthy(self.launch.url):
                 return time.monotonic() - start
             elapsed = time.monotonic() - start
             if elapsed > timeout_s:
