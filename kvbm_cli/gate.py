@@ -15,9 +15,9 @@ candidate for higher-is-better metrics). Quantiles are Harrell-Davis estimates (
 a seeded percentile bootstrap that resamples each run's requests independently. A metric regresses when
   r > 1 + max_regression   (worse than the tolerance)   and   the interval's lower end > 1   (not noise).
 Operating characteristic (tests/test_gate.py, n=30 requests per run, 5% tolerance, lognormal per-request
-noise, 500 seeds): at 8% coefficient of variation A/A passes 98.6% and a 10% regression fails 97.4%; at
-10% CV 97.4% and 87.4%; at 12% CV 97.2% and 74%; beyond that a 10% change needs more requests (the power grows with n): the table shows n and the interval
-so a reader sees when a run was too short to judge.
+noise, 500 seeds): at 8% coefficient of variation A/A passes 98.6% and a 10% regression fails 97.4%; at 10% CV
+97.4% and 87.4%; at 12% CV 97.2% and 74%; beyond that a 10% change needs more requests (the power grows with n):
+the table shows n and the interval so a reader sees when a run was too short to judge.
 """
 
 from __future__ import annotations

@@ -120,14 +120,10 @@ def throughput(runs: list[Run], path: Path) -> Path:
 
 def hit_rates(runs: list[Run], path: Path) -> Path | None:
     """vLLM's prefix-cache hit rates (from its counters) and KVBM's windowed tier hit rates over time."""
-    if all(r.metrics is None for r in runs):
-        return None
     fig, ax = _plt().subplots(figsize=(8, 4.2))
     styles = ["-", "--", ":", "-."]
     drawn = 0
-    for run, color in zip(runs, _colors(len(runs))):
-        if run.metrics is None:
-            continue
+    for run, color in zip(runs, _colors(len(runs))):  # a run without metrics.csv has empty series
         curves = []
         for i, ((hits, queries), label) in enumerate(HIT_COUNTERS.items()):
             h, q = series(run, hits), series(run, queries)
