@@ -41,9 +41,6 @@ _TABLE: list[tuple[type[BaseException], str, int]] = [
     (PermissionError, "permission denied", EXIT_USAGE),
 ]
 
-def _debug() -> bool:
-    return os.environ.get("KVBM_DEBUG", "").lower() in ("1", "true", "yes")
-
 
 def report(exc: BaseException) -> int:
     """Print `exc` as one line on stderr and return its exit code."""
@@ -82,7 +79,7 @@ def run_app(app) -> None:
         print(f"kvbm: usage: {exc.format_message()}{where}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
     except BaseException as exc:  # noqa: BLE001 - the CLI edge: everything becomes one line
-        if _debug():
+        if os.environ.get("KVBM_DEBUG", "").lower() in ("1", "true", "yes"):
             raise
         sys.exit(report(exc))
     sys.exit(result if isinstance(result, int) else 0)

@@ -24,34 +24,16 @@ def group(help: str, **kwargs) -> typer.Typer:
                        pretty_exceptions_enable=False, context_settings=CONTEXT, **kwargs)
 
 
-class Connector(str, Enum):
-    """kvbm: vLLM + KVBM (Dynamo's DynamoConnector); none: the baseline."""
-
-    kvbm = "kvbm"
-    none = "none"
+def _choices(name: str, *values: str) -> type[Enum]:
+    """A str Enum of `values` (a member's name has '_' for '-'); Typer shows its values in --help."""
+    return Enum(name, {value.replace("-", "_"): value for value in values}, type=str, module=__name__)
 
 
-class Driver(str, Enum):
-    """Who sends the requests: the native async client, or aiperf / genai-perf (their export imported)."""
-
-    native = "native"
-    aiperf = "aiperf"
-    genai_perf = "genai-perf"
-
-
-class Endpoint(str, Enum):
-    chat = "chat"
-    completions = "completions"
-
-
-class PrefixOrder(str, Enum):
-    random = "random"
-    round_robin = "round-robin"
-
-
-class DiskIO(str, Enum):
-    posix = "posix"
-    nixl = "nixl"
+Connector = _choices("Connector", "kvbm", "none")  # kvbm: vLLM + KVBM (Dynamo's DynamoConnector); none: baseline
+Driver = _choices("Driver", "native", "aiperf", "genai-perf")  # the native async client, or a tool's export imported
+Endpoint = _choices("Endpoint", "chat", "completions")
+PrefixOrder = _choices("PrefixOrder", "random", "round-robin")
+DiskIO = _choices("DiskIO", "posix", "nixl")
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for tools instead of tables.")]
@@ -73,7 +55,7 @@ TimeoutOpt = Annotated[float, typer.Option("--request-timeout", help="Seconds on
 PortOpt = Annotated[int, typer.Option("--port", help="Engine HTTP port.")]
 HealthTimeoutOpt = Annotated[float, typer.Option("--health-timeout", help="Seconds an engine may take to become "
                                                                           "healthy.")]
-NBootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the intervals.")]
+NBootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for the intervals.", min=100)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same inputs, same result).")]
 BlockSizeOpt = Annotated[Optional[int], typer.Option("--block-size", help="Tokens per KV block (vLLM's CPU build: "
                                                                           "a multiple of 32, default 128).")]

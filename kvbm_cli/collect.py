@@ -236,7 +236,6 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
-
 def promql_name_selector(match: str) -> str:
     """A PromQL selector for the names `match` (a Python re.search pattern, RE2-compatible) finds."""
     escaped = match.replace("\\", "\\\\").replace('"', '\\"')
@@ -256,16 +255,15 @@ def query_prometheus(prom_url: str, out_csv: str | os.PathLike[str], start: floa
     base = prom_url.rstrip("/")
     if "://" not in base:
         base = "http://" + base
-    with httpx.Client(timeout=timeout_s) as client:
-        resp = client.get(base + "/api/v1/query_range", params={
-            "query": promql_name_selector(match), "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"})
-        try:
-            body = resp.json()
-        except ValueError:
-            resp.raise_for_status()
-            raise
-        if body.get("status") != "success":
-            raise ValueError(f"Prometheus answered {resp.status_code}: {body.get('error', body)}")
+    resp = httpx.get(base + "/api/v1/query_range", timeout=timeout_s, params={
+        "query": promql_name_selector(match), "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"})
+    try:
+        body = resp.json()  # Prometheus explains a refused query in JSON, with a 4xx status
+    except ValueError:
+        resp.raise_for_status()
+        raise
+    if body.get("status") != "success":
+        raise ValueError(f"Prometheus answered {resp.status_code}: {body.get('error', body)}")
     pattern = re.compile(match)
     result = CollectResult(Path(out_csv))
     f, writer = _open_csv(result.out_csv)

@@ -1,14 +1,16 @@
-"""The checks of `kvbm doctor` and `kvbm doctor disk`, without Typer: can KVBM run here, use this directory.
+"""The checks of `kvbm doctor`, `kvbm doctor disk` and `kvbm doctor store`, without Typer.
 
 Operations:
   Check / verdict(checks, subject)   one row (ok, warn, fail or info, with a fix) / the one-line verdict
-  env_checks(env, port, workers)     every DYN_KVBM_* variable parsed and explained, RAM against the CPU cache,
-                                     the pinned-memory limit, GPU/CUDA, vLLM/nixl/torch versions, ports free
+  env_checks(env, port, workers)     every DYN_KVBM_* variable parsed and explained (the store's password and the
+                                     secret masked), RAM against the CPU cache, the pinned-memory limit,
+                                     GPU/CUDA, vLLM/nixl/torch versions, ports free
   disk_checks(dir, config, ...)      directory, permissions, filesystem, free space, fallocate, O_DIRECT, SSD or
                                      spinning, stale cache files, throughput with KV-block-sized random reads
   measure_disk(...)                  bounded sequential write/read and random block reads in a scratch file
-
-The shared store's checks are kvbm_cli/doctor_store.py.
+  store_checks(url, secret, ...)     the shared store (G4): reachable, server version and mode, maxmemory and
+                                     policy, MAC secret, round trip, byte-exact put/get throughput of
+                                     KV-block-sized values (removed afterwards); the password never appears
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import random
 import resource
 import shutil
 import stat
+import statistics
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,13 +28,17 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
+
 from kvbm.config import BYTES_PER_GB, ENV_VARS, KvbmConfig, check_disk_dir
 from kvbm.errors import ConfigError, StorageError
 from kvbm.mechanism import fileio
+from kvbm.mechanism.remote import make_store, redacted, scrub
 from kvbm_cli._output import progress
 from kvbm_cli.engine import port_busy
 
 DEFAULT_BLOCK_BYTES = 147456 * 16  # Qwen3-4B bf16, 16-token blocks: 2.25 MiB
+DEFAULT_STORE_SIZES = (256 << 10, 2 << 20)
 
 
 @dataclass
@@ -45,6 +52,7 @@ class Check:
 
 
 def verdict(checks: list[Check], subject: str) -> tuple[bool, str]:
+    """(passed, the one-line verdict): failed checks fail it, warnings are named."""
     failed = [c.name for c in checks if c.status == "fail"]
     warned = [c.name for c in checks if c.status == "warn"]
     if failed:
@@ -69,32 +77,28 @@ def measure_disk(directory: Path, nbytes: int, block_bytes: int, num_random: int
     path = Path(directory) / f".kvbm-doctor-{os.getpid()}-{random.getrandbits(32):08x}"
     fd = fileio.open_cache_file(path, direct)
     disk_io = fileio.PosixDiskIO(num_threads=1)
+
+    def timed(phase: str, ops) -> float:
+        """Seconds to write or read (offset, buffer) one at a time; the page cache dropped afterwards."""
+        start = time.perf_counter()
+        for offset, buffer in ops:
+            (disk_io.write if phase == "write" else disk_io.read)(fd, [(offset, buffer)])
+            on_progress(phase, len(buffer))
+        if phase == "write":
+            os.fsync(fd)
+        seconds = time.perf_counter() - start
+        if not direct:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return seconds
+
     try:
         buf = fileio.aligned_empty(chunk_bytes)
         buf[:] = 0xA5
-        start = time.perf_counter()
-        for offset in range(0, nbytes, chunk_bytes):
-            disk_io.write(fd, [(offset, buf)])
-            on_progress("write", chunk_bytes)
-        os.fsync(fd)
-        write_s = time.perf_counter() - start
-        if not direct:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        start = time.perf_counter()
-        for offset in range(0, nbytes, chunk_bytes):
-            disk_io.read(fd, [(offset, buf)])
-            on_progress("read", chunk_bytes)
-        read_s = time.perf_counter() - start
-        if not direct:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        slots = max(1, nbytes // block)
-        rbuf = fileio.aligned_empty(block)
-        rng = random.Random(0)
-        start = time.perf_counter()
-        for _ in range(num_random):
-            disk_io.read(fd, [(rng.randrange(slots) * block, rbuf[:min(block, nbytes)])])
-            on_progress("random", block)
-        random_s = time.perf_counter() - start
+        write_s = timed("write", ((offset, buf) for offset in range(0, nbytes, chunk_bytes)))
+        read_s = timed("read", ((offset, buf) for offset in range(0, nbytes, chunk_bytes)))
+        slots, rng = max(1, nbytes // block), random.Random(0)
+        rbuf = fileio.aligned_empty(block)[:min(block, nbytes)]
+        random_s = timed("random", ((rng.randrange(slots) * block, rbuf) for _ in range(num_random)))
     finally:
         disk_io.close()
         os.close(fd)
@@ -121,9 +125,8 @@ def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_b
         checks.append(Check("directory", "fail", str(exc), "pick a writable --dir (and DYN_KVBM_DISK_CACHE_DIR)"))
         return checks, facts
     st = directory.stat()
-    owner = st.st_uid
     checks.append(Check("directory", "ok", ("exists" if existed else "created") +
-                        f", writable by uid {os.getuid()}; mode {stat.filemode(st.st_mode)}, owner uid {owner}"))
+                        f", writable by uid {os.getuid()}; mode {stat.filemode(st.st_mode)}, owner uid {st.st_uid}"))
 
     fs_type, source, mount = fileio.filesystem_of(directory)
     facts.update(filesystem=fs_type, device=source, mount_point=mount)
@@ -234,6 +237,16 @@ def _version(*names: str) -> str | None:
     return None
 
 
+def _row(var, raw: str | None, value: str) -> dict[str, Any]:
+    """One variable row of `kvbm doctor`; the store's password and the MAC secret are masked."""
+    if var.name == "DYN_KVBM_REMOTE_URL":
+        raw = None if raw is None else redacted(raw)
+        value = value if value in ("unset", "invalid") else redacted(value)
+    elif var.name == "DYN_KVBM_REMOTE_SECRET" and raw is not None:
+        raw, value = "***", "set (hidden)"
+    return {"name": var.name, "raw": raw, "value": value, "meaning": var.meaning}
+
+
 def _variables(env: dict[str, str]) -> tuple[KvbmConfig | None, list[Check], list[dict[str, Any]]]:
     """Parse the DYN_KVBM_* variables; on an error, find which variable by parsing each on its own."""
     try:
@@ -243,18 +256,15 @@ def _variables(env: dict[str, str]) -> tuple[KvbmConfig | None, list[Check], lis
     rows, checks = [], []
     for var in ENV_VARS:
         raw = env.get(var.name)
-        if config is not None:
-            value = getattr(config, var.field)
-            rows.append({"name": var.name, "raw": raw, "value": "unset" if value is None else str(value), "meaning": var.meaning})
-            continue
         alone = {var.name: raw} if raw is not None else {}
         if var.name.startswith("DYN_KVBM_DISK_CACHE_"):
             alone["DYN_KVBM_CPU_CACHE_GB"] = "1"  # judge the value alone, not the disk-needs-CPU rule
         try:
-            value = getattr(KvbmConfig.from_env(alone, check_paths=False), var.field)
-            rows.append({"name": var.name, "raw": raw, "value": "unset" if value is None else str(value), "meaning": var.meaning})
+            parsed = config if config is not None else KvbmConfig.from_env(alone, check_paths=False)
+            value = getattr(parsed, var.field)
+            rows.append(_row(var, raw, "unset" if value is None else str(value)))
         except ConfigError as exc:
-            rows.append({"name": var.name, "raw": raw, "value": "invalid", "meaning": var.meaning})
+            rows.append(_row(var, raw, "invalid"))
             checks.append(Check(var.name, "fail", str(exc)))
     if config is None and not checks:
         checks.append(Check("DYN_KVBM_* variables", "fail", whole))
@@ -332,3 +342,129 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
     return checks, rows
 
 
+# ------------------------------------------------------------------------------------------ shared store
+
+
+def _server_checks(store) -> tuple[list[Check], dict[str, Any]]:
+    info = store.server_info()
+    checks = [Check("server", "ok", f"Redis {info['redis_version']}, {info['mode']}")]
+    maxmem, policy, used = info["maxmemory"], info["maxmemory_policy"], info["used_memory"] / 1e9
+    if not maxmem:
+        checks.append(Check("maxmemory", "warn", f"no limit (used {used:.2f} GB)",
+                            "set maxmemory (e.g. CONFIG SET maxmemory 64gb) so the store evicts instead of growing "
+                            "until the host runs out of memory"))
+    else:
+        checks.append(Check("maxmemory", "ok", f"{maxmem / 1e9:.2f} GB (used {used:.2f} GB)"))
+    if policy == "noeviction":
+        checks.append(Check("maxmemory-policy", "warn", "noeviction: once full, every write fails",
+                            "CONFIG SET maxmemory-policy allkeys-lru (KV blocks are a cache)"))
+    elif str(policy).startswith("volatile"):
+        checks.append(Check("maxmemory-policy", "warn", f"{policy}: evicts only keys with a TTL, kvbm's have none",
+                            "CONFIG SET maxmemory-policy allkeys-lru"))
+    else:
+        checks.append(Check("maxmemory-policy", "ok", str(policy)))
+    return checks, info
+
+
+def _remove(store, hashes: list[bytes]) -> None:
+    """Remove the test values (a Redis pipeline, or the test directory)."""
+    if store.scheme == "redis":
+        pipe = store.client().pipeline(transaction=False)
+        for h in hashes:
+            pipe.delete(store.key(h))
+        pipe.execute(raise_on_error=False)
+    elif store.scheme == "file":
+        shutil.rmtree(store.folder, ignore_errors=True)
+
+
+def _rate(nbytes: int, seconds: float) -> str:
+    return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "-"
+
+
+def _throughput(store, size: int, blocks: int, rng: np.random.Generator, facts: dict[str, Any]) -> Check:
+    """Put `blocks` values of `size` bytes, read them back byte-exact, remove them."""
+    hashes = [f"doctor-{size}-{i}".encode() for i in range(blocks)]
+    data = rng.integers(0, 256, size=(blocks, size), dtype=np.uint8)
+    try:
+        t = time.perf_counter()
+        stored = sum(store.put_many([(h, data[i]) for i, h in enumerate(hashes)]).result())
+        put_s = time.perf_counter() - t
+        t = time.perf_counter()
+        got = store.get_many(hashes).result()
+        get_s = time.perf_counter() - t
+    finally:
+        try:
+            _remove(store, hashes)
+        except Exception:
+            pass
+    exact = sum(g is not None and bytes(g) == data[i].tobytes() for i, g in enumerate(got))
+    nbytes = blocks * size
+    facts[f"put_{size}_bytes_per_s"] = nbytes / put_s if put_s else 0
+    facts[f"get_{size}_bytes_per_s"] = nbytes / get_s if get_s else 0
+    name = f"throughput {size / (1 << 20):g} MiB" if size >= 1 << 20 else f"throughput {size >> 10} KiB"
+    if stored < blocks:
+        return Check(name, "fail", f"{blocks - stored} of {blocks} puts failed (store full or refusing writes)",
+                     "free memory on the store or set maxmemory-policy allkeys-lru")
+    if exact < blocks:
+        return Check(name, "fail", f"{blocks - exact} of {blocks} values did not come back byte-exact",
+                     "another writer or an eviction policy removed them at once: check maxmemory")
+    return Check(name, "ok", f"put {_rate(nbytes, put_s)}, get {_rate(nbytes, get_s)} ({blocks} blocks, byte-exact)")
+
+
+def store_checks(url: str, *, secret: str | None = None, blocks: int = 16, sizes: tuple[int, ...] = DEFAULT_STORE_SIZES,
+                 timeout: float = 2.0) -> tuple[list[Check], dict[str, Any]]:
+    """Every check of `kvbm doctor store`, and the measured facts (for --json)."""
+    shown = redacted(url)
+    facts: dict[str, Any] = {"url": shown}
+    try:
+        store = make_store(url, os.urandom(16), secret, timeout=timeout, workers=1)  # a fingerprint no engine has
+    except ImportError as exc:
+        return [Check("url", "fail", f"{shown}: the redis client is missing ({exc})", "pip install redis hiredis")], facts
+    except (ValueError, OSError) as exc:
+        return [Check("url", "fail", f"{shown}: {scrub(str(exc), url)}",
+                      "set DYN_KVBM_REMOTE_URL / --url to redis://[user:password@]host:port/db, rediss://... or "
+                      "file:///shared/dir")], facts
+    checks = [Check("url", "ok", shown)]
+    try:
+        try:
+            store._ping()
+        except ValueError as exc:
+            return [Check("url", "fail", f"{shown}: {scrub(str(exc), url)}",
+                          "write the URL as redis://[user:password@]host:port/db")], facts
+        except Exception as exc:
+            why = scrub(f"{type(exc).__name__}: {exc}", url)
+            fix = ("check the password / ACL user in the URL" if "auth" in why.lower() or "pass" in why.lower()
+                   else "start the store, or check host, port, TLS (rediss://) and firewall")
+            return checks + [Check("reachable", "fail", why, fix)], facts
+        checks.append(Check("reachable", "ok", "yes"))
+        if store.scheme == "redis":
+            try:
+                server, info = _server_checks(store)
+                checks += server
+                facts.update(info)
+            except Exception as exc:
+                checks.append(Check("server", "warn", f"INFO / CONFIG GET not allowed: {scrub(str(exc), url)}",
+                                    "give the ACL user +info and +config|get to see maxmemory here"))
+        else:
+            usage = shutil.disk_usage(store.root)
+            checks.append(Check("directory", "ok", f"{store.root}: {usage.free / 1e9:.1f} GB free of "
+                                f"{usage.total / 1e9:.1f} GB"))
+            facts["free_bytes"] = usage.free
+        checks.append(Check("secret", "ok", "DYN_KVBM_REMOTE_SECRET set: every value carries an HMAC-SHA256") if secret
+                      else Check("secret", "warn", "DYN_KVBM_REMOTE_SECRET unset: values are trusted as they are",
+                                 "set DYN_KVBM_REMOTE_SECRET (the same on every engine) if others can write to the store"))
+        pings = []
+        for _ in range(20):
+            t = time.perf_counter()
+            store._ping()
+            pings.append(time.perf_counter() - t)
+        latency = facts["round_trip_ms"] = statistics.median(pings) * 1e3
+        checks.append(Check("round trip", "ok" if latency < 5 else "warn", f"{latency:.3f} ms median of 20 pings",
+                            "" if latency < 5 else "a store this far away costs a G4 lookup more than a step; use a "
+                            "nearer one"))
+        rng = np.random.default_rng(0)
+        checks += [_throughput(store, size, blocks, rng, facts) for size in sizes]
+        facts["stats"] = store.stats()
+        return checks, facts
+    finally:
+        store.close()

@@ -30,6 +30,8 @@ from typing import Callable, Optional
 
 from pydantic import Field
 
+from kvbm.config import BYTES_PER_GB
+from kvbm.mechanism.remote import redacted
 from kvbm_cli import _reaper, httpclient, tiny_model
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli._output import progress
@@ -38,7 +40,6 @@ from kvbm_cli.bench.common import Keys
 KVBM_CONNECTOR_MODULE = "kvbm.vllm_integration.connector"
 KV_TRANSFER_CONFIG = json.dumps({"kv_connector": "DynamoConnector", "kv_role": "kv_both",
                                  "kv_connector_module_path": KVBM_CONNECTOR_MODULE}, separators=(",", ":"))
-BYTES_PER_GB = 1_000_000_000  # as DYN_KVBM_*_GB
 DEFAULT_MAX_MODEL_LEN = 16384  # for the embedded default model
 TINY_SERVED_NAME = "kvbm-tiny"  # what requests name the embedded model (its path is accepted too)
 TINY_KV_BYTES_PER_TOKEN = tiny_model.NUM_LAYERS * 2 * tiny_model.NUM_KV_HEADS * tiny_model.HEAD_DIM * 2  # bf16 K and V
@@ -48,13 +49,8 @@ KVBM_ENV = ("DYN_KVBM_CPU_CACHE_GB", "DYN_KVBM_DISK_CACHE_GB", "DYN_KVBM_DISK_CA
 def shown(key: str, value: str) -> str:
     """An environment value as printed or recorded: the shared store's password and secret never appear."""
     if key == "DYN_KVBM_REMOTE_URL":
-        from kvbm.mechanism.remote import redacted
-
         return redacted(value)
     return "***" if key == "DYN_KVBM_REMOTE_SECRET" and value else value
-
-
-_SIZE_FLAGS = ("--kv-cache-memory-bytes", "--num-gpu-blocks-override")
 
 
 def vllm_is_cpu_build() -> bool:
@@ -123,14 +119,6 @@ class Launch:
                 "vllm_args": self.argv[3:]}
 
 
-def _is_tiny(model_dir: Path) -> bool:
-    return (model_dir / tiny_model.MARKER).is_file()
-
-
-def _looks_like_path(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
-
-
 def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, python: Optional[str] = None,
                  cpu: Optional[bool] = None) -> Launch:
     """The argv and environment for `spec`; raises CliError for contradictory or impossible settings."""
@@ -142,14 +130,14 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     if spec.model is None:
         model = str(tiny_model.default_model_dir())
         notes.append(f"model: the embedded tiny default ({model}), seeded random weights")
+    elif spec.model.startswith(("/", "./", "../", "~")) or Path(spec.model).exists():  # a path, not a model id
+        path = Path(spec.model).expanduser()
+        if not (path / "config.json").is_file():
+            raise CliError(f"model not found: {spec.model} is not a model directory (no config.json there)")
+        model = str(path)
     else:
         model = spec.model
-        if _looks_like_path(model):
-            path = Path(model).expanduser()
-            if not (path / "config.json").is_file():
-                raise CliError(f"model not found: {model} is not a model directory (no config.json there)")
-            model = str(path)
-    tiny = _is_tiny(Path(model))
+    tiny = (Path(model) / tiny_model.MARKER).is_file()
     if spec.kv_cache_memory_bytes is not None and spec.gpu_cache_gb is not None:
         raise CliError("give --kv-cache-memory-bytes or --gpu-cache-gb, not both (both size vLLM's own KV cache)")
     kv_bytes = spec.kv_cache_memory_bytes
@@ -217,7 +205,8 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
                                          or environ.get("DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS")):
         notes.append("--connector kvbm without a CPU tier (--cpu-cache-gb / DYN_KVBM_CPU_CACHE_GB): "
                      "KVBM has nowhere to offload to")
-    explicit_size = kv_bytes is not None or any(a.split("=")[0] in _SIZE_FLAGS for a in spec.vllm_args)
+    explicit_size = kv_bytes is not None or any(a.split("=")[0] in ("--kv-cache-memory-bytes", "--num-gpu-blocks-override")
+                                                for a in spec.vllm_args)
     if cpu:
         if explicit_size and environ.get("VLLM_CPU_KVCACHE_SPACE"):
             env_unset.append("VLLM_CPU_KVCACHE_SPACE")
@@ -258,8 +247,6 @@ def _keep_cpu_reservation(environ: dict[str, str], env_set: dict[str, str], note
     notes.append(f"{plugin.RESERVED_CPU_VAR}={ranks}: KVBM's vLLM plugin will not run in this engine, so kvbm sets "
                  "the core reservation vLLM makes without a connector (KVBM needs no core of its own)")
 
-
-# --- failures ---------------------------------------------------------------------------------------------
 
 _FAILURES: list[tuple[re.Pattern, Callable[[re.Match], str]]] = [
     (re.compile(r"kvbm\.errors\.(?:ConfigError|StorageError): ([^\n]+)"),
@@ -323,8 +310,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# --- the process ------------------------------------------------------------------------------------------
-
 class EngineFailed(CheckFailed):
     """The engine stopped or never became healthy (one line, exit 1)."""
 
@@ -358,7 +343,7 @@ class Engine:
     def _pump(self) -> None:
         assert self.proc and self.proc.stdout
         log = open(self.log_path, "a", encoding="utf-8", errors="replace") if self.log_path else None
-        try:
+        with log or contextlib.nullcontext():
             for raw in self.proc.stdout:
                 line = raw.decode("utf-8", errors="replace").rstrip("\n")
                 self.tail.append(line)
@@ -367,14 +352,9 @@ class Engine:
                     log.flush()
                 if self.on_line:
                     self.on_line(line)
-        finally:
-            if log:
-                log.close()
-
-    def healthy(self) -> bool:
-        return httpclient.healthy(self.launch.url)
 
     def failure(self) -> str:
+        """Why the engine stopped, in one line (explain_failure of its log's tail)."""
         if self._reader:
             self._reader.join(timeout=5)
         return explain_failure("\n".join(self.tail), self.proc.returncode if self.proc else None)
@@ -386,7 +366,7 @@ class Engine:
         while True:
             if self.proc.poll() is not None:
                 raise EngineFailed(self.failure())
-            if self.healthy():
+            if httpclient.healthy(self.launch.url):
                 return time.monotonic() - start
             elapsed = time.monotonic() - start
             if elapsed > timeout_s:
@@ -402,10 +382,8 @@ class Engine:
             return
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # engine-core and workers may outlive the API server
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -442,5 +420,4 @@ def start_and_wait(engine: Engine, timeout_s: float, label: str) -> float:
         if engine.on_line is not None:
             engine.on_line = lambda line: bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
         engine.start()
-        took = engine.wait_healthy(timeout_s, tick=lambda e: bar.update(task))
-    return took
+        return engine.wait_healthy(timeout_s, tick=lambda e: bar.update(task))

@@ -15,9 +15,9 @@ candidate for higher-is-better metrics). Quantiles are Harrell-Davis estimates (
 a seeded percentile bootstrap that resamples each run's requests independently. A metric regresses when
   r > 1 + max_regression   (worse than the tolerance)   and   the interval's lower end > 1   (not noise).
 Operating characteristic (tests/test_gate.py, n=30 requests per run, 5% tolerance, lognormal per-request
-noise, 500 seeds): at 8% coefficient of variation A/A passes 98.6% and a 10% regression fails 97.4%; at
-10% CV 97.4% and 87.4%; at 12% CV 97.2% and 74%; beyond that a 10% change needs more requests (the power grows with n): the table shows n and the interval
-so a reader sees when a run was too short to judge.
+noise, 500 seeds): at 8% coefficient of variation A/A passes 98.6% and a 10% regression fails 97.4%; at 10% CV
+97.4% and 87.4%; at 12% CV 97.2% and 74%; beyond that a 10% change needs more requests (the power grows with n):
+the table shows n and the interval so a reader sees when a run was too short to judge.
 """
 
 from __future__ import annotations
@@ -36,14 +36,9 @@ from kvbm_cli.results import RequestRecord, measured_requests
 from kvbm_cli.stats import Statistic, bootstrap_ratio
 
 LOWER, HIGHER = "lower", "higher"
-# field of requests.jsonl (or derived) -> (description, unit, better direction)
-_BASES = {
-    "ttft": ("time to first token", "s", LOWER),
-    "itl": ("mean inter-token latency of a request", "s", LOWER),
-    "e2e": ("end-to-end request latency", "s", LOWER),
-    "tpot": ("time per output token after the first", "s", LOWER),
-    "tps": ("output tokens per second of a request", "tok/s", HIGHER),
-}
+# per-request value (time to first token, mean inter-token latency, end-to-end latency, time per output token
+# after the first, output tokens per second) -> (unit, better direction)
+_BASES = {"ttft": ("s", LOWER), "itl": ("s", LOWER), "e2e": ("s", LOWER), "tpot": ("s", LOWER), "tps": ("tok/s", HIGHER)}
 _STATS = {"p50": Statistic("quantile", 0.5), "p90": Statistic("quantile", 0.9), "p99": Statistic("quantile", 0.99),
           "mean": Statistic("mean")}
 DEFAULT_METRICS = ("ttft_p50", "ttft_p90", "itl_p50", "output_tokens_per_s")
@@ -59,7 +54,6 @@ class MetricSpec:
     statistic: Statistic
     direction: str
     unit: str
-    description: str
 
 
 def metric_spec(name: str, direction: str | None = None) -> MetricSpec:
@@ -67,15 +61,14 @@ def metric_spec(name: str, direction: str | None = None) -> MetricSpec:
     if direction not in (None, LOWER, HIGHER):
         raise CliError(f"direction {direction!r} for {name}: use 'lower' or 'higher' (which way is better)")
     if name == "output_tokens_per_s":
-        return MetricSpec(name, "throughput", Statistic("ratio_of_sums"), direction or HIGHER, "tok/s",
-                          "output tokens / request seconds, over all requests")
+        return MetricSpec(name, "throughput", Statistic("ratio_of_sums"), direction or HIGHER, "tok/s")
     match = re.fullmatch(r"(ttft|itl|e2e|tpot|tps)_(p50|p90|p99|mean)", name)
     if not match:
         raise CliError(f"unknown metric {name!r}: use ttft|itl|e2e|tpot|tps with _p50|_p90|_p99|_mean, "
                        "or output_tokens_per_s (e.g. --metric ttft_p50)")
     base, stat = match.groups()
-    description, unit, better = _BASES[base]
-    return MetricSpec(name, base, _STATS[stat], direction or better, unit, f"{stat} of {description}")
+    unit, better = _BASES[base]
+    return MetricSpec(name, base, _STATS[stat], direction or better, unit)
 
 
 METRICS = tuple(f"{b}_{s}" for b in _BASES for s in _STATS) + ("output_tokens_per_s",)

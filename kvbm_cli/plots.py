@@ -120,14 +120,10 @@ def throughput(runs: list[Run], path: Path) -> Path:
 
 def hit_rates(runs: list[Run], path: Path) -> Path | None:
     """vLLM's prefix-cache hit rates (from its counters) and KVBM's windowed tier hit rates over time."""
-    if all(r.metrics is None for r in runs):
-        return None
     fig, ax = _plt().subplots(figsize=(8, 4.2))
     styles = ["-", "--", ":", "-."]
     drawn = 0
-    for run, color in zip(runs, _colors(len(runs))):
-        if run.metrics is None:
-            continue
+    for run, color in zip(runs, _colors(len(runs))):  # a run without metrics.csv has empty series
         curves = []
         for i, ((hits, queries), label) in enumerate(HIT_COUNTERS.items()):
             h, q = series(run, hits), series(run, queries)
@@ -169,7 +165,6 @@ def tier_traffic(runs: list[Run], path: Path) -> Path | None:
                  "blocks (cumulative)", fontsize=7, loc="upper left")
 
 
-
 def throughput_points(summaries: list[dict]) -> dict[str, list[tuple[float, float]]]:
     """{config (run name): [(hit rate, requests/s)] sorted by hit rate} from hit-rate run summaries."""
     points: dict[str, list[tuple[float, float]]] = {}
@@ -186,8 +181,7 @@ def throughput_vs_hit_rate(runs: list[Run], path: Path) -> Path | None:
     points = throughput_points([r.summary for r in runs])
     if not points:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(8, 4.2))
+    fig, ax = _plt().subplots(figsize=(8, 4.2))
     base = dict(next(iter(points.values())))
     for name, pts in points.items():
         xs, ys = [x for x, _ in pts], [y for _, y in pts]
@@ -196,16 +190,10 @@ def throughput_vs_hit_rate(runs: list[Run], path: Path) -> Path | None:
             if base.get(x) and name != next(iter(points)):
                 ax.annotate(f"{y / base[x]:.2f}x", (x, y), textcoords="offset points", xytext=(0, 6),
                             ha="center", fontsize=8)
-    ax.set_xlabel("share of requests whose prefix was computed earlier and evicted from G1")
-    ax.set_ylabel("requests/s")
-    ax.set_title("Throughput against the hit rate (ratios: against the first configuration)")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path, "Throughput against the hit rate (ratios: against the first configuration)",
+                 "share of requests whose prefix was computed earlier and evicted from G1", "requests/s")
+
 
 PLOTS = (("TTFT CDF", "ttft_cdf.png", ttft_cdf),
          ("TTFT per request over time", "ttft_over_time.png", ttft_over_time),

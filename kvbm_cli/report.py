@@ -65,16 +65,15 @@ def summary_table(runs: list[Run], *, n_boot: int = 2000, seed: int = 0, confide
             else:
                 row[col] = "n/a"
         records.append(row)
-    counts: dict[str, Any] = {"metric": "requests (measured/warm-up/errors)", "better": ""}
-    for run in runs:
-        counts[run.name] = f"{len(run.requests)}/{run.warmup}/{run.errors}"
-    records.insert(0, counts)
+    records.insert(0, {"metric": "requests (measured/warm-up/errors)", "better": "",
+                       **{run.name: f"{len(run.requests)}/{run.warmup}/{run.errors}" for run in runs}})
+    totals = {run.name: kvbm_totals(run) for run in runs}
     for metric, label in (("kvbm_offload_blocks_d2h", "blocks offloaded G1->G2"),
                           ("kvbm_offload_blocks_h2d", "blocks offloaded G2->G3"),
                           ("kvbm_onboard_blocks_h2d", "blocks onboarded G2->G1"),
                           ("kvbm_onboard_blocks_d2d", "blocks onboarded G3->G1"),
                           ("kvbm_matched_tokens", "tokens matched by KVBM")):
-        values = {run.name: kvbm_totals(run).get(metric) for run in runs}
+        values = {name: run_totals.get(metric) for name, run_totals in totals.items()}
         if any(v is not None for v in values.values()):
             records.append({"metric": label, "better": "",
                             **{k: ("n/a" if v is None else f"{v:,.0f}") for k, v in values.items()}})

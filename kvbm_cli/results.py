@@ -12,7 +12,7 @@ Operations:
   write_requests / read_requests      requests.jsonl (a bad line: one CliError naming file and line)
   measured_requests(run)              the requests gate and report count (no warm-up, no failures)
   append_request(path, record)        one line, flushed (a run that dies keeps what it measured)
-  write_summary / read_summary        summary.json
+  write_summary                       summary.json
   write_run / read_run                both files of one artifact dir
   load_run(path) -> Run               a run directory as DataFrames (requests, metrics.csv) for reports
   series(run, name) / kvbm_totals(run)   one metric over time / counter increases per tier pair
@@ -195,11 +195,6 @@ def write_summary(path: str | Path, summary: Summary) -> None:
     Path(path).write_text(json.dumps(summary.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
 
 
-def read_summary(path: str | Path) -> Summary:
-    """Parse a summary.json."""
-    return Summary.model_validate_json(Path(path).read_text(encoding="utf-8"))
-
-
 def write_run(artifact_dir: str | Path, records: Iterable[RequestRecord], summary: Summary) -> None:
     """Write requests.jsonl and summary.json into `artifact_dir` (created if missing)."""
     d = Path(artifact_dir)
@@ -211,7 +206,7 @@ def write_run(artifact_dir: str | Path, records: Iterable[RequestRecord], summar
 def read_run(artifact_dir: str | Path) -> tuple[list[RequestRecord], Summary]:
     """Both files of one artifact dir."""
     d = Path(artifact_dir)
-    return read_requests(d / REQUESTS_FILE), read_summary(d / SUMMARY_FILE)
+    return read_requests(d / REQUESTS_FILE), Summary.model_validate_json((d / SUMMARY_FILE).read_text(encoding="utf-8"))
 
 
 # --- a run directory as tables (kvbm report, its plots) -----------------------------------------------------
@@ -238,7 +233,6 @@ class Run:
     path: Path
     name: str
     requests: pd.DataFrame
-    all_rows: int
     warmup: int
     errors: int
     summary: dict[str, Any] = field(default_factory=dict)
@@ -264,8 +258,7 @@ def load_run(path: str | Path) -> Run:
         metrics["value"] = pd.to_numeric(metrics["value"], errors="coerce")
         if metrics.empty:
             metrics = None
-    warm = sum(r.warmup for r in records)
-    return Run(root, str(summary.get("run") or records[0].run or root.name), frame, len(records), warm,
+    return Run(root, str(summary.get("run") or records[0].run or root.name), frame, sum(r.warmup for r in records),
                sum(bool(r.error) and not r.warmup for r in records), summary, metrics, measured)
 
 

@@ -8,11 +8,9 @@ Operations:
   bootstrap_ratio(a, b, stat, ...)  stat(b) / stat(a) with a percentile bootstrap confidence interval
   Statistic                         what to compute on one sample: a quantile, the mean, or a ratio of sums
 
-Why Harrell-Davis for medians and tail quantiles: it estimates the same quantile as the sample median but
-averages neighbouring order statistics, so at n=30 its sampling spread is much smaller; a gate built on it
-tells a 10% regression from noise with fewer requests (the approach of performance tools such as
-perfolizer). The bootstrap resamples each run independently (runs are separate experiments) and is seeded,
-so the same inputs always give the same interval.
+Harrell-Davis averages neighbouring order statistics, so at n=30 it spreads much less than the sample median
+and a gate tells a 10% regression from noise with fewer requests. The bootstrap resamples each run on its own
+(runs are separate experiments) and is seeded: the same inputs always give the same interval.
 """
 
 from __future__ import annotations

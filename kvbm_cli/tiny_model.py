@@ -1,11 +1,10 @@
 """The embedded default model: a tiny Qwen3-shaped model directory made locally, with no model hub.
 
-vLLM serves it with `--load-format dummy` (random weights), so only the config, the tokenizer and the
-generation config are written. Everything is derived from constants and a seeded corpus: the same bytes on
-every run and every machine (test_tiny_model checks it).
+Config, a byte-level BPE tokenizer trained on a seeded corpus and seeded random weights: the same bytes on every
+run and every machine (test_tiny_model checks it).
 
 Operations:
-  make_tiny_model(out_dir)   write config.json, tokenizer.json, tokenizer_config.json, generation_config.json
+  make_tiny_model(out_dir)   write the model directory (config, tokenizer, generation config, weights)
   default_model_dir()        the cached copy other commands use when --model is not given (made on first use)
   TINY_MODEL_NAME            the name the cached copy is made under
 """

@@ -1,6 +1,6 @@
 """`kvbm doctor`, `kvbm doctor disk` and `kvbm doctor store`: can KVBM run here, use this directory, this store.
 
-The checks are kvbm_cli.doctor and kvbm_cli.doctor_store; this module renders them (a table, or --json) and
+The checks are kvbm_cli.doctor's; this module renders them (a table, or --json) and
 exits 1 when a check fails (CI can gate on it), 2 for bad options; warnings do not fail.
 """
 
@@ -17,7 +17,7 @@ from kvbm.config import KvbmConfig
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli._options import JsonOpt, StoreUrlOpt, group
 from kvbm_cli._output import emit_json, out, table
-from kvbm_cli.doctor import DEFAULT_BLOCK_BYTES, Check, disk_checks, env_checks, verdict
+from kvbm_cli.doctor import DEFAULT_BLOCK_BYTES, Check, disk_checks, env_checks, store_checks, verdict
 
 doctor_app = group(help="Check this machine and a disk-cache directory for KVBM; exit 1 when a check fails.",
                    no_args_is_help=False, invoke_without_command=True)
@@ -43,21 +43,17 @@ def _show(checks: list[Check], title: str, subject: str, extra: dict[str, Any], 
 @doctor_app.command("disk")
 def disk(
     target: Annotated[Optional[Path], typer.Option("--dir", help="Directory to check (default: DYN_KVBM_DISK_CACHE_DIR, else /tmp/).")] = None,
-    disk_gb: Annotated[Optional[float], typer.Option(help="Disk cache GB to check free space for (default: DYN_KVBM_DISK_CACHE_GB).")] = None,
-    workers: Annotated[int, typer.Option(help="Workers (TP ranks) that each create a cache file of that size.")] = 1,
-    size: Annotated[int, typer.Option("--size", help="MiB written and read in the throughput test (0 skips it).")] = 1024,
-    block_bytes: Annotated[int, typer.Option(help="KV block bytes for the random reads (see `kvbm size`).")] = DEFAULT_BLOCK_BYTES,
-    random_reads: Annotated[int, typer.Option(help="Number of random KV-block reads.")] = 256,
+    disk_gb: Annotated[Optional[float], typer.Option(help="Disk cache GB to check free space for (default: DYN_KVBM_DISK_CACHE_GB).", min=0)] = None,
+    workers: Annotated[int, typer.Option(help="Workers (TP ranks) that each create a cache file of that size.", min=1)] = 1,
+    size: Annotated[int, typer.Option("--size", help="MiB written and read in the throughput test (0 skips it).", min=0)] = 1024,
+    block_bytes: Annotated[int, typer.Option(help="KV block bytes for the random reads (see `kvbm size`).", min=1)] = DEFAULT_BLOCK_BYTES,
+    random_reads: Annotated[int, typer.Option(help="Number of random KV-block reads.", min=0)] = 256,
     remove_stale: Annotated[bool, typer.Option(help="Remove cache files left by dead processes of this host.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Can KVBM keep its disk cache in this directory, and how fast is it."""
-    if size < 0 or block_bytes < 1 or random_reads < 0 or workers < 1:
-        raise CliError("--size and --random-reads must be 0 or more, --block-bytes and --workers 1 or more")
     config = KvbmConfig.from_env(check_paths=False)
     if disk_gb is not None:
-        if disk_gb < 0:
-            raise CliError(f"--disk-gb {disk_gb} must not be negative")
         config = config.model_copy(update={"disk_cache_gb": disk_gb})
     directory = (target or config.disk_cache_dir).expanduser()
     checks, facts = disk_checks(directory, config, size_bytes=size << 20, block_bytes=block_bytes,
@@ -74,32 +70,26 @@ def store(
 ) -> None:
     """Can the shared tier (G4) use this store: reachable, version, maxmemory and policy, latency, throughput."""
     from kvbm.mechanism.remote import redacted
-    from kvbm_cli.doctor_store import store_checks
 
     url = url or os.environ.get("DYN_KVBM_REMOTE_URL")
     if not url or blocks < 1:
         raise CliError("give --url redis://host:port/0 (or set DYN_KVBM_REMOTE_URL), and --blocks 1 or more")
-    rows, facts = store_checks(url, secret=os.environ.get("DYN_KVBM_REMOTE_SECRET") or None, blocks=blocks)
-    _show([Check(*r) for r in rows], f"kvbm doctor store {redacted(url)}", f"shared store {redacted(url)}", facts,
+    checks, facts = store_checks(url, secret=os.environ.get("DYN_KVBM_REMOTE_SECRET") or None, blocks=blocks)
+    _show(checks, f"kvbm doctor store {redacted(url)}", f"shared store {redacted(url)}", facts,
           as_json)
 
 
 @doctor_app.callback(invoke_without_command=True)
 def doctor(
     ctx: typer.Context,
-    port: Annotated[int, typer.Option(help="Port the engine will serve on (checked free).")] = 8000,
-    workers: Annotated[int, typer.Option(help="Workers (TP ranks) that each allocate DYN_KVBM_CPU_CACHE_GB.")] = 1,
+    port: Annotated[int, typer.Option(help="Port the engine will serve on (checked free).", min=1, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(help="Workers (TP ranks) that each allocate DYN_KVBM_CPU_CACHE_GB.", min=1)] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Every DYN_KVBM_* variable explained, RAM, pinned-memory limit, GPU, versions, ports."""
     if ctx.invoked_subcommand is not None:
         return
-    if not 1 <= port <= 65535 or workers < 1:
-        raise CliError("--port must be 1..65535 and --workers 1 or more")
     checks, rows = env_checks(dict(os.environ), port, workers)
-    from kvbm_cli.doctor_store import redact_variable_rows
-
-    rows = redact_variable_rows(rows)  # the store's password and the MAC secret are never printed
     if not as_json:
         variables = table("DYN_KVBM_* variables", ["variable", "set to", "in effect", "meaning"])
         for r in rows:

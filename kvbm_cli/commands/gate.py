@@ -35,8 +35,6 @@ def gate(
     """Compare a candidate run with a baseline: exit 1 when a metric regressed beyond its tolerance."""
     if not 0.5 <= confidence < 1.0:
         raise CliError(f"--confidence {confidence}: use a level between 0.5 and 1 (e.g. 0.95)")
-    if n_boot < 100:
-        raise CliError(f"--n-boot {n_boot}: use at least 100 resamples")
     default = gating.parse_fraction(max_regression)
     chosen = gating.choose_metrics(metric, thresholds)
     verdicts = gating.gate(baseline, candidate, chosen, default_max_regression=default, confidence=confidence,

@@ -32,7 +32,7 @@ def collect(
     out_arg: Annotated[Path, typer.Option("--out", "-o", help="Run directory (gets metrics.csv) or a .csv path.")] = Path("."),
     url: MetricsUrlsOpt = None,
     interval: Annotated[float, typer.Option("--interval", "-i", help="Seconds between scrapes (the step with --prometheus).")] = 1.0,
-    duration: Annotated[Optional[float], typer.Option("--duration", "-d", help="Stop after this many seconds.")] = None,
+    duration: Annotated[Optional[float], typer.Option("--duration", "-d", help="Stop after this many seconds.", min=0)] = None,
     until_file: Annotated[Optional[Path], typer.Option("--until-file", help="Stop once this file exists (e.g. the bench's summary.json).")] = None,
     pid: Annotated[Optional[int], typer.Option("--pid", help="Stop when this process (e.g. the bench) exits.")] = None,
     match: Annotated[str, typer.Option("--match", help="Regex of sample names to keep.")] = collector.DEFAULT_MATCH,
@@ -45,8 +45,6 @@ def collect(
     """Sample vLLM's and KVBM's /metrics into metrics.csv next to a bench run's results."""
     if interval <= 0:
         raise CliError(f"--interval {interval}: use a positive number of seconds")
-    if duration is not None and duration < 0:
-        raise CliError(f"--duration {duration}: use a non-negative number of seconds")
     try:
         re.compile(match)
     except re.error as exc:

@@ -1,7 +1,7 @@
 """`kvbm model`: the embedded default model.
 
 Operations:
-  kvbm model tiny --out DIR   write the tiny Qwen3-shaped model (config + locally trained tokenizer) to DIR
+  kvbm model tiny --out DIR   write the tiny Qwen3-shaped model (config, local tokenizer, seeded weights) to DIR
   kvbm model tiny             without --out: make (once) and print the cached default used when --model is absent
 """
 
@@ -25,7 +25,6 @@ def tiny(
         "--out", "-o", help="Directory to write (created if missing). Default: the cached copy other commands use.",
         file_okay=False)] = None,
 ) -> None:
-    """Write the tiny Qwen3-shaped model (no weights: serve with --load-format dummy) and print its path."""
+    """Write the tiny Qwen3-shaped model (config, tokenizer, seeded random weights) and print its path."""
     path = make_tiny_model(out_dir) if out_dir is not None else default_model_dir()
     out().print(str(path), soft_wrap=True)
-    # Serve it: python -m vllm.entrypoints.openai.api_server --model PATH --load-format dummy --enforce-eager

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from kvbm_cli._errors import CliError
 from kvbm_cli._options import JsonOpt, NBootOpt, SeedOpt
 from kvbm_cli._output import emit_json, markdown, out
 from kvbm_cli.report import build_report
@@ -24,8 +23,6 @@ def report(
     json_out: JsonOpt = False,
 ) -> None:
     """Render an HTML page, a Markdown summary and PNGs comparing bench runs (ratios against the first)."""
-    if n_boot < 100:
-        raise CliError(f"--n-boot {n_boot}: use at least 100 resamples")
     result = build_report([load_run(r) for r in runs], out_dir, n_boot=n_boot, seed=seed, title=title)
     if json_out:
         emit_json({k: v for k, v in result.items() if k != "table"})

@@ -23,27 +23,25 @@ def serve(
     port: PortOpt = 8000,
     host: Annotated[Optional[str], typer.Option(help="Address to bind (vLLM's default: all).")] = None,
     gpu_memory_utilization: Annotated[Optional[float], typer.Option(
-        help="GPU: fraction of GPU memory vLLM may use (weights + G1). No effect on the CPU build.",
-        rich_help_panel="G1")] = None,
+        help="GPU: fraction of GPU memory vLLM may use (weights + G1). No effect on the CPU build.")] = None,
     kv_cache_memory_bytes: Annotated[Optional[int], typer.Option(
         help="G1 size in bytes (GPU and CPU). On CPU the way to force eviction: the tiny model's 128-token "
-             "block is 256 KiB.", rich_help_panel="G1")] = None,
+             "block is 256 KiB.")] = None,
     gpu_cache_gb: Annotated[Optional[float], typer.Option(
-        help="G1 size in GB (10^9 bytes); same as --kv-cache-memory-bytes.", rich_help_panel="G1")] = None,
+        help="G1 size in GB (10^9 bytes); same as --kv-cache-memory-bytes.")] = None,
     block_size: BlockSizeOpt = None,
     enable_prefix_caching: Annotated[bool, typer.Option(
         "--enable-prefix-caching/--no-enable-prefix-caching", help="vLLM's own prefix cache in G1.")] = True,
     max_model_len: Annotated[Optional[int], typer.Option(
         help="Longest request in tokens. Default for the tiny model: 16384, or what G1 holds.")] = None,
     cpu_cache_gb: Annotated[Optional[float], typer.Option(
-        help="KVBM host tier (G2) in GB: sets DYN_KVBM_CPU_CACHE_GB.", rich_help_panel="KVBM")] = None,
+        help="KVBM host tier (G2) in GB: sets DYN_KVBM_CPU_CACHE_GB.")] = None,
     disk_cache_gb: Annotated[Optional[float], typer.Option(
-        help="KVBM disk tier (G3) in GB: sets DYN_KVBM_DISK_CACHE_GB.", rich_help_panel="KVBM")] = None,
-    disk_cache_dir: Annotated[Optional[str], typer.Option(
-        help="Directory of the disk tier: sets DYN_KVBM_DISK_CACHE_DIR.", rich_help_panel="KVBM")] = None,
+        help="KVBM disk tier (G3) in GB: sets DYN_KVBM_DISK_CACHE_GB.")] = None,
+    disk_cache_dir: Annotated[Optional[str], typer.Option(help="Directory of the disk tier: sets DYN_KVBM_DISK_CACHE_DIR.")] = None,
     remote_url: Annotated[Optional[str], typer.Option(
         help="KVBM shared tier (G4) store, e.g. redis://host:6379/0 or file:///shared/dir: sets "
-             "DYN_KVBM_REMOTE_URL (needs --cpu-cache-gb).", rich_help_panel="KVBM")] = None,
+             "DYN_KVBM_REMOTE_URL (needs --cpu-cache-gb).")] = None,
     log_file: Annotated[Optional[Path], typer.Option(help="Write the engine's log here instead of streaming it "
                                                           "to stderr.", dir_okay=False)] = None,
     health_timeout: HealthTimeoutOpt = 600.0,
