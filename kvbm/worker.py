@@ -299,6 +299,9 @@ class KvbmWorker:
             self.engine.wait(self.load_wait_s, kind="onboard")
             self._loads_this_step = False
         results, self._local = self._local + (self.engine.get_finished() if self.engine is not None else []), []
+        if not (results or self._lw_open or self._releases or self._load_errors) and (
+                self.disk_error is None or self._disk_reported):
+            return out  # nothing finished, nothing waited for: the common decode step costs ~1 us here
         for job_id, (handle, result, t0) in list(self._lw_open.items()):
             if handle.query():
                 del self._lw_open[job_id]

@@ -137,13 +137,14 @@ def _run_in_thread(fn):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
-def test_background_threads_leave_the_omp_cores_and_yield(monkeypatch):
+def test_background_threads_leave_the_omp_cores_and_keep_their_priority(monkeypatch):
+    # a niced thread holding the worker's GIL on the busy reserved core makes the engine thread wait (issue 11)
     allowed = sorted(threads.allowed_cpus())
     monkeypatch.setenv("OMP_PLACES", "{%d}" % allowed[0])
     monkeypatch.setenv("KVBM_THREAD_PLACEMENT", "auto")
     got = _run_in_thread(threads.place_background_thread)
     assert allowed[0] not in got["affinity"] and got["affinity"]
-    assert got["nice"] >= threads.NICE
+    assert got["nice"] == os.getpriority(os.PRIO_PROCESS, 0)
     assert os.sched_getaffinity(0) == set(allowed) or allowed[0] in os.sched_getaffinity(0)  # caller untouched
 
 

@@ -5,10 +5,15 @@ KMP_AFFINITY, set by vLLM before it starts the worker process; libgomp binds the
 loads). A thread started from that main thread inherits the binding, so without care KVBM's transfer threads
 would run on the very cores the model's forward pass computes on. `place_background_thread()`, run first in
 every KVBM thread, moves the calling thread to the cores the worker's OMP threads do not use (the cores vLLM
-reserves for its scheduler and API server) and lowers its priority, so the engine's compute always wins.
+reserves for its scheduler and API server), so the engine's compute always keeps its cores.
+
+Priority is left as it is by default: KVBM's threads share the worker's GIL with the engine thread, and a niced
+thread that holds the GIL on the busy reserved core is descheduled with it, so the engine thread waits (measured
+with tests/perf_shims at c=8, no reuse: the worker hooks waited ~170 us per step beyond their CPU time with nice
+10, ~50 us with pinning alone; output tok/s 888-921 niced vs 1,144 pinned, one engine each, 2026-12-05).
 
 KVBM_THREAD_PLACEMENT picks what is done (measured on 2 cores, see README "CPU cores"):
-  auto   pin off the OMP cores when there are others, and nice the thread (default)
+  auto   pin off the OMP cores when there are others (default; was "pin + nice" before session 19)
   pin    only pin off the OMP cores      nice   only lower the priority (nice 10)
   idle   SCHED_IDLE (runs only on an otherwise idle core)      off   leave the thread as started
 
@@ -95,7 +100,7 @@ def place_background_thread(awaited: bool = False) -> None:
                     done.append(f"pinned to cores {sorted(others)} (OMP uses {sorted(omp)})")
                 except OSError:
                     pass
-    if mode in ("auto", "nice") and not awaited:
+    if mode == "nice" and not awaited:
         try:
             os.setpriority(os.PRIO_PROCESS, tid, max(NICE, os.getpriority(os.PRIO_PROCESS, tid)))
             done.append(f"nice {NICE}")

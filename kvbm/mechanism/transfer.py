@@ -278,6 +278,8 @@ class TransferEngine:
 
     def get_finished(self) -> list[JobResult]:
         """Results of the jobs finished since the last call."""
+        if self._done.empty():  # every engine step asks: no exception raised when nothing finished
+            return []
         out = []
         while True:
             try:
