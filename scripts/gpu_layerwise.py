@@ -762,7 +762,7 @@ def main() -> int:
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ttft,hooks,transfer")
     args = ap.parse_args()
     args.block_sizes = [16, 32, 64, 128] if not args.quick else [16, 32]
-    args.repeats = 10 if not args.quick else 2
+    args.repeats = 15 if not args.quick else 2
     args.ttft_repeats = 7 if not args.quick else 2
     args.offload_repeats = 3 if not args.quick else 1
     args.prompt_blocks = 1258 if not args.quick else 12
@@ -807,7 +807,7 @@ def main() -> int:
     if "transfer" not in skip:
         log(lines, "")
         log(lines, f"== C. transfers vs raw pinned memcpy, 1 GiB, scattered engine pages, median of {args.repeats}")
-        log(lines, f"{'layout':<6}{'bs':>4}{'KiB/blk':>8} {'path':<42}{'GB/s':>8}{'vs raw':>8}")
+        log(lines, f"{'layout':<6}{'bs':>4}{'KiB/blk':>8} {'path':<46}{'GB/s':>8}{'vs raw':>8}")
         for lay in layouts:
             for bs in args.block_sizes:
                 t0 = time.perf_counter()
