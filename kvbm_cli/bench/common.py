@@ -4,9 +4,7 @@ one way to run a workload into result files, and one way to make its command.
 Operations:
   Keys                                  a scenario block: keys spelled as the flags, unknown refused
   WorkloadConfig                        a workload's options (fields with their help) and how it sends requests
-  Target                                where a run's requests go and where their records land
   resolve_model_and_tokenizer(url, model, tokenizer)   model id from the server when not given; tokenizer source
-  ArtifactWriter(dir)                   requests.jsonl appended as requests finish
   run_workload(cfg, ...)                native client, aiperf or genai-perf -> requests.jsonl + summary.json
   finish_run(...)                       summary.json written; warnings on token-count mismatches
   print_summary(summary, dir, json)     a table (or JSON) on stdout
@@ -20,7 +18,6 @@ import asyncio
 import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Optional
 
@@ -30,10 +27,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli._options import ArtifactOpt, Driver, DriverOpt, JsonOpt, ModelOpt, RunOpt, TimeoutOpt, TokenizerOpt, UrlOpt
 from kvbm_cli._output import emit_json, note, out, table
-from kvbm_cli.bench.client import RequestSpec, run_requests
+from kvbm_cli.bench.client import Target
 from kvbm_cli.httpclient import server_model
-from kvbm_cli.results import (REQUESTS_FILE, SUMMARY_FILE, RequestRecord, Summary, append_request, iso_now, summarize,
-                              write_requests, write_summary)
+from kvbm_cli.results import REQUESTS_FILE, SUMMARY_FILE, RequestRecord, Summary, iso_now, summarize, write_requests, write_summary
 
 
 class Keys(BaseModel):
@@ -44,41 +40,6 @@ class Keys(BaseModel):
 
     def validate(self) -> None:
         """Checks across keys (one CliError); a key's own bounds are in its Field."""
-
-
-class ArtifactWriter:
-    """Collects records and appends each to requests.jsonl as it finishes (a dying run keeps its data)."""
-
-    def __init__(self, artifact_dir: Path):
-        self.dir = artifact_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / REQUESTS_FILE
-        self.path.write_text("")
-        self.records: list[RequestRecord] = []
-
-    def add(self, record: RequestRecord) -> None:
-        self.records.append(record)
-        append_request(self.path, record)
-
-
-@dataclass
-class Target:
-    """Where a run's requests go (server, model, run label) and where their records land."""
-
-    url: str
-    model: str
-    run: str
-    workload: str
-    timeout_s: float
-    show_progress: bool
-    writer: ArtifactWriter
-
-    async def send_all(self, specs: list[RequestSpec], **options: Any) -> dict[str, int]:
-        """run_requests(specs, **options) here; returns the prompt length each request should have."""
-        await run_requests(specs, self.url, self.model, run=self.run, workload=self.workload,
-                           timeout_s=self.timeout_s, on_done=self.writer.add, show_progress=self.show_progress,
-                           **options)
-        return {s.request_id: s.expected_input_tokens for s in specs}
 
 
 class WorkloadConfig(Keys):
@@ -129,10 +90,9 @@ def run_workload(cfg: WorkloadConfig, *, url: str, model: Optional[str], tokeniz
                                                 artifact_dir=artifact_dir, run=run)
         config |= {"driver_command": command}
     else:
-        writer = ArtifactWriter(artifact_dir)
-        target = Target(url, model, run, cfg.name, timeout_s, show_progress, writer)
+        target = Target(url, model, run, cfg.name, artifact_dir, timeout_s, show_progress)
         expected = asyncio.run(cfg.drive(PromptTokenizer(tok_source), target))
-        records = writer.records
+        records = target.records
     return finish_run(records, artifact_dir, run=run, workload=cfg.name, url=url, model=model, driver=driver,
                       started_at=started_at, config=config, engine=engine, expected=expected)
 

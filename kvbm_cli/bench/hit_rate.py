@@ -31,7 +31,7 @@ from pydantic import Field, computed_field
 from kvbm_cli._errors import CliError
 from kvbm_cli._options import Endpoint
 from kvbm_cli.bench import common
-from kvbm_cli.bench.client import RequestSpec
+from kvbm_cli.bench.client import RequestSpec, Target
 from kvbm_cli.bench.prompts import PromptTokenizer, build_prefix, build_prompt
 
 PRIME_FRESH_TOKENS = 8  # fresh words after a primed prefix: its last prefix block is full and computed
@@ -67,7 +67,7 @@ class HitRateConfig(common.WorkloadConfig):
         """Measured requests that reuse a primed prefix."""
         return round(self.hit_rate * self.request_count)
 
-    async def drive(self, tok: PromptTokenizer, target: common.Target) -> dict[str, int]:
+    async def drive(self, tok: PromptTokenizer, target: Target) -> dict[str, int]:
         return await target.send_all(make_requests(self, tok), concurrency=self.concurrency)
 
 

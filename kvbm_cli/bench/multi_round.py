@@ -25,11 +25,9 @@ from typing import Any, Optional
 
 from pydantic import Field, field_validator
 
-from kvbm_cli._output import progress
 from kvbm_cli.bench import common
-from kvbm_cli.bench.client import RequestSpec, send
+from kvbm_cli.bench.client import RequestSpec, Target
 from kvbm_cli.bench.prompts import PromptTokenizer
-from kvbm_cli.httpclient import async_client
 
 
 class MultiRoundConfig(common.WorkloadConfig):
@@ -54,7 +52,7 @@ class MultiRoundConfig(common.WorkloadConfig):
     def _zero_is_none(cls, value: Any) -> Any:
         return value or None
 
-    async def drive(self, tok: PromptTokenizer, target: common.Target) -> None:
+    async def drive(self, tok: PromptTokenizer, target: Target) -> None:
         await _drive(self, tok, target)
 
 
@@ -134,62 +132,51 @@ class _Workload:
         return sessions
 
 
-async def _drive(cfg: MultiRoundConfig, tok: PromptTokenizer, target: common.Target) -> None:
+async def _drive(cfg: MultiRoundConfig, tok: PromptTokenizer, target: Target) -> None:
     wl = _Workload(cfg, tok)
     in_flight: set[asyncio.Task] = set()
-    errors = 0
 
-    async with async_client(cfg.num_users + 2, target.timeout_s) as client:
-        with progress("requests", not target.show_progress) as bar:
-            task = bar.add_task(f"{cfg.name} {target.run}", total=None, note="")
+    async with target.session(cfg.num_users + 2) as send_one:
+        def launch(s: _Session, now: float) -> None:
+            spec = s.next_request(now, "warmup-" if s.warmup else "")
+            spec.max_tokens = cfg.answer_len
+            if cfg.request_with_user_id:  # LMBenchmark's header, for routers that keep a user on one engine
+                spec.headers = {"x-user-id": str(s.user_id)}
 
-            def launch(s: _Session, now: float) -> None:
-                spec = s.next_request(now, "warmup-" if s.warmup else "")
-                spec.max_tokens = cfg.answer_len
-                if cfg.request_with_user_id:  # LMBenchmark's header, for routers that keep a user on one engine
-                    spec.headers = {"x-user-id": str(s.user_id)}
-                done_spec = spec
+            async def one() -> None:
+                sent = await send_one(spec, ignore_eos=True)
+                s.history.append({"role": "assistant", "content": sent.text})
+                s.busy = False
 
-                async def one() -> None:
-                    nonlocal errors
-                    sent = await send(client, target.url, target.model, done_spec, run=target.run,
-                                      workload=cfg.name, ignore_eos=True)
-                    s.history.append({"role": "assistant", "content": sent.text})
-                    s.busy = False
-                    target.writer.add(sent.record)
-                    errors += sent.record.error is not None
-                    bar.update(task, advance=1, note=f"user {s.user_id} q{s.question_id}"
-                               + (f"  errors {errors}" if errors else ""))
+            t = asyncio.create_task(one())
+            in_flight.add(t)
+            t.add_done_callback(in_flight.discard)
 
-                t = asyncio.create_task(one())
-                in_flight.add(t)
-                t.add_done_callback(in_flight.discard)
+        async def loop(sessions: list[_Session], deadline: Optional[float], replace: bool) -> None:
+            last_join = time.monotonic()
+            while True:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                sessions[:] = [s for s in sessions if not s.finished]
+                if replace and len(sessions) < cfg.num_users and now - last_join > wl.gap_between_users:
+                    sessions.append(wl.new_session())
+                    last_join = now
+                if not sessions and not replace:
+                    break
+                for s in sessions:
+                    if s.due(now):
+                        launch(s, now)
+                await asyncio.sleep(0.02)
+            if in_flight:
+                await asyncio.gather(*list(in_flight))
 
-            async def loop(sessions: list[_Session], deadline: Optional[float], replace: bool) -> None:
-                last_join = time.monotonic()
-                while True:
-                    now = time.monotonic()
-                    if deadline is not None and now >= deadline:
-                        break
-                    sessions[:] = [s for s in sessions if not s.finished]
-                    if replace and len(sessions) < cfg.num_users and now - last_join > wl.gap_between_users:
-                        sessions.append(wl.new_session())
-                        last_join = now
-                    if not sessions and not replace:
-                        break
-                    for s in sessions:
-                        if s.due(now):
-                            launch(s, now)
-                    await asyncio.sleep(0.02)
-                if in_flight:
-                    await asyncio.gather(*list(in_flight))
-
-            if cfg.warmup:
-                warm = wl.new_session(warmup=True, user_id=cfg.init_user_id, rounds=2, gap=0.5)
-                await loop([warm], None, replace=False)
-            start = time.monotonic()
-            deadline = start + cfg.time if cfg.time is not None else None
-            await loop(wl.ramp_up(start), deadline, replace=cfg.time is not None)
+        if cfg.warmup:
+            warm = wl.new_session(warmup=True, user_id=cfg.init_user_id, rounds=2, gap=0.5)
+            await loop([warm], None, replace=False)
+        start = time.monotonic()
+        deadline = start + cfg.time if cfg.time is not None else None
+        await loop(wl.ramp_up(start), deadline, replace=cfg.time is not None)
 
 
 run_multi_round = common.run_workload

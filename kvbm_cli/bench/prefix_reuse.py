@@ -23,7 +23,7 @@ from pydantic import Field
 from kvbm_cli._errors import CliError
 from kvbm_cli._options import Endpoint, PrefixOrder
 from kvbm_cli.bench import common
-from kvbm_cli.bench.client import RequestSpec
+from kvbm_cli.bench.client import RequestSpec, Target
 from kvbm_cli.bench.prompts import PromptTokenizer, build_prefix, build_prompt
 
 
@@ -59,7 +59,7 @@ class PrefixReuseConfig(common.WorkloadConfig):
         if self.concurrency is not None and self.request_rate is not None:
             raise CliError("give --concurrency or --request-rate, not both")
 
-    async def drive(self, tok: PromptTokenizer, target: common.Target) -> dict[str, int]:
+    async def drive(self, tok: PromptTokenizer, target: Target) -> dict[str, int]:
         return await target.send_all(make_requests(self, tok), request_rate=self.request_rate,
                                      concurrency=self.concurrency or (None if self.request_rate else 1),
                                      streaming=self.streaming, ignore_eos=self.ignore_eos)
