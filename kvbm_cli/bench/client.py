@@ -3,23 +3,26 @@
 Operations:
   RequestSpec                         one request to send (prompt or messages, max tokens, labels)
   send(client, url, model, spec)      stream it; RequestRecord (TTFT, inter-token latencies, e2e, tokens, error)
-  run_requests(specs, ...)            send with a concurrency limit or at a request rate, with a progress bar
+  Target(url, model, run, ...)        a run: .session() sends with a progress bar, each record kept and written;
+                                      .send_all(specs) with a concurrency limit or at a request rate
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import httpx
 
 from kvbm_cli._output import progress
 from kvbm_cli.httpclient import async_client
-from kvbm_cli.results import RequestRecord
+from kvbm_cli.results import REQUESTS_FILE, RequestRecord, append_request
 
 
 @dataclass
@@ -46,6 +49,9 @@ class Sent:
 
     record: RequestRecord
     text: str
+
+
+SendOne = Callable[..., Awaitable[Sent]]
 
 
 def _payload(model: str, spec: RequestSpec, streaming: bool, ignore_eos: bool) -> dict[str, Any]:
@@ -138,48 +144,69 @@ async def send(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpe
     return Sent(record, "".join(text_parts))
 
 
-async def run_requests(specs: Sequence[RequestSpec], url: str, model: str, *, run: str, workload: str,
-                       concurrency: Optional[int] = 1, request_rate: Optional[float] = None,
-                       streaming: bool = True, ignore_eos: bool = True, timeout_s: float = 600.0,
-                       on_done: Callable[[RequestRecord], None] = lambda r: None,
-                       show_progress: bool = True) -> list[RequestRecord]:
-    """Send `specs` in order: with at most `concurrency` in flight, or started every 1/`request_rate` s.
+@dataclass
+class Target:
+    """Where a run's requests go (server, model, run label) and where their records land: `records`, and
+    requests.jsonl in `artifact_dir` appended as each request finishes (a dying run keeps its data)."""
 
-    Warm-up specs (which must come first) all finish before the measured ones start. `url` may list several
-    servers, comma-separated: spec i goes to server i mod their number (a round-robin client).
-    """
-    urls = url.split(",")
-    records: list[Optional[RequestRecord]] = [None] * len(specs)
-    warm = [i for i, s in enumerate(specs) if s.warmup]
-    measured = [i for i, s in enumerate(specs) if not s.warmup]
-    limit = asyncio.Semaphore(concurrency or len(specs) or 1)
-    async with async_client(concurrency or 16, timeout_s) as client:
-        with progress("requests", not show_progress) as bar:
-            task = bar.add_task(f"{workload} {run}", total=len(specs), note="")
-            errors = 0
+    url: str
+    model: str
+    run: str
+    workload: str
+    artifact_dir: Path
+    timeout_s: float = 600.0
+    show_progress: bool = True
+    records: list[RequestRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.artifact_dir.mkdir(parents=True, exist_ok=True)
+        (self.artifact_dir / REQUESTS_FILE).write_text("")
+
+    @contextlib.asynccontextmanager
+    async def session(self, concurrency: int, total: Optional[int] = None) -> AsyncIterator[SendOne]:
+        """A client for `concurrency` streams and a progress bar; yields `send_one(spec, url=None, **options) -> Sent`
+        (url: one of several comma-separated servers; the first by default), which records the request and advances the bar."""
+        async with async_client(concurrency, self.timeout_s) as client:
+            with progress("requests", not self.show_progress) as bar:
+                task = bar.add_task(f"{self.workload} {self.run}", total=total, note="")
+                errors = 0
+
+                async def send_one(spec: RequestSpec, url: Optional[str] = None, **options: Any) -> Sent:
+                    nonlocal errors
+                    sent = await send(client, url or self.url.split(",")[0], self.model, spec, run=self.run,
+                                      workload=self.workload, **options)
+                    self.records.append(sent.record)
+                    append_request(self.artifact_dir / REQUESTS_FILE, sent.record)
+                    errors += sent.record.error is not None
+                    ttft = sent.record.ttft_s
+                    bar.update(task, advance=1, note=(f"last TTFT {ttft * 1000:.0f} ms" if ttft is not None else "")
+                               + (f"  errors {errors}" if errors else ""))
+                    return sent
+
+                yield send_one
+
+    async def send_all(self, specs: Sequence[RequestSpec], concurrency: Optional[int] = 1,
+                       request_rate: Optional[float] = None, **options: Any) -> dict[str, int]:
+        """Send `specs` in order: at most `concurrency` in flight, or one started every 1/`request_rate` s.
+        Warm-up specs (which must come first) all finish before the measured ones start. Returns the prompt
+        length each request should have."""
+        limit = asyncio.Semaphore(concurrency or len(specs) or 1)
+        async with self.session(concurrency or 16, len(specs)) as send_one:
+            urls = self.url.split(",")  # several servers: spec i goes to server i mod their number (round robin)
 
             async def one(i: int) -> None:
-                nonlocal errors
                 async with limit:
-                    sent = await send(client, urls[i % len(urls)], model, specs[i], run=run, workload=workload,
-                                      streaming=streaming, ignore_eos=ignore_eos)
-                records[i] = sent.record
-                errors += sent.record.error is not None
-                on_done(sent.record)
-                ttft = sent.record.ttft_s
-                bar.update(task, advance=1, note=(f"last TTFT {ttft * 1000:.0f} ms" if ttft is not None else "")
-                           + (f"  errors {errors}" if errors else ""))
+                    await send_one(specs[i], urls[i % len(urls)], **options)
 
-            for group in (warm, measured):
-                if request_rate:
-                    tasks = []
-                    t0 = time.perf_counter()
-                    for k, i in enumerate(group):
-                        delay = t0 + k / request_rate - time.perf_counter()
-                        if delay > 0:
-                            await asyncio.sleep(delay)
-                        tasks.append(asyncio.create_task(one(i)))
-                    await asyncio.gather(*tasks)
-                else:
+            for warmup in (True, False):
+                group = [i for i, s in enumerate(specs) if s.warmup == warmup]
+                if not request_rate:
                     await asyncio.gather(*(one(i) for i in group))
-    return [r for r in records if r is not None]
+                    continue
+                tasks = []
+                t0 = time.perf_counter()
+                for k, i in enumerate(group):
+                    await asyncio.sleep(max(0.0, t0 + k / request_rate - time.perf_counter()))
+                    tasks.append(asyncio.create_task(one(i)))
+                await asyncio.gather(*tasks)
+        return {s.request_id: s.expected_input_tokens for s in specs}

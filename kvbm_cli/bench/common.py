@@ -1,36 +1,58 @@
-"""What the workloads share: model and tokenizer resolution, one way to run a workload into result files, and
-one way for its command to run it and show the summary.
+"""What the workloads share: one typed base whose fields are both the command's flags and the scenario's keys,
+one way to run a workload into result files, and one way to make its command.
 
 Operations:
-  Keys                                                  a scenario block: keys spelled as the flags, unknown refused
-  resolve_model_and_tokenizer(url, model, tokenizer)   model id from the server when not given; tokenizer dir
-  ArtifactWriter(dir)                                   requests.jsonl appended as requests finish
-  run_workload(cfg, workload, drive, ...)               native client (drive) or aiperf / genai-perf -> the files
-  finish_run(...)                                       summary.json written; warnings on token-count mismatches
-  run_command(run, cfg, workload, ...)                  a workload command: artifact dir, run, summary on stdout
-  print_summary(summary, json_out)                      a table (or JSON) on stdout
+  Keys                                  a scenario block: keys spelled as the flags, unknown refused
+  WorkloadConfig                        a workload's options (fields with their help) and how it sends requests
+  resolve_model_and_tokenizer(url, model, tokenizer)   model id from the server when not given; tokenizer source
+  run_workload(cfg, ...)                native client, aiperf or genai-perf -> requests.jsonl + summary.json
+  finish_run(...)                       summary.json written; warnings on token-count mismatches
+  print_summary(summary, dir, json)     a table (or JSON) on stdout
+  flags(cls)                            a command with one option per field of `cls` besides its own
+  workload_command(cls)                 `kvbm bench <workload>`: the client options and the workload's fields
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, ClassVar, Optional
 
-from pydantic import BaseModel, ConfigDict
+import typer
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from kvbm_cli._errors import CheckFailed
+from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli._options import ArtifactOpt, Driver, DriverOpt, JsonOpt, ModelOpt, RunOpt, TimeoutOpt, TokenizerOpt, UrlOpt
 from kvbm_cli._output import emit_json, note, out, table
+from kvbm_cli.bench.client import Target
 from kvbm_cli.httpclient import server_model
-from kvbm_cli.results import (REQUESTS_FILE, SUMMARY_FILE, RequestRecord, Summary, append_request, iso_now, summarize,
-                              write_requests, write_summary)
+from kvbm_cli.results import REQUESTS_FILE, SUMMARY_FILE, RequestRecord, Summary, iso_now, summarize, write_requests, write_summary
+
 
 class Keys(BaseModel):
     """A typed block of a scenario file: keys spelled as the flags (kebab-case), unknown keys refused."""
 
     model_config = ConfigDict(extra="forbid", alias_generator=lambda name: name.replace("_", "-"),
                               populate_by_name=True)
+
+    def validate(self) -> None:
+        """Checks across keys (one CliError); a key's own bounds are in its Field."""
+
+
+class WorkloadConfig(Keys):
+    """A workload's options: each field is a flag of its command (the description is its help) and a key of a
+    scenario's `workload:` block. A subclass names the workload and sends its requests in `drive`."""
+
+    model_config = ConfigDict(use_enum_values=True)
+    name: ClassVar[str]
+    drivers: ClassVar[tuple[str, ...]] = ("native",)
+
+    async def drive(self, tok: Any, target: Target) -> Optional[dict[str, int]]:
+        """Send the requests with the native client; the prompt length each should have (or None)."""
+        raise NotImplementedError
 
 
 def resolve_model_and_tokenizer(url: str, model: Optional[str], tokenizer: Optional[str]) -> tuple[str, str]:
@@ -43,46 +65,35 @@ def resolve_model_and_tokenizer(url: str, model: Optional[str], tokenizer: Optio
     return model, source
 
 
-class ArtifactWriter:
-    """Collects records and appends each to requests.jsonl as it finishes (a dying run keeps its data)."""
+def run_workload(cfg: WorkloadConfig, *, url: str, model: Optional[str], tokenizer: Optional[str],
+                 artifact_dir: Path, run: str, engine: Optional[dict[str, Any]] = None, timeout_s: float = 600.0,
+                 show_progress: bool = True, driver: str = "native") -> Summary:
+    """Run `cfg` against `url` and write requests.jsonl + summary.json under `artifact_dir`.
 
-    def __init__(self, artifact_dir: Path):
-        self.dir = artifact_dir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.dir / REQUESTS_FILE
-        self.path.write_text("")
-        self.records: list[RequestRecord] = []
-
-    def add(self, record: RequestRecord) -> None:
-        self.records.append(record)
-        append_request(self.path, record)
-
-
-Drive = Callable[[str, Any, ArtifactWriter], Awaitable[Optional[dict[str, int]]]]
-
-
-def run_workload(cfg: BaseModel, workload: str, drive: Drive, *, url: str, model: Optional[str],
-                 tokenizer: Optional[str], artifact_dir: Path, run: str, engine: Optional[dict[str, Any]],
-                 driver: str = "native") -> Summary:
-    """Run a workload against `url` and write requests.jsonl + summary.json under `artifact_dir`.
-
-    The native client runs `drive(model, tokenizer, writer)`, which returns the prompt length each request
-    should have (or None); `driver` aiperf or genai-perf runs that tool instead (kvbm_cli.bench.drivers).
+    The native client runs `cfg.drive`; `driver` aiperf or genai-perf runs that tool instead (bench.drivers).
     """
+    from kvbm_cli.bench import drivers
     from kvbm_cli.bench.prompts import PromptTokenizer
 
+    cfg.validate()
+    if driver not in cfg.drivers:
+        raise CliError(f"kvbm bench {cfg.name} runs with the native client only (--driver native): aiperf and "
+                       "genai-perf have no such workload")
+    if driver != "native":
+        drivers.find_tool(driver)  # fail before contacting the server
     model, tok_source = resolve_model_and_tokenizer(url, model, tokenizer)
     config = cfg.model_dump() | {"tokenizer": tok_source}
-    if driver != "native":
-        from kvbm_cli.bench import drivers
-
-        return drivers.run_external(driver, workload, cfg, url=url, model=model, tokenizer=tok_source,
-                                    artifact_dir=artifact_dir, run=run, engine=engine, config=config)
-    tok = PromptTokenizer(tok_source)
-    writer = ArtifactWriter(artifact_dir)
     started_at = iso_now()
-    expected = asyncio.run(drive(model, tok, writer))
-    return finish_run(writer.records, artifact_dir, run=run, workload=workload, url=url, model=model, driver=driver,
+    expected = None
+    if driver != "native":
+        records, command = drivers.run_external(driver, cfg, url=url, model=model, tokenizer=tok_source,
+                                                artifact_dir=artifact_dir, run=run)
+        config |= {"driver_command": command}
+    else:
+        target = Target(url, model, run, cfg.name, artifact_dir, timeout_s, show_progress)
+        expected = asyncio.run(cfg.drive(PromptTokenizer(tok_source), target))
+        records = target.records
+    return finish_run(records, artifact_dir, run=run, workload=cfg.name, url=url, model=model, driver=driver,
                       started_at=started_at, config=config, engine=engine, expected=expected)
 
 
@@ -96,35 +107,18 @@ def finish_run(records: list[RequestRecord], artifact_dir: Path, *, run: str, wo
     summary = summarize(records, run=run, workload=workload, url=url, model=model, driver=driver,
                         started_at=started_at, config=config, engine=engine)
     write_summary(artifact_dir / SUMMARY_FILE, summary)
-    if expected:
-        off = [r for r in records if r.error is None and r.request_id in expected
-               and r.input_tokens != expected[r.request_id]]
-        if off:
-            r = off[0]
-            note(f"warning: {len(off)} prompts were not the requested length in the server's tokens "
-                 f"(e.g. {r.request_id}: {r.input_tokens} instead of {expected[r.request_id]}); is "
-                 "--tokenizer the server's tokenizer?")
-    if summary.num_errors and summary.num_errors == summary.num_requests:
-        first = next(r.error for r in records if r.error and not r.warmup)
-        raise CheckFailed(f"all {summary.num_requests} requests failed (results in {artifact_dir}); first: {first}")
+    off = [r for r in records if expected and r.error is None and r.request_id in expected
+           and r.input_tokens != expected[r.request_id]]
+    if off:
+        note(f"warning: {len(off)} prompts were not the requested length in the server's tokens (e.g. "
+             f"{off[0].request_id}: {off[0].input_tokens} instead of {expected[off[0].request_id]}); is "
+             "--tokenizer the server's tokenizer?")
     if summary.num_errors:
         first = next(r.error for r in records if r.error and not r.warmup)
+        if summary.num_errors == summary.num_requests:
+            raise CheckFailed(f"all {summary.num_requests} requests failed (results in {artifact_dir}); first: {first}")
         note(f"warning: {summary.num_errors} of {summary.num_requests} requests failed; first: {first}")
     return summary
-
-
-def _ms(x: Optional[float]) -> str:
-    return "-" if x is None else f"{x * 1000:.1f}"
-
-
-def run_command(run_fn: Callable[..., Summary], cfg: BaseModel, workload: str, *, artifact_dir: Optional[Path],
-                run: Optional[str], json_out: bool, **kwargs: Any) -> None:
-    """What a workload command does once its options are parsed: run it (results in `artifact_dir`, default
-    runs/<workload>), then the summary on stdout."""
-    artifact_dir = artifact_dir or Path("runs") / workload
-    summary = run_fn(cfg, artifact_dir=artifact_dir, run=run or artifact_dir.name, show_progress=not json_out,
-                     **kwargs)
-    print_summary(summary, artifact_dir, json_out)
 
 
 def print_summary(summary: Summary, artifact_dir: Path, json_out: bool) -> None:
@@ -136,8 +130,64 @@ def print_summary(summary: Summary, artifact_dir: Path, json_out: bool) -> None:
     rows = table(f"{summary.workload} · {summary.run} · {summary.num_requests} requests, {summary.num_errors} errors, "
                  f"{summary.duration_s:.1f} s", ["metric", *(c + ">" for c in columns)])
     for name, stats in (("TTFT ms", summary.ttft_s), ("ITL ms", summary.itl_s), ("E2E ms", summary.e2e_s)):
-        rows.add_row(name, *(_ms(getattr(stats, c)) for c in columns))
+        rows.add_row(name, *("-" if getattr(stats, c) is None else f"{getattr(stats, c) * 1000:.1f}" for c in columns))
     console = out()
     console.print(rows)
     console.print(f"output {summary.output_tokens_per_s:.1f} tok/s · input {summary.input_tokens_per_s:.1f} tok/s · "
                   f"{summary.requests_per_s:.2f} req/s · results in {artifact_dir}", markup=False, soft_wrap=True)
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def _flag_problem(exc: ValidationError) -> str:
+    """The first problem of a config built from flags, as one line naming the flag."""
+    e = exc.errors()[0]
+    flag = "--" + "-".join(str(p) for p in e["loc"]).replace("_", "-")
+    if e["type"] in _BOUNDS:
+        return f"{flag} must be {_BOUNDS[e['type']]} {next(iter(e['ctx'].values()))}, not {e['input']}"
+    return f"{flag}: {e['msg']}"
+
+
+def flags(cls: type[Keys]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorate `command(cfg, **own_options)`: the Typer command gets one option per field of `cls` (--field-name,
+    the field's description as help) before its own, and `command` gets the checked `cls` built from them."""
+    def option(name: str, field: Any) -> inspect.Parameter:
+        flag = "--" + name.replace("_", "-")
+        decl = f"{flag}/--no-{flag[2:]}" if field.annotation is bool else flag
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=field.default,
+                                 annotation=Annotated[field.annotation, typer.Option(decl, help=field.description)])
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(command)
+        def wrapper(**options: Any) -> None:
+            try:
+                cfg = cls(**{name: options.pop(name) for name in cls.model_fields})
+            except ValidationError as exc:
+                raise CliError(_flag_problem(exc)) from None
+            cfg.validate()
+            command(cfg, **options)
+
+        own = list(inspect.signature(command, eval_str=True).parameters.values())[1:]
+        fields = [option(name, field) for name, field in cls.model_fields.items()]
+        wrapper.__signature__ = inspect.Signature([p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+                                                   for p in fields + own])
+        return wrapper
+    return decorate
+
+
+def workload_command(cls: type[WorkloadConfig]) -> Callable[..., None]:
+    """`kvbm bench <workload>`: run `cls` against a server (results in --artifact-dir), the summary on stdout."""
+    @flags(cls)
+    def command(cfg: WorkloadConfig, url: UrlOpt = "http://localhost:8000", model: ModelOpt = None,
+                tokenizer: TokenizerOpt = None, artifact_dir: ArtifactOpt = None, run: RunOpt = None,
+                driver: DriverOpt = Driver.native, request_timeout: TimeoutOpt = 600.0,
+                json_out: JsonOpt = False) -> None:
+        artifact_dir = artifact_dir or Path("runs") / cfg.name
+        summary = run_workload(cfg, url=url, model=model, tokenizer=tokenizer, artifact_dir=artifact_dir,
+                               run=run or artifact_dir.name, timeout_s=request_timeout, show_progress=not json_out,
+                               driver=Driver(driver).value)
+        print_summary(summary, artifact_dir, json_out)
+
+    command.__doc__ = cls.__doc__
+    return command

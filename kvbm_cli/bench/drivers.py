@@ -1,15 +1,16 @@
-"""External load generators: aiperf (genai-perf's successor) and genai-perf, imported into our result files.
+"""The external load generator aiperf (genai-perf's successor), its export imported into our result files.
 
-Both take genai-perf's flags, so the prefix-reuse options map one to one. Their prompt lengths are counted in
+aiperf takes genai-perf's flags, so the prefix-reuse options map one to one. Its prompt lengths are counted in
 message text, not in the server's tokens (the chat template is not counted): requests.jsonl records the
-server's `usage.prompt_tokens` where the tool saved it.
+server's `usage.prompt_tokens` where aiperf saved it. genai-perf itself cannot run where kvbm installs (its
+perf_analyzer binary is not on PyPI): `--driver genai-perf` says so and names aiperf.
 
 Operations:
-  tool_command(driver, cfg, ...)       the tool's command line for a prefix-reuse config
-  run_external(driver, workload, cfg, ...)   run it (HF_HUB_OFFLINE unset: aiperf's local tokenizer loading needs
-                                       that), import its per-request export, write requests.jsonl + summary.json
+  find_tool(driver)                    the executable, or one line saying how to get it
+  tool_command(exe, cfg, ...)          aiperf's command line for a prefix-reuse config
+  run_external(driver, cfg, ...)       run it (HF_HUB_OFFLINE unset: aiperf's local tokenizer loading needs
+                                       that) and import its per-request export: (records, command)
   import_aiperf(path, run, workload)   aiperf's profile_export.jsonl -> RequestRecords
-  import_genai_perf(path, run, workload)   genai-perf's profile_export.json -> RequestRecords
 """
 
 from __future__ import annotations
@@ -19,33 +20,28 @@ import os
 import shutil
 import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from kvbm_cli._output import err
 from kvbm_cli._errors import CheckFailed, CliError
-from kvbm_cli.results import RequestRecord, Summary, iso_now
-
-GENAI_PERF_NOTE = ("genai-perf needs NVIDIA's perf_analyzer binary, which is not on PyPI (it ships in Triton's SDK "
-                   "container), so it cannot run on a machine set up with pip alone; use --driver aiperf (its "
-                   "successor: pip install aiperf) or the native client")
+from kvbm_cli.results import RequestRecord
 
 
 def find_tool(driver: str) -> str:
-    """The tool's executable, or a one-line CliError saying how to get it."""
-    exe = shutil.which(driver)
-    if driver == "aiperf" and exe is None:
-        raise CliError("aiperf is not installed: pip install aiperf (0.13 works against vLLM's CPU server), or use "
-                       "--driver native", code=2)
+    """aiperf's executable, or a one-line CliError saying how to get it."""
     if driver == "genai-perf":
-        if exe is None:
-            raise CliError(f"genai-perf is not installed; and {GENAI_PERF_NOTE}", code=2)
-        if shutil.which("perf_analyzer") is None:
-            raise CliError(f"genai-perf is installed but perf_analyzer is not on PATH: {GENAI_PERF_NOTE}", code=2)
+        raise CliError("genai-perf cannot run where kvbm installs: it needs NVIDIA's perf_analyzer binary, which is "
+                       "not on PyPI (only in Triton's SDK container); use --driver aiperf (its successor: pip "
+                       "install aiperf) or the native client")
+    exe = shutil.which(driver)
+    if exe is None:
+        raise CliError("aiperf is not installed: pip install aiperf (0.13 works against vLLM's CPU server), or use "
+                       "--driver native")
     return exe
 
 
-def tool_command(driver: str, exe: str, cfg: Any, *, url: str, model: str, tokenizer: str, out: Path) -> list[str]:
-    """genai-perf-style flags for a PrefixReuseConfig (both tools accept them)."""
+def tool_command(exe: str, cfg: Any, *, url: str, model: str, tokenizer: str, out: Path) -> list[str]:
+    """aiperf's genai-perf-style flags for a PrefixReuseConfig."""
     cmd = [exe, "profile", "-m", model, "--url", url, "--endpoint-type", cfg.endpoint_type, "--tokenizer", tokenizer,
            "--synthetic-input-tokens-mean", str(cfg.synthetic_input_tokens_mean),
            "--synthetic-input-tokens-stddev", str(cfg.synthetic_input_tokens_stddev),
@@ -68,9 +64,7 @@ def tool_command(driver: str, exe: str, cfg: Any, *, url: str, model: str, token
         cmd += ["--request-rate", str(cfg.request_rate)]
     else:
         cmd += ["--concurrency", str(cfg.concurrency or 1)]
-    if driver == "aiperf":
-        cmd += ["--ui", "none"]
-    return cmd
+    return cmd + ["--ui", "none"]
 
 
 def _metric(metrics: dict, name: str) -> Any:
@@ -102,44 +96,20 @@ def import_aiperf(path: Path, run: str, workload: str) -> list[RequestRecord]:
     return records
 
 
-def import_genai_perf(path: Path, run: str, workload: str, warmup_count: int = 0) -> list[RequestRecord]:
-    """genai-perf's profile_export.json (experiments[].requests[] with ns timestamps) -> RequestRecords."""
-    data = json.loads(Path(path).read_text())
-    records = []
-    for exp in data.get("experiments", []):
-        for req in exp.get("requests", []):
-            t0, ts = req.get("timestamp", 0), req.get("response_timestamps") or []
-            ok = bool(ts)
-            records.append(RequestRecord(
-                request_id=str(len(records)), run=run, workload=workload, start_s=t0 / 1e9,
-                ttft_s=(ts[0] - t0) / 1e9 if ok else None, itl_s=[(b - a) / 1e9 for a, b in zip(ts, ts[1:])],
-                e2e_s=(ts[-1] - t0) / 1e9 if ok else None, input_tokens=0, output_tokens=max(len(ts) - 1, 0),
-                warmup=len(records) < warmup_count, error=None if ok else "no response"))
-    return records
-
-
-def run_external(driver: str, workload: str, cfg: Any, *, url: str, model: str, tokenizer: str, artifact_dir: Path,
-                 run: str, engine: Optional[dict[str, Any]], config: dict[str, Any]) -> Summary:
-    """Run aiperf / genai-perf for a prefix-reuse config and import its export into our two files."""
-    from kvbm_cli.bench import common
-
+def run_external(driver: str, cfg: Any, *, url: str, model: str, tokenizer: str, artifact_dir: Path,
+                 run: str) -> tuple[list[RequestRecord], list[str]]:
+    """Run aiperf for a prefix-reuse config; (its export as RequestRecords, the command it ran)."""
     exe = find_tool(driver)
     artifact_dir.mkdir(parents=True, exist_ok=True)
-    tool_dir = artifact_dir / driver
-    cmd = tool_command(driver, exe, cfg, url=url, model=model, tokenizer=tokenizer, out=tool_dir)
+    cmd = tool_command(exe, cfg, url=url, model=model, tokenizer=tokenizer, out=artifact_dir / driver)
     env = dict(os.environ)
     env.pop("HF_HUB_OFFLINE", None)  # aiperf 0.13 cannot load a local tokenizer directory in offline mode
     log = artifact_dir / f"{driver}.log"
     err().print(f"running {driver}: {' '.join(cmd)}", markup=False, soft_wrap=True)
-    started_at = iso_now()
     with open(log, "wb") as f:
         rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
-    export = tool_dir / ("profile_export.jsonl" if driver == "aiperf" else "profile_export.json")
+    export = artifact_dir / driver / "profile_export.jsonl"
     if rc != 0 or not export.is_file():
         tail = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()][-1:] or ["no output"]
         raise CheckFailed(f"{driver} exited with status {rc} (log {log}): {tail[0].strip()[:200]}")
-    records = (import_aiperf(export, run, workload) if driver == "aiperf"
-               else import_genai_perf(export, run, workload, cfg.warmup_request_count))
-    return common.finish_run(records, artifact_dir, run=run, workload=workload, url=url, model=model, driver=driver,
-                             started_at=started_at, config=config | {"driver_command": cmd},
-                             engine=engine)
+    return import_aiperf(export, run, cfg.name), cmd

@@ -19,59 +19,56 @@ Operations:
   HitRateConfig                            the options (field names = flag names)
   make_requests(cfg, tok)                  prime + flush (warm-up) and measured requests; same seed, same prompts
   run_hit_rate(cfg, ...)                   run them and write requests.jsonl + summary.json
-  kvbm bench hit-rate ...                  the command
+  hit_rate                                 the command
 """
 
 from __future__ import annotations
 
-import asyncio
 import random
-from pathlib import Path
-from typing import Annotated, Any, Optional
 
-import typer
+from pydantic import Field, computed_field
 
 from kvbm_cli._errors import CliError
-from kvbm_cli._options import ArtifactOpt, Endpoint, JsonOpt, ModelOpt, RunOpt, TimeoutOpt, TokenizerOpt, UrlOpt
+from kvbm_cli._options import Endpoint
 from kvbm_cli.bench import common
-from kvbm_cli.bench.client import RequestSpec, run_requests
-from kvbm_cli.bench.prompts import ENDPOINTS, PromptTokenizer, build_prefix, build_prompt
-from kvbm_cli.results import Summary, iso_now
+from kvbm_cli.bench.client import RequestSpec, Target
+from kvbm_cli.bench.prompts import PromptTokenizer, build_prefix, build_prompt
 
-WORKLOAD = "hit-rate"
 PRIME_FRESH_TOKENS = 8  # fresh words after a primed prefix: its last prefix block is full and computed
 
 
-class HitRateConfig(common.Keys):
-    """Options of the controlled-hit-rate workload."""
+class HitRateConfig(common.WorkloadConfig):
+    """Throughput when a set share of requests reuses a prefix evicted from G1 (vLLM's offloading-blog method)."""
 
-    prefix_tokens: int = 1024
-    input_tokens: int = 1152
-    output_tokens: int = 16
-    hit_rate: float = 0.5
-    request_count: int = 48
-    concurrency: int = 8
-    flush_request_count: int = 16
-    endpoint_type: str = "chat"
-    random_seed: int = 0
+    name = "hit-rate"
+    hit_rate: float = Field(0.5, description="Share of measured requests (0..1) whose prefix was computed earlier "
+                                             "and evicted from G1.")
+    prefix_tokens: int = Field(1024, ge=1, description="Tokens of each request's prefix (template head included; a "
+                                                       "multiple of the block size).")
+    input_tokens: int = Field(1152, description="Prompt tokens of every measured request.")
+    output_tokens: int = Field(16, ge=1, description="Tokens generated per measured request (exact).")
+    request_count: int = Field(48, ge=1, description="Measured requests.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight.")
+    flush_request_count: int = Field(16, ge=0, description="Fresh requests sent after priming to evict the primed "
+                                                           "prefixes from G1 (more than G1 holds).")
+    endpoint_type: Endpoint = Field("chat", description="chat or completions.")
+    random_seed: int = Field(0, description="Seed of prefixes, suffixes and which requests hit.")
 
     def validate(self) -> None:
-        if self.endpoint_type not in ENDPOINTS:
-            raise CliError(f"--endpoint-type must be chat or completions, not {self.endpoint_type!r}")
         if not 0.0 <= self.hit_rate <= 1.0:
             raise CliError(f"--hit-rate must be between 0 and 1 (a share of the requests), not {self.hit_rate}")
-        if self.prefix_tokens < 1 or self.input_tokens <= self.prefix_tokens:
+        if self.input_tokens <= self.prefix_tokens:
             raise CliError(f"--input-tokens ({self.input_tokens}) must be larger than --prefix-tokens "
-                           f"({self.prefix_tokens}), and --prefix-tokens >= 1")
-        if self.output_tokens < 1 or self.request_count < 1 or self.concurrency < 1:
-            raise CliError("--output-tokens, --request-count and --concurrency must be >= 1")
-        if self.flush_request_count < 0:
-            raise CliError("--flush-request-count must be >= 0")
+                           f"({self.prefix_tokens})")
 
+    @computed_field
     @property
     def hits(self) -> int:
         """Measured requests that reuse a primed prefix."""
         return round(self.hit_rate * self.request_count)
+
+    async def drive(self, tok: PromptTokenizer, target: Target) -> dict[str, int]:
+        return await target.send_all(make_requests(self, tok), concurrency=self.concurrency)
 
 
 def make_requests(cfg: HitRateConfig, tok: PromptTokenizer) -> list[RequestSpec]:
@@ -81,79 +78,23 @@ def make_requests(cfg: HitRateConfig, tok: PromptTokenizer) -> list[RequestSpec]
     _, tail = tok.head_tail(ep)
     hit_at = sorted(rng.sample(range(cfg.request_count), cfg.hits))
     primed = [build_prefix(tok, ep, cfg.prefix_tokens, rng) for _ in hit_at]
-    specs = []
-    for i, prefix in enumerate(primed):
-        n = cfg.prefix_tokens + tail + PRIME_FRESH_TOKENS
-        specs.append(RequestSpec(request_id=f"prime-{i}", endpoint=ep, max_tokens=1, prefix_id=i, warmup=True,
-                                 prompt=build_prompt(tok, ep, prefix, cfg.prefix_tokens, n, rng),
-                                 expected_input_tokens=n))
-    for i in range(cfg.flush_request_count):
-        prefix = build_prefix(tok, ep, cfg.prefix_tokens, rng)
-        specs.append(RequestSpec(request_id=f"flush-{i}", endpoint=ep, max_tokens=1, warmup=True,
-                                 prompt=build_prompt(tok, ep, prefix, cfg.prefix_tokens, cfg.input_tokens, rng),
-                                 expected_input_tokens=cfg.input_tokens))
+
+    def spec(request_id: str, prefix: str, n: int, **labels) -> RequestSpec:
+        return RequestSpec(request_id=request_id, endpoint=ep, expected_input_tokens=n,
+                           prompt=build_prompt(tok, ep, prefix, cfg.prefix_tokens, n, rng), **labels)
+
+    n_prime = cfg.prefix_tokens + tail + PRIME_FRESH_TOKENS
+    specs = [spec(f"prime-{i}", prefix, n_prime, max_tokens=1, prefix_id=i, warmup=True)
+             for i, prefix in enumerate(primed)]
+    specs += [spec(f"flush-{i}", build_prefix(tok, ep, cfg.prefix_tokens, rng), cfg.input_tokens, max_tokens=1,
+                   warmup=True) for i in range(cfg.flush_request_count)]
     which = {k: i for i, k in enumerate(hit_at)}
     for k in range(cfg.request_count):
         pid = which.get(k)
         prefix = primed[pid] if pid is not None else build_prefix(tok, ep, cfg.prefix_tokens, rng)
-        specs.append(RequestSpec(request_id=f"req-{k}", endpoint=ep, max_tokens=cfg.output_tokens, prefix_id=pid,
-                                 prompt=build_prompt(tok, ep, prefix, cfg.prefix_tokens, cfg.input_tokens, rng),
-                                 expected_input_tokens=cfg.input_tokens))
+        specs.append(spec(f"req-{k}", prefix, cfg.input_tokens, max_tokens=cfg.output_tokens, prefix_id=pid))
     return specs
 
 
-def run_hit_rate(cfg: HitRateConfig, *, url: str, model: Optional[str], tokenizer: Optional[str],
-                 artifact_dir: Path, run: str, engine: Optional[dict[str, Any]] = None, timeout_s: float = 600.0,
-                 show_progress: bool = True, driver: str = "native") -> Summary:
-    """Run prime, flush and measured requests against `url`; requests.jsonl + summary.json in `artifact_dir`."""
-    cfg.validate()
-    if driver != "native":
-        raise CliError("kvbm bench hit-rate runs with the native client only (--driver native): its prime and "
-                       "flush phases have no aiperf or genai-perf equivalent")
-    model, tok_source = common.resolve_model_and_tokenizer(url, model, tokenizer)
-    specs = make_requests(cfg, PromptTokenizer(tok_source))
-    writer = common.ArtifactWriter(artifact_dir)
-    started_at = iso_now()
-    asyncio.run(run_requests(specs, url, model, run=run, workload=WORKLOAD, concurrency=cfg.concurrency,
-                             timeout_s=timeout_s, on_done=writer.add, show_progress=show_progress))
-    return common.finish_run(writer.records, artifact_dir, run=run, workload=WORKLOAD, url=url, model=model,
-                             driver="native", started_at=started_at,
-                             config=cfg.model_dump() | {"tokenizer": tok_source, "hit_requests": cfg.hits},
-                             engine=engine, expected={s.request_id: s.expected_input_tokens for s in specs})
-
-
-# --- the plot ----------------------------------------------------------------------------------------------
-
-# --- the command -------------------------------------------------------------------------------------------
-
-def hit_rate(
-    url: UrlOpt = "http://localhost:8000",
-    model: ModelOpt = None,
-    tokenizer: TokenizerOpt = None,
-    hit_rate_: Annotated[float, typer.Option("--hit-rate", help="Share of measured requests (0..1) whose prefix "
-                                                                "was computed earlier and evicted from G1.")] = 0.5,
-    prefix_tokens: Annotated[int, typer.Option(help="Tokens of each request's prefix (template head included; a "
-                                                    "multiple of the block size).")] = 1024,
-    input_tokens: Annotated[int, typer.Option(help="Prompt tokens of every measured request.")] = 1152,
-    output_tokens: Annotated[int, typer.Option(help="Tokens generated per measured request (exact).")] = 16,
-    request_count: Annotated[int, typer.Option(help="Measured requests.")] = 48,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight.")] = 8,
-    flush_request_count: Annotated[int, typer.Option(help="Fresh requests sent after priming to evict the primed "
-                                                          "prefixes from G1 (more than G1 holds).")] = 16,
-    endpoint_type: Annotated[Endpoint, typer.Option(help="chat or completions.")] = Endpoint.chat,
-    random_seed: Annotated[int, typer.Option(help="Seed of prefixes, suffixes and which requests hit.")] = 0,
-    artifact_dir: ArtifactOpt = None,
-    run: RunOpt = None,
-    request_timeout: TimeoutOpt = 600.0,
-    json_out: JsonOpt = False,
-) -> None:
-    """Throughput when a set share of requests reuses a prefix evicted from G1 (vLLM's offloading-blog method)."""
-    cfg = HitRateConfig(prefix_tokens=prefix_tokens, input_tokens=input_tokens, output_tokens=output_tokens,
-                        hit_rate=hit_rate_, request_count=request_count, concurrency=concurrency,
-                        flush_request_count=flush_request_count, endpoint_type=Endpoint(endpoint_type).value,
-                        random_seed=random_seed)
-    cfg.validate()
-    artifact_dir = artifact_dir or Path("runs") / WORKLOAD
-    summary = run_hit_rate(cfg, url=url, model=model, tokenizer=tokenizer, artifact_dir=artifact_dir,
-                           run=run or artifact_dir.name, timeout_s=request_timeout, show_progress=not json_out)
-    common.print_summary(summary, artifact_dir, json_out)
+run_hit_rate = common.run_workload
+hit_rate = common.workload_command(HitRateConfig)

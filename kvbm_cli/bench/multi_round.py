@@ -21,47 +21,39 @@ import asyncio
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Any, Optional
 
-import typer
+from pydantic import Field, field_validator
 
-from kvbm_cli._options import ArtifactOpt, Driver, DriverOpt, JsonOpt, ModelOpt, RunOpt, TimeoutOpt, TokenizerOpt, UrlOpt
-from kvbm_cli._errors import CliError
 from kvbm_cli.bench import common
-from kvbm_cli._output import progress
-from kvbm_cli.bench.client import RequestSpec, send
-from kvbm_cli.httpclient import async_client
+from kvbm_cli.bench.client import RequestSpec, Target
 from kvbm_cli.bench.prompts import PromptTokenizer
-from kvbm_cli.results import Summary
-
-WORKLOAD = "multi-round"
 
 
-class MultiRoundConfig(common.Keys):
-    """LMBenchmark multi-round-qa.py options (long_input_short_output_run.sh values as defaults)."""
+class MultiRoundConfig(common.WorkloadConfig):
+    """LMBenchmark's synthetic multi-round QA: long shared context, growing per-user chat history."""
 
-    num_users: int = 15
-    num_rounds: int = 20
-    qps: float = 0.1
-    shared_system_prompt: int = 1000
-    user_history_prompt: int = 20000
-    answer_len: int = 100
-    init_user_id: int = 0
-    time: Optional[float] = 100.0
-    warmup: bool = True
-    request_with_user_id: bool = True
-    random_seed: int = 0
+    name = "multi-round"
+    num_users: int = Field(15, ge=1, description="Users active at once.")
+    num_rounds: int = Field(20, ge=1, description="Questions per user.")
+    qps: float = Field(0.1, gt=0, description="Overall requests per second (each user asks every num_users/qps s).")
+    shared_system_prompt: int = Field(1000, ge=0, description="Tokens of the system prompt all users share.")
+    user_history_prompt: int = Field(20000, ge=0, description="Tokens of each user's own context.")
+    answer_len: int = Field(100, ge=1, description="Tokens per answer (exact).")
+    init_user_id: int = Field(0, description="User ids start after this.")
+    time: Optional[float] = Field(100.0, gt=0, description="Seconds to keep starting requests (users are replaced "
+                                                           "as they finish); 0: until the first users finish.")
+    warmup: bool = Field(True, description="1 user, 2 rounds at QPS 2 first.")
+    request_with_user_id: bool = Field(True, description="Send each user's id as the x-user-id header.")
+    random_seed: int = Field(0, description="Seed of the prompt words.")
 
-    def validate(self) -> None:
-        if self.num_users < 1 or self.num_rounds < 1:
-            raise CliError("--num-users and --num-rounds must be >= 1")
-        if self.qps <= 0:
-            raise CliError("--qps must be > 0")
-        if self.shared_system_prompt < 0 or self.user_history_prompt < 0 or self.answer_len < 1:
-            raise CliError("--shared-system-prompt and --user-history-prompt must be >= 0, --answer-len >= 1")
-        if self.time is not None and self.time <= 0:
-            raise CliError("--time must be > 0 seconds")
+    @field_validator("time", mode="before")
+    @classmethod
+    def _zero_is_none(cls, value: Any) -> Any:
+        return value or None
+
+    async def drive(self, tok: PromptTokenizer, target: Target) -> None:
+        await _drive(self, tok, target)
 
 
 @dataclass
@@ -140,75 +132,55 @@ class _Workload:
         return sessions
 
 
-async def _drive(cfg: MultiRoundConfig, tok: PromptTokenizer, url: str, model: str, run: str, timeout_s: float,
-                 writer: common.ArtifactWriter, show_progress: bool) -> None:
+async def _drive(cfg: MultiRoundConfig, tok: PromptTokenizer, target: Target) -> None:
     wl = _Workload(cfg, tok)
     in_flight: set[asyncio.Task] = set()
-    errors = 0
 
-    async with async_client(cfg.num_users + 2, timeout_s) as client:
-        with progress("requests", not show_progress) as bar:
-            task = bar.add_task(f"{WORKLOAD} {run}", total=None, note="")
+    async with target.session(cfg.num_users + 2) as send_one:
+        def launch(s: _Session, now: float) -> None:
+            spec = s.next_request(now, "warmup-" if s.warmup else "")
+            spec.max_tokens = cfg.answer_len
+            if cfg.request_with_user_id:  # LMBenchmark's header, for routers that keep a user on one engine
+                spec.headers = {"x-user-id": str(s.user_id)}
 
-            def launch(s: _Session, now: float) -> None:
-                spec = s.next_request(now, "warmup-" if s.warmup else "")
-                spec.max_tokens = cfg.answer_len
-                if cfg.request_with_user_id:  # LMBenchmark's header, for routers that keep a user on one engine
-                    spec.headers = {"x-user-id": str(s.user_id)}
-                done_spec = spec
+            async def one() -> None:
+                sent = await send_one(spec, ignore_eos=True)
+                s.history.append({"role": "assistant", "content": sent.text})
+                s.busy = False
 
-                async def one() -> None:
-                    nonlocal errors
-                    sent = await send(client, url, model, done_spec, run=run, workload=WORKLOAD, ignore_eos=True)
-                    s.history.append({"role": "assistant", "content": sent.text})
-                    s.busy = False
-                    writer.add(sent.record)
-                    errors += sent.record.error is not None
-                    bar.update(task, advance=1, note=f"user {s.user_id} q{s.question_id}"
-                               + (f"  errors {errors}" if errors else ""))
+            t = asyncio.create_task(one())
+            in_flight.add(t)
+            t.add_done_callback(in_flight.discard)
 
-                t = asyncio.create_task(one())
-                in_flight.add(t)
-                t.add_done_callback(in_flight.discard)
+        async def loop(sessions: list[_Session], deadline: Optional[float], replace: bool) -> None:
+            last_join = time.monotonic()
+            while True:
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    break
+                sessions[:] = [s for s in sessions if not s.finished]
+                if replace and len(sessions) < cfg.num_users and now - last_join > wl.gap_between_users:
+                    sessions.append(wl.new_session())
+                    last_join = now
+                if not sessions and not replace:
+                    break
+                for s in sessions:
+                    if s.due(now):
+                        launch(s, now)
+                await asyncio.sleep(0.02)
+            if in_flight:
+                await asyncio.gather(*list(in_flight))
 
-            async def loop(sessions: list[_Session], deadline: Optional[float], replace: bool) -> None:
-                last_join = time.monotonic()
-                while True:
-                    now = time.monotonic()
-                    if deadline is not None and now >= deadline:
-                        break
-                    sessions[:] = [s for s in sessions if not s.finished]
-                    if replace and len(sessions) < cfg.num_users and now - last_join > wl.gap_between_users:
-                        sessions.append(wl.new_session())
-                        last_join = now
-                    if not sessions and not replace:
-                        break
-                    for s in sessions:
-                        if s.due(now):
-                            launch(s, now)
-                    await asyncio.sleep(0.02)
-                if in_flight:
-                    await asyncio.gather(*list(in_flight))
-
-            if cfg.warmup:
-                warm = wl.new_session(warmup=True, user_id=cfg.init_user_id, rounds=2, gap=0.5)
-                await loop([warm], None, replace=False)
-            start = time.monotonic()
-            deadline = start + cfg.time if cfg.time is not None else None
-            await loop(wl.ramp_up(start), deadline, replace=cfg.time is not None)
+        if cfg.warmup:
+            warm = wl.new_session(warmup=True, user_id=cfg.init_user_id, rounds=2, gap=0.5)
+            await loop([warm], None, replace=False)
+        start = time.monotonic()
+        deadline = start + cfg.time if cfg.time is not None else None
+        await loop(wl.ramp_up(start), deadline, replace=cfg.time is not None)
 
 
-def run_multi_round(cfg: MultiRoundConfig, *, url: str, model: Optional[str], tokenizer: Optional[str],
-                    artifact_dir: Path, run: str, engine: Optional[dict[str, Any]] = None, timeout_s: float = 600.0,
-                    show_progress: bool = True, driver: str = "native") -> Summary:
-    """Run the sessions and write the result files; the summary's duration is the measured phase."""
-    cfg.validate()
-    if driver != "native":
-        raise CliError("kvbm bench multi-round runs with the native client only (--driver native); aiperf and "
-                       "genai-perf have no LMBenchmark multi-round mode")
-    return common.run_workload(cfg, WORKLOAD, lambda model, tok, writer: _drive(
-        cfg, tok, url, model, run, timeout_s, writer, show_progress), url=url, model=model, tokenizer=tokenizer,
-        artifact_dir=artifact_dir, run=run, engine=engine)
+run_multi_round = common.run_workload
+multi_round = common.workload_command(MultiRoundConfig)
 
 
 def reuse_accounting(records: list, shared_system_prompt: int, block_size: int = 128,
@@ -255,33 +227,3 @@ def explain_reuse(acc: dict[str, Any]) -> str:
         text += (f": G1 had {f('g1_hits')}, KVBM onboarded {f('kvbm_hits')}, {f('reusable_missed')} came from "
                  "neither (evicted everywhere, or asked for before their store finished)")
     return text + " (estimated from token counts)."
-
-
-def multi_round(
-    url: UrlOpt = "http://localhost:8000",
-    model: ModelOpt = None,
-    tokenizer: TokenizerOpt = None,
-    num_users: Annotated[int, typer.Option(help="Users active at once.")] = 15,
-    num_rounds: Annotated[int, typer.Option(help="Questions per user.")] = 20,
-    qps: Annotated[float, typer.Option(help="Overall requests per second (each user asks every num_users/qps s).")] = 0.1,
-    shared_system_prompt: Annotated[int, typer.Option(help="Tokens of the system prompt all users share.")] = 1000,
-    user_history_prompt: Annotated[int, typer.Option(help="Tokens of each user's own context.")] = 20000,
-    answer_len: Annotated[int, typer.Option(help="Tokens per answer (exact).")] = 100,
-    init_user_id: Annotated[int, typer.Option(help="User ids start after this.")] = 0,
-    time_s: Annotated[Optional[float], typer.Option("--time", help="Seconds to keep starting requests (users are "
-                                                                   "replaced as they finish); 0: until the first "
-                                                                   "users finish.")] = 100.0,
-    warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="1 user, 2 rounds at QPS 2 first.")] = True,
-    random_seed: Annotated[int, typer.Option(help="Seed of the prompt words.")] = 0,
-    artifact_dir: ArtifactOpt = None,
-    run: RunOpt = None,
-    driver: DriverOpt = Driver.native,
-    request_timeout: TimeoutOpt = 600.0,
-    json_out: JsonOpt = False,
-) -> None:
-    """LMBenchmark's synthetic multi-round QA: long shared context, growing per-user chat history."""
-    options = {k: v for k, v in locals().items() if k in MultiRoundConfig.model_fields}
-    cfg = MultiRoundConfig(**options | {"time": time_s or None})
-    cfg.validate()
-    common.run_command(run_multi_round, cfg, WORKLOAD, artifact_dir=artifact_dir, run=run, json_out=json_out, url=url,
-                       model=model, tokenizer=tokenizer, timeout_s=request_timeout, driver=Driver(driver).value)

@@ -1,22 +1,22 @@
 """Prompts of exact length in the server's tokens, for the chat and completions endpoints.
 
 The text is made of words that are each exactly one token (with their leading space) in the model's tokenizer,
-so a run of n words is n tokens whatever comes before or after it. The chat template's head and tail are
-measured with the same tokenizer and the same template the server renders, and counted in: a chat prompt with
-a P-token prefix and an I-token suffix is exactly P + I tokens as vLLM counts them (`usage.prompt_tokens`).
+so a run of n words is n tokens whatever comes before or after it. The chat template is rendered by the
+model's own tokenizer (transformers' apply_chat_template, as vLLM renders it) and its head and tail are counted
+in: a chat prompt with a P-token prefix and an I-token suffix is exactly P + I tokens as vLLM counts them.
 
 Operations:
-  PromptTokenizer(source)      the model's tokenizer.json + chat template (tokenizers + jinja2, no transformers)
+  PromptTokenizer(source)      the model's tokenizer and chat template (a directory or a cached model id)
   .count(endpoint, text)       tokens vLLM counts for one user message / completion prompt
   .head_tail(endpoint)         tokens the template adds before and after the message
   .words(rng, n)               n random one-token words (a string of exactly n tokens)
+  build_prefix(tok, endpoint, n_tokens, rng)   text of n_tokens with the template's head before it
   build_prompt(tok, endpoint, prefix_text, prefix_tokens, n_total, rng)
                                prefix + random suffix, exactly n_total tokens (PromptError if impossible)
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from functools import cached_property
@@ -32,60 +32,26 @@ class PromptError(CliError):
     """A prompt of the requested length cannot be built (exit 2)."""
 
 
-def resolve_tokenizer_dir(source: str) -> Path:
-    """A local directory holding tokenizer.json: the path itself, or a model id in the Hugging Face cache."""
-    path = Path(source).expanduser()
-    if (path / "tokenizer.json").is_file():
-        return path
-    if path.is_file() and path.name == "tokenizer.json":
-        return path.parent
-    try:
-        from huggingface_hub import snapshot_download
-
-        snap = Path(snapshot_download(source, allow_patterns=["tokenizer*", "*.json", "*.jinja"],
-                                      local_files_only=True))
-        if (snap / "tokenizer.json").is_file():
-            return snap
-    except Exception:  # noqa: BLE001 - any failure means: not available locally
-        pass
-    raise PromptError(f"tokenizer not found: {source} is neither a directory with tokenizer.json nor a model in "
-                      "the local Hugging Face cache; pass --tokenizer DIR")
-
-
 class PromptTokenizer:
     """The model's tokenizer and chat template, as the server applies them."""
 
     def __init__(self, source: str):
-        from tokenizers import Tokenizer
+        from transformers import AutoTokenizer
 
-        self.dir = resolve_tokenizer_dir(source)
-        self.tok = Tokenizer.from_file(str(self.dir / "tokenizer.json"))
-        cfg_path = self.dir / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        template = self.config.get("chat_template")
-        if isinstance(template, list):  # named templates: use "default"
-            template = next((t["template"] for t in template if t.get("name") == "default"), None)
-        jinja_file = self.dir / "chat_template.jinja"
-        if template is None and jinja_file.is_file():
-            template = jinja_file.read_text()
-        self.chat_template = template
+        local = Path(source).expanduser()
+        self.source = str(local) if local.exists() else source
+        try:
+            self.hf = AutoTokenizer.from_pretrained(self.source, local_files_only=True)
+        except (OSError, ValueError):
+            raise PromptError(f"tokenizer not found: {source} is neither a model directory with a tokenizer nor a "
+                              "model in the local Hugging Face cache; pass --tokenizer DIR") from None
+        self.tok = self.hf.backend_tokenizer  # the `tokenizers` object: fast encode and decode
 
     def _render(self, content: str) -> str:
-        if not self.chat_template:
-            raise PromptError(f"the tokenizer in {self.dir} has no chat template; use --endpoint-type completions")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(msg):
-            raise PromptError(f"chat template: {msg}")
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = raise_exception
-        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent,
-                                                                                       ensure_ascii=ensure_ascii)
-        special = {k: (v["content"] if isinstance(v, dict) else v) for k, v in self.config.items()
-                   if k.endswith("_token") and isinstance(v, (str, dict))}
-        return env.from_string(self.chat_template).render(
-            messages=[{"role": "user", "content": content}], add_generation_prompt=True, **special)
+        if not self.hf.chat_template:
+            raise PromptError(f"the tokenizer of {self.source} has no chat template; use --endpoint-type completions")
+        return self.hf.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                           add_generation_prompt=True)
 
     def count(self, endpoint: str, text: str) -> int:
         """Prompt tokens vLLM counts for `text` as the one user message (chat) or the prompt (completions)."""
@@ -110,7 +76,7 @@ class PromptTokenizer:
             if re.fullmatch(r" [a-z]{2,12}", text) and self.tok.encode(text, add_special_tokens=False).ids == [token_id]:
                 words.append(text)
         if len(words) < 20:
-            raise PromptError(f"the tokenizer in {self.dir} has too few one-token words ({len(words)}) to build "
+            raise PromptError(f"the tokenizer of {self.source} has too few one-token words ({len(words)}) to build "
                               "prompts of exact length")
         return sorted(words)
 

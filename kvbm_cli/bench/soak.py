@@ -26,42 +26,33 @@ from urllib.parse import urlparse
 import numpy as np
 import psutil
 import typer
+from pydantic import Field
 
+from kvbm_cli._errors import CheckFailed
 from kvbm_cli._options import JsonOpt, ModelOpt, UrlOpt
 from kvbm_cli._output import emit_json, err, out, table
-from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli.bench.client import RequestSpec, send
-from kvbm_cli.httpclient import async_client
-from kvbm_cli.httpclient import server_model
+from kvbm_cli.bench.common import Keys, flags
+from kvbm_cli.httpclient import async_client, server_model
 
 
-@dataclass
-class SoakConfig:
+class SoakConfig(Keys):
     """Soak workload: prompts are token ids, so every model's server takes them as they are."""
 
-    minutes: float = 1.0
-    concurrency: int = 6
-    num_prefixes: int = 5
-    prefix_tokens: int = 1536
-    num_suffixes: int = 3  # distinct suffixes per prefix: prompts repeat, so outputs can be compared
-    suffix_tokens: int = 64
-    max_tokens: int = 64
-    disconnect_fraction: float = 0.3
-    disconnect_min_s: float = 0.05
-    disconnect_max_s: float = 1.5
-    seed: int = 0
-    vocab: int = 2000
-
-    def validate(self) -> None:
-        """One CliError naming the bad option."""
-        if self.minutes <= 0:
-            raise CliError(f"--minutes must be > 0, got {self.minutes}")
-        if self.concurrency < 1:
-            raise CliError(f"--concurrency must be >= 1, got {self.concurrency}")
-        if not 0 <= self.disconnect_fraction <= 1:
-            raise CliError(f"--disconnect-fraction must be between 0 and 1, got {self.disconnect_fraction}")
-        if self.num_prefixes < 1 or self.num_suffixes < 1:
-            raise CliError("--num-prefixes and --num-suffixes must be >= 1")
+    minutes: float = Field(1.0, gt=0, description="How long to run.")
+    concurrency: int = Field(6, ge=1, description="Clients in flight.")
+    num_prefixes: int = Field(5, ge=1, description="Distinct shared prefixes.")
+    prefix_tokens: int = Field(1536, ge=1, description="Tokens per prefix.")
+    num_suffixes: int = Field(3, ge=1, description="Distinct suffixes per prefix (prompts repeat, so outputs can be "
+                                                   "compared).")
+    suffix_tokens: int = Field(64, ge=1, description="Tokens after the prefix.")
+    max_tokens: int = Field(64, ge=1, description="Tokens to generate per request.")
+    disconnect_fraction: float = Field(0.3, ge=0, le=1, description="Share of requests whose client disconnects "
+                                                                    "at a random moment (0..1).")
+    disconnect_min_s: float = Field(0.05, ge=0, description="Earliest disconnect, seconds after the request.")
+    disconnect_max_s: float = Field(1.5, ge=0, description="Latest disconnect.")
+    seed: int = Field(0, description="Seed of prompts and disconnects.")
+    vocab: int = Field(2000, gt=10, description="Token ids are drawn from 10 up to this.")
 
 
 @dataclass
@@ -186,7 +177,6 @@ async def _soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int], timeo
 
 def run_soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int] = None, timeout_s: float = 300.0) -> SoakResult:
     """Run the soak against `url` for `cfg.minutes`."""
-    cfg.validate()
     return asyncio.run(_soak(url, model, cfg, pid, timeout_s))
 
 
@@ -194,25 +184,16 @@ def _fmt(x: Optional[float], digits: int = 0) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+@flags(SoakConfig)
 def soak(
+    cfg: SoakConfig,
     url: UrlOpt = "http://localhost:8000",
     model: ModelOpt = None,
-    minutes: Annotated[float, typer.Option(help="How long to run.")] = 1.0,
-    concurrency: Annotated[int, typer.Option(help="Clients in flight.")] = 6,
-    disconnect_fraction: Annotated[float, typer.Option(help="Share of requests whose client disconnects at a "
-                                                            "random moment (0..1).")] = 0.3,
-    num_prefixes: Annotated[int, typer.Option(help="Distinct shared prefixes.")] = 5,
-    prefix_tokens: Annotated[int, typer.Option(help="Tokens per prefix.")] = 1536,
-    suffix_tokens: Annotated[int, typer.Option(help="Tokens after the prefix.")] = 64,
-    max_tokens: Annotated[int, typer.Option(help="Tokens to generate per request.")] = 64,
     pid: Annotated[Optional[int], typer.Option(help="Server pid for RSS (default: the process listening on the "
                                                     "URL's port, when it is on this machine).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed of prompts and disconnects.")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
     """Churn: concurrent streams, random client disconnects; per minute requests, errors, TTFT, RSS."""
-    cfg = SoakConfig(**{k: v for k, v in locals().items() if k in SoakConfig.__dataclass_fields__})
-    cfg.validate()
     model = model or server_model(url)[0]
     pid = pid or server_pid(url)
     if pid is None:
@@ -222,9 +203,9 @@ def soak(
         emit_json({"rows": [asdict(r) for r in result.rows], "totals": result.totals, "errors": result.errors[:50],
                    "rss_start_mb": result.rss_start_mb, "rss_end_mb": result.rss_end_mb})
     else:
-        rows = table(f"soak {url} ({minutes:g} min, {concurrency} clients, {disconnect_fraction:.0%} disconnect)",
-                     ["minute>", "requests>", "completed>", "disconnected>", "errors>", "TTFT p50 ms>", "TTFT p99 ms>",
-                      "RSS MB>"])
+        rows = table(f"soak {url} ({cfg.minutes:g} min, {cfg.concurrency} clients, {cfg.disconnect_fraction:.0%} "
+                     "disconnect)", ["minute>", "requests>", "completed>", "disconnected>", "errors>", "TTFT p50 ms>",
+                                     "TTFT p99 ms>", "RSS MB>"])
         for r in result.rows:
             rows.add_row(str(r.minute + 1), str(r.requests), str(r.completed), str(r.disconnected), str(r.errors),
                          _fmt(r.ttft_p50_ms), _fmt(r.ttft_p99_ms), _fmt(r.rss_mb))

@@ -144,10 +144,7 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
 
     measure("G1->G2 offload", offload, *references[0], repeats)
     measure("G2->G1 onboard", onboard, *references[1], repeats)
-    failed = [r for r in engine.get_finished() if not r.ok]
-    engine.close()
-    if failed:
-        raise CliError(f"benchmark transfers failed: {failed[0].error or failed[0].failed_hashes}", 1)
+    _close(engine)
 
     if directory is not None:
         with tempfile.TemporaryDirectory(dir=directory, prefix="kvbm-bench-") as tmp:
@@ -186,12 +183,17 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
                     disk_repeats or repeats)
             measure("G3->G1 onboard", disk_onboard, "O_DIRECT read" if direct else "pread", raw_read,
                     disk_repeats or repeats)
-            failed = [r for r in engine.get_finished() if not r.ok]
-            if failed:
-                raise CliError(f"benchmark transfers failed: {failed[0].error or failed[0].failed_hashes}", 1)
             os.close(raw_fd)
-            engine.close()
+            _close(engine)
     return results
+
+
+def _close(engine) -> None:
+    """Close the engine; CliError (exit 1) if any of its transfers failed."""
+    failed = [r for r in engine.get_finished() if not r.ok]
+    engine.close()
+    if failed:
+        raise CliError(f"benchmark transfers failed: {failed[0].error or failed[0].failed_hashes}", 1)
 
 
 def _disk_io(name: str):

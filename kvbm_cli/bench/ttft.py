@@ -8,6 +8,11 @@
 Three engines are started in turn (baseline, KVBM with a large host tier, KVBM with a tiny host tier and a disk
 tier). Each trial uses a fresh prefix, sends it, pushes it out of vLLM's cache with filler prompts, and times
 the first token of the prefix with a new suffix. KVBM's own metrics confirm which tier served each onboard.
+
+Operations:
+  first_token_seconds(url, model, tokens)   seconds to the first streamed token of a greedy completion
+  run_ttft_bench(...)                       the four cases: {name: (TTFTs in seconds, note)}
+  ttft                                      the command
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ import random
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -29,21 +33,7 @@ from kvbm_cli import prom
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli._options import JsonOpt, ModelOpt
 from kvbm_cli._output import emit_json, out, table
-from kvbm_cli.engine import free_port as _free_port
-
-
-@dataclass
-class Case:
-    """One way of serving the evicted prefix, with its measured TTFTs."""
-
-    name: str
-    ttft_s: list[float] = field(default_factory=list)
-    note: str = ""
-
-    @property
-    def median(self) -> float:
-        """Median TTFT in seconds."""
-        return statistics.median(self.ttft_s) if self.ttft_s else math.nan
+from kvbm_cli.engine import Engine, EngineSpec, build_launch, free_port, start_and_wait
 
 
 def first_token_seconds(url: str, model: str, tokens: list[int], max_tokens: int = 2) -> float:
@@ -58,25 +48,10 @@ def first_token_seconds(url: str, model: str, tokens: list[int], max_tokens: int
     raise CheckFailed(f"the engine at {url} streamed no token")
 
 
-def _run_engine(label: str, spec, trials: list[dict], model: str, measure, health_timeout: float,
-                log_dir: Path) -> None:
-    from kvbm_cli.engine import Engine, build_launch, start_and_wait
-
-    engine = Engine(build_launch(spec), log_path=log_dir / f"{label}.log")
-    try:
-        start_and_wait(engine, health_timeout, label)
-        for trial in trials:
-            measure(engine.launch.url, engine.launch.model, trial)  # the served name (kvbm-tiny for the tiny one)
-    finally:
-        engine.stop()
-
-
-def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size: int, prefix_tokens: int,
-                   suffix_tokens: int, trials: int, g1_blocks: int, health_timeout: float, log_dir: Path,
-                   seed: int = 0) -> list[Case]:
-    """Measure the four cases; returns them in order (recompute first)."""
-    from kvbm_cli.engine import EngineSpec
-
+def run_ttft_bench(*, model_dir: Path, vocab: int, block_size: int, prefix_tokens: int, suffix_tokens: int,
+                   trials: int, g1_bytes: int, g1_blocks: int, health_timeout: float, log_dir: Path,
+                   seed: int = 0) -> dict[str, tuple[list[float], str]]:
+    """Measure the four cases in order (recompute first): {case: (TTFT seconds per trial, note)}."""
     rng = random.Random(seed)
     prompt_blocks = math.ceil((prefix_tokens + suffix_tokens) / block_size)
     num_fillers = math.ceil(g1_blocks / prompt_blocks) + 1  # enough to push the prefix out of vLLM's cache
@@ -86,42 +61,39 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_bytes: int, block_size:
 
     plan = [{"prefix": tokens(prefix_tokens), "suffixes": [tokens(suffix_tokens) for _ in range(3)],
              "fillers": [tokens(prefix_tokens + suffix_tokens) for _ in range(num_fillers)]} for _ in range(trials)]
-    cases = {name: Case(name) for name in ("recompute", "G1 hit", "G2 onboard", "G3 onboard")}
-    g1_bytes = g1_blocks * block_bytes
-    common = dict(model=str(model_dir), kv_cache_memory_bytes=g1_bytes, block_size=block_size,
+    cases: dict[str, tuple[list[float], str]] = {name: ([], "") for name in
+                                                  ("recompute", "G1 hit", "G2 onboard", "G3 onboard")}
+    shared = dict(model=str(model_dir), kv_cache_memory_bytes=g1_bytes, block_size=block_size,
                   max_model_len=min(prompt_blocks * block_size * 2, (g1_blocks - 1) * block_size))
-
-    def baseline(url, model, trial):
-        first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
-        cases["G1 hit"].ttft_s.append(first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][1]))
-        for filler in trial["fillers"]:
-            first_token_seconds(url, model, filler)
-        cases["recompute"].ttft_s.append(first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][2]))
-
-    _run_engine("baseline", EngineSpec(connector="none", port=_free_port(), **common), plan, str(model_dir),
-                baseline, health_timeout, log_dir)
-
-    for case, counter, env in (
-            ("G2 onboard", "kvbm_onboard_blocks_h2d", {"DYN_KVBM_CPU_CACHE_GB": "1"}),
-            ("G3 onboard", "kvbm_onboard_blocks_d2d", {
-                "DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": str(prompt_blocks + 2), "DYN_KVBM_DISK_CACHE_GB": "0.5",
-                "DYN_KVBM_DISK_CACHE_DIR": str(log_dir), "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"})):
-        metrics_port = _free_port()
-        env = env | {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(metrics_port)}
-
-        def kvbm(url, model, trial, case=case, counter=counter, metrics_port=metrics_port):
-            first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][0])
-            for filler in trial["fillers"]:
-                first_token_seconds(url, model, filler)
-            before = prom.total(prom.scrape(f"http://127.0.0.1:{metrics_port}"), counter)
-            cases[case].ttft_s.append(first_token_seconds(url, model, trial["prefix"] + trial["suffixes"][2]))
-            loaded = prom.total(prom.scrape(f"http://127.0.0.1:{metrics_port}"), counter) - before
-            if loaded < prefix_tokens // block_size:
-                cases[case].note = f"only {loaded:.0f} blocks came from {case.split()[0]} in a trial"
-
-        _run_engine(case.split()[0].lower(), EngineSpec(connector="kvbm", port=_free_port(), env=env, **common),
-                    plan, str(model_dir), kvbm, health_timeout, log_dir)
-    return list(cases.values())
+    engines = [("baseline", {}, None), ("g2", {"DYN_KVBM_CPU_CACHE_GB": "1"}, "kvbm_onboard_blocks_h2d"),
+               ("g3", {"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS": str(prompt_blocks + 2),
+                       "DYN_KVBM_DISK_CACHE_GB": "0.5", "DYN_KVBM_DISK_CACHE_DIR": str(log_dir),
+                       "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}, "kvbm_onboard_blocks_d2d")]
+    for label, env, counter in engines:
+        metrics = f"http://127.0.0.1:{free_port()}"
+        if counter:
+            env |= {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": metrics.rsplit(":", 1)[1]}
+        spec = EngineSpec(connector="kvbm" if counter else "none", port=free_port(), env=env, **shared)
+        engine = Engine(build_launch(spec), log_path=log_dir / f"{label}.log")
+        try:
+            start_and_wait(engine, health_timeout, label)
+            url, model = engine.launch.url, engine.launch.model  # the served name (kvbm-tiny for the tiny one)
+            for trial in plan:
+                prompts = [trial["prefix"] + suffix for suffix in trial["suffixes"]]
+                first_token_seconds(url, model, prompts[0])
+                if not counter:
+                    cases["G1 hit"][0].append(first_token_seconds(url, model, prompts[1]))
+                for filler in trial["fillers"]:
+                    first_token_seconds(url, model, filler)
+                case = f"{label.upper()} onboard" if counter else "recompute"
+                before = prom.total(prom.scrape(metrics), counter) if counter else 0
+                cases[case][0].append(first_token_seconds(url, model, prompts[2]))
+                loaded = prom.total(prom.scrape(metrics), counter) - before if counter else math.inf
+                if loaded < prefix_tokens // block_size:
+                    cases[case] = (cases[case][0], f"only {loaded:.0f} blocks came from {label.upper()} in a trial")
+        finally:
+            engine.stop()
+    return cases
 
 
 def ttft(
@@ -132,7 +104,7 @@ def ttft(
     g1_blocks: Annotated[int, typer.Option(min=4, help="vLLM's own cache size in blocks (small, so prefixes are evicted).")] = 48,
     block_size: Annotated[int, typer.Option(help="Tokens per block (vLLM's CPU build: a multiple of 32).")] = 128,
     health_timeout: Annotated[float, typer.Option(help="Seconds each engine may take to become healthy.")] = 300.0,
-    out: Annotated[Optional[Path], typer.Option(help="Directory for engine logs and the JSON result (default: a temp dir).")] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Directory for engine logs and the JSON result (default: a temp dir).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """TTFT of one evicted-prefix request: recompute, vLLM G1 hit, KVBM onboard from G2 and from G3."""
@@ -144,18 +116,18 @@ def ttft(
     if not (model_dir / "config.json").is_file():
         raise CliError(f"--model {model_dir}: not a model directory (no config.json); give a local model directory")
     _, cfg, _ = load_model_config(str(model_dir))
-    geometry = sizing.ModelGeometry.from_config(cfg)
-    block_bytes = geometry.kv_bytes_per_token() * block_size
     if (prefix_tokens + suffix_tokens) // block_size + 2 > g1_blocks:
         raise CliError(f"--g1-blocks {g1_blocks} cannot hold one {prefix_tokens + suffix_tokens}-token prompt; raise it")
-    log_dir = out or Path(tempfile.mkdtemp(prefix="kvbm-bench-ttft-"))
+    log_dir = out_dir or Path(tempfile.mkdtemp(prefix="kvbm-bench-ttft-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    cases = run_ttft_bench(model_dir=model_dir, vocab=int(cfg.get("vocab_size", 2048)), block_bytes=block_bytes,
-                           block_size=block_size, prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens,
-                           trials=trials, g1_blocks=g1_blocks, health_timeout=health_timeout, log_dir=log_dir)
-    recompute = cases[0].median
-    rows = [{"case": c.name, "ttft_p50_ms": round(c.median * 1e3, 2), "speedup_vs_recompute": round(recompute / c.median, 2),
-             "ttft_ms": [round(t * 1e3, 2) for t in c.ttft_s], "note": c.note} for c in cases]
+    g1_bytes = g1_blocks * block_size * sizing.ModelGeometry.from_config(cfg).kv_bytes_per_token()
+    cases = run_ttft_bench(model_dir=model_dir, vocab=int(cfg.get("vocab_size", 2048)), block_size=block_size,
+                           prefix_tokens=prefix_tokens, suffix_tokens=suffix_tokens, trials=trials, g1_bytes=g1_bytes,
+                           g1_blocks=g1_blocks, health_timeout=health_timeout, log_dir=log_dir)
+    recompute = statistics.median(cases["recompute"][0])
+    rows = [{"case": name, "ttft_p50_ms": round(statistics.median(ts) * 1e3, 2),
+             "speedup_vs_recompute": round(recompute / statistics.median(ts), 2),
+             "ttft_ms": [round(t * 1e3, 2) for t in ts], "note": note} for name, (ts, note) in cases.items()]
     (log_dir / "ttft.json").write_text(json.dumps(rows, indent=2))
     if as_json:
         emit_json(rows)
@@ -165,6 +137,6 @@ def ttft(
               ["case", "TTFT p50 (ms)>", "speedup vs recompute>", "trials (ms)", "note"])
     for r in rows:
         t.add_row(r["case"], f"{r['ttft_p50_ms']:.1f}", f"{r['speedup_vs_recompute']:.2f}x",
-                      " ".join(f"{t:.0f}" for t in r["ttft_ms"]), r["note"])
+                  " ".join(f"{t:.0f}" for t in r["ttft_ms"]), r["note"])
     out().print(t)
     out().print(f"logs and ttft.json in {log_dir}", markup=False, soft_wrap=True)
