@@ -336,4 +336,5 @@ def test_benchmark_reports_the_ratio(url):
     from kvbm.mechanism.remote.bench import bench_get
 
     r = bench_get(url, blocks=32, block_bytes=256 << 10, rounds=3)
-    assert r["store_GBps"] > 0 and r["raw_GBps"] > 0 and r["ratio"] > 0.3, r
+    assert r["ours_GBps"] > 0 and r["raw_GBps"] > 0 and r["ratio"] > 0.3, r
+    assert r["ratio_min_max"][0] <= r["ratio"] <= r["ratio_min_max"][1] and r["rounds"] == 3
