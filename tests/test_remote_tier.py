@@ -17,22 +17,11 @@ import pytest
 
 from kvbm.mechanism.remote.local_server import RedisServer, available, free_port, local_cluster, stop_all
 from kvbm.policy import FrequencyFilter
+from redis_fixtures import server, url  # noqa: F401 - pytest fixtures
 from scripted_engine import ScriptedEngine
 
 pytestmark = pytest.mark.skipif(not available(), reason="redis-server is not installed: run `make redis` "
                                                         "(Debian package redis-server)")
-
-
-@pytest.fixture(scope="module")
-def server():
-    with RedisServer() as s:
-        yield s
-
-
-@pytest.fixture
-def url(server):
-    server.cli("flushall")
-    return server.url
 
 
 def serve(eng: ScriptedEngine, prefixes=None, rounds: int = 1) -> None:
