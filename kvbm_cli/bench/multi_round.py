@@ -18,9 +18,10 @@ Operations:
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import random
 import time
-from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from pydantic import Field, field_validator
@@ -56,127 +57,55 @@ class MultiRoundConfig(common.WorkloadConfig):
         await _drive(self, tok, target)
 
 
-@dataclass
-class _Session:
-    user_id: int
-    num_rounds: int
-    gap_s: float
-    system_text: str
-    warmup: bool = False
-    question_id: int = 0
-    last_request: Optional[float] = None
-    busy: bool = False
-    history: list[dict[str, str]] = field(default_factory=list)
-
-    @property
-    def finished(self) -> bool:
-        return self.question_id >= self.num_rounds and not self.busy
-
-    def due(self, now: float) -> bool:
-        if self.busy or self.question_id >= self.num_rounds:
-            return False
-        return self.last_request is None or now - self.last_request > self.gap_s
-
-    def next_request(self, now: float, run_tag: str) -> RequestSpec:
-        question = (f"Here's question #{self.question_id + 1}: can you tell me a new long story with a happy "
-                    "ending?")
-        if not self.history:
-            question = self.system_text + question
-        self.history.append({"role": "user", "content": question})
-        self.question_id += 1
-        self.last_request = now
-        self.busy = True
-        return RequestSpec(request_id=f"{run_tag}u{self.user_id}-q{self.question_id}", endpoint="chat",
-                           max_tokens=None, messages=list(self.history), user_id=self.user_id,
-                           round=self.question_id, warmup=self.warmup)
-
-
-class _Workload:
-    """The user sessions of one run: LMBenchmark's UserSessionManager timing."""
-
-    def __init__(self, cfg: MultiRoundConfig, tok: PromptTokenizer):
-        self.cfg = cfg
-        self.tok = tok
-        rng = random.Random(cfg.random_seed)
-        self.shared = tok.words(rng, cfg.shared_system_prompt)
-        self.gap_per_user = cfg.num_users / cfg.qps
-        alive = self.gap_per_user * max(cfg.num_rounds - 1, 1)
-        self.gap_between_users = alive / cfg.num_users
-        self.next_user_id = cfg.init_user_id + 1
-
-    def system_text(self, user_id: int) -> str:
-        rng = random.Random(f"{self.cfg.random_seed}-{user_id}")
-        return (f"Hi, here's some system prompt:{self.shared}. For user {user_id}, here are some other "
-                f"context:{self.tok.words(rng, self.cfg.user_history_prompt)}.")
-
-    def new_session(self, warmup: bool = False, user_id: Optional[int] = None, rounds: Optional[int] = None,
-                    gap: Optional[float] = None) -> _Session:
-        if user_id is None:
-            user_id = self.next_user_id
-            self.next_user_id += 1
-        return _Session(user_id=user_id, num_rounds=rounds or self.cfg.num_rounds, gap_s=gap or self.gap_per_user,
-                        system_text=self.system_text(user_id), warmup=warmup)
-
-    def ramp_up(self, now: float) -> list[_Session]:
-        """num_users sessions placed as if the run had been going for a whole session (LMBenchmark's ramp-up)."""
-        sessions = []
-        ramp = self.cfg.num_users * self.gap_between_users
-        for i in range(self.cfg.num_users):
-            s = self.new_session()
-            offset = ramp - i * self.gap_between_users
-            passed = int(offset / self.gap_per_user) + 1 if self.cfg.num_rounds > 1 else 0
-            passed = min(passed, self.cfg.num_rounds - 1)
-            s.question_id = passed
-            s.last_request = now - offset + max(passed - 1, 0) * self.gap_per_user if passed else None
-            sessions.append(s)
-        return sessions
-
-
 async def _drive(cfg: MultiRoundConfig, tok: PromptTokenizer, target: Target) -> None:
-    wl = _Workload(cfg, tok)
-    in_flight: set[asyncio.Task] = set()
+    """One task per user, timed as LMBenchmark's UserSessionManager: a user asks its next question `gap` s after
+    its previous one, once that one is answered; users join every `join_gap` s while fewer than --num-users."""
+    shared = tok.words(random.Random(cfg.random_seed), cfg.shared_system_prompt)
+    gap = cfg.num_users / cfg.qps
+    join_gap = gap * max(cfg.num_rounds - 1, 1) / cfg.num_users
+    user_ids = itertools.count(cfg.init_user_id + 1)
 
     async with target.session(cfg.num_users + 2) as send_one:
-        def launch(s: _Session, now: float) -> None:
-            spec = s.next_request(now, "warmup-" if s.warmup else "")
-            spec.max_tokens = cfg.answer_len
-            if cfg.request_with_user_id:  # LMBenchmark's header, for routers that keep a user on one engine
-                spec.headers = {"x-user-id": str(s.user_id)}
-
-            async def one() -> None:
+        async def user(user_id: int, rounds: int, every: float, asked: int = 0, last: Optional[float] = None,
+                       deadline: Optional[float] = None, warmup: bool = False) -> None:
+            rng = random.Random(f"{cfg.random_seed}-{user_id}")
+            context = (f"Hi, here's some system prompt:{shared}. For user {user_id}, here are some other "
+                       f"context:{tok.words(rng, cfg.user_history_prompt)}.")
+            history: list[dict[str, str]] = []
+            for question_id in range(asked + 1, rounds + 1):
+                if last is not None:
+                    await asyncio.sleep(max(0.0, min(last + every, deadline or math.inf) - time.monotonic()))
+                last = time.monotonic()
+                if deadline is not None and last >= deadline:
+                    return
+                question = f"Here's question #{question_id}: can you tell me a new long story with a happy ending?"
+                history.append({"role": "user", "content": ("" if history else context) + question})
+                spec = RequestSpec(request_id=f"{'warmup-' if warmup else ''}u{user_id}-q{question_id}",
+                                   endpoint="chat", max_tokens=cfg.answer_len, messages=list(history),
+                                   user_id=user_id, round=question_id, warmup=warmup,
+                                   # LMBenchmark's header, for routers that keep a user on one engine
+                                   headers={"x-user-id": str(user_id)} if cfg.request_with_user_id else {})
                 sent = await send_one(spec, ignore_eos=True)
-                s.history.append({"role": "assistant", "content": sent.text})
-                s.busy = False
-
-            t = asyncio.create_task(one())
-            in_flight.add(t)
-            t.add_done_callback(in_flight.discard)
-
-        async def loop(sessions: list[_Session], deadline: Optional[float], replace: bool) -> None:
-            last_join = time.monotonic()
-            while True:
-                now = time.monotonic()
-                if deadline is not None and now >= deadline:
-                    break
-                sessions[:] = [s for s in sessions if not s.finished]
-                if replace and len(sessions) < cfg.num_users and now - last_join > wl.gap_between_users:
-                    sessions.append(wl.new_session())
-                    last_join = now
-                if not sessions and not replace:
-                    break
-                for s in sessions:
-                    if s.due(now):
-                        launch(s, now)
-                await asyncio.sleep(0.02)
-            if in_flight:
-                await asyncio.gather(*list(in_flight))
+                history.append({"role": "assistant", "content": sent.text})
 
         if cfg.warmup:
-            warm = wl.new_session(warmup=True, user_id=cfg.init_user_id, rounds=2, gap=0.5)
-            await loop([warm], None, replace=False)
+            await user(cfg.init_user_id, 2, 0.5, warmup=True)
         start = time.monotonic()
         deadline = start + cfg.time if cfg.time is not None else None
-        await loop(wl.ramp_up(start), deadline, replace=cfg.time is not None)
+        users = set()
+        for i in range(cfg.num_users):  # placed as if the run had been going for a whole session (ramp-up)
+            offset = (cfg.num_users - i) * join_gap
+            asked = min(int(offset / gap) + 1, cfg.num_rounds - 1) if cfg.num_rounds > 1 else 0
+            last = start - offset + max(asked - 1, 0) * gap if asked else None
+            users.add(asyncio.create_task(user(next(user_ids), cfg.num_rounds, gap, asked, last, deadline)))
+        last_join = start
+        while deadline is not None and (now := time.monotonic()) < deadline:  # replace the users who finish
+            users = {u for u in users if not u.done()}
+            if len(users) < cfg.num_users and now - last_join > join_gap:
+                users.add(asyncio.create_task(user(next(user_ids), cfg.num_rounds, gap, deadline=deadline)))
+                last_join = now
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*users)
 
 
 run_multi_round = common.run_workload
