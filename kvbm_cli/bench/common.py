@@ -4,12 +4,11 @@ one way to run a workload into result files, and one way to make its command.
 Operations:
   Keys                                  a scenario block: keys spelled as the flags, unknown refused
   WorkloadConfig                        a workload's options (fields with their help) and how it sends requests
-  resolve_model_and_tokenizer(url, model, tokenizer)   model id from the server when not given; tokenizer source
-  run_workload(cfg, ...)                native client, aiperf or genai-perf -> requests.jsonl + summary.json
-  finish_run(...)                       summary.json written; warnings on token-count mismatches
-  print_summary(summary, dir, json)     a table (or JSON) on stdout
+  run_workload(cfg, ...)                native client or aiperf -> requests.jsonl + summary.json (the model
+                                        and tokenizer from the server when not given)
   flags(cls)                            a command with one option per field of `cls` besides its own
-  workload_command(cls)                 `kvbm bench <workload>`: the client options and the workload's fields
+  workload_command(cls)                 `kvbm bench <workload>`: the client options and the workload's fields;
+                                        the summary as a table (or JSON) on stdout
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ from kvbm_cli._options import ArtifactOpt, Driver, DriverOpt, JsonOpt, ModelOpt,
 from kvbm_cli._output import emit_json, note, out, table
 from kvbm_cli.bench.client import Target
 from kvbm_cli.httpclient import server_model
-from kvbm_cli.results import REQUESTS_FILE, SUMMARY_FILE, RequestRecord, Summary, iso_now, summarize, write_requests, write_summary
+from kvbm_cli.results import Summary, iso_now, summarize, write_run
 
 
 class Keys(BaseModel):
@@ -55,23 +54,11 @@ class WorkloadConfig(Keys):
         raise NotImplementedError
 
 
-def resolve_model_and_tokenizer(url: str, model: Optional[str], tokenizer: Optional[str]) -> tuple[str, str]:
-    """(model name to send, tokenizer source)."""
-    served, root = server_model(url.split(",")[0])  # root: what the server loaded (the tiny model's directory for kvbm-tiny)
-    model = model or served
-    source = tokenizer or model
-    if tokenizer is None and not Path(source).expanduser().exists() and Path(root).exists():
-        source = root
-    return model, source
-
-
 def run_workload(cfg: WorkloadConfig, *, url: str, model: Optional[str], tokenizer: Optional[str],
                  artifact_dir: Path, run: str, engine: Optional[dict[str, Any]] = None, timeout_s: float = 600.0,
                  show_progress: bool = True, driver: str = "native") -> Summary:
-    """Run `cfg` against `url` and write requests.jsonl + summary.json under `artifact_dir`.
-
-    The native client runs `cfg.drive`; `driver` aiperf or genai-perf runs that tool instead (bench.drivers).
-    """
+    """Run `cfg` against `url` (the native client runs `cfg.drive`, aiperf its own) and write requests.jsonl
+    (sorted by start) + summary.json under `artifact_dir`; warn when the server counted other prompt lengths."""
     from kvbm_cli.bench import drivers
     from kvbm_cli.bench.prompts import PromptTokenizer
 
@@ -81,34 +68,27 @@ def run_workload(cfg: WorkloadConfig, *, url: str, model: Optional[str], tokeniz
                        "genai-perf have no such workload")
     if driver != "native":
         drivers.find_tool(driver)  # fail before contacting the server
-    model, tok_source = resolve_model_and_tokenizer(url, model, tokenizer)
+    served, root = server_model(url.split(",")[0])  # root: what the server loaded (the tiny model's directory)
+    model = model or served
+    tok_source = tokenizer or model
+    if tokenizer is None and not Path(tok_source).expanduser().exists() and Path(root).exists():
+        tok_source = root
     config = cfg.model_dump() | {"tokenizer": tok_source}
     started_at = iso_now()
-    expected = None
+    expected: dict[str, int] = {}
     if driver != "native":
         records, command = drivers.run_external(driver, cfg, url=url, model=model, tokenizer=tok_source,
                                                 artifact_dir=artifact_dir, run=run)
         config |= {"driver_command": command}
     else:
         target = Target(url, model, run, cfg.name, artifact_dir, timeout_s, show_progress)
-        expected = asyncio.run(cfg.drive(PromptTokenizer(tok_source), target))
+        expected = asyncio.run(cfg.drive(PromptTokenizer(tok_source), target)) or {}
         records = target.records
-    return finish_run(records, artifact_dir, run=run, workload=cfg.name, url=url, model=model, driver=driver,
-                      started_at=started_at, config=config, engine=engine, expected=expected)
-
-
-def finish_run(records: list[RequestRecord], artifact_dir: Path, *, run: str, workload: str, url: str, model: str,
-               driver: str, started_at: str, config: dict[str, Any],
-               engine: Optional[dict[str, Any]], expected: Optional[dict[str, int]] = None) -> Summary:
-    """Write both files (requests sorted by start; the duration is the measured requests' first start to last
-    finish) and warn when the server counted other prompt lengths."""
     records = sorted(records, key=lambda r: r.start_s)
-    write_requests(artifact_dir / REQUESTS_FILE, records)
-    summary = summarize(records, run=run, workload=workload, url=url, model=model, driver=driver,
+    summary = summarize(records, run=run, workload=cfg.name, url=url, model=model, driver=driver,
                         started_at=started_at, config=config, engine=engine)
-    write_summary(artifact_dir / SUMMARY_FILE, summary)
-    off = [r for r in records if expected and r.error is None and r.request_id in expected
-           and r.input_tokens != expected[r.request_id]]
+    write_run(artifact_dir, records, summary)
+    off = [r for r in records if r.error is None and r.input_tokens != expected.get(r.request_id, r.input_tokens)]
     if off:
         note(f"warning: {len(off)} prompts were not the requested length in the server's tokens (e.g. "
              f"{off[0].request_id}: {off[0].input_tokens} instead of {expected[off[0].request_id]}); is "
@@ -121,32 +101,7 @@ def finish_run(records: list[RequestRecord], artifact_dir: Path, *, run: str, wo
     return summary
 
 
-def print_summary(summary: Summary, artifact_dir: Path, json_out: bool) -> None:
-    """The summary as a table on stdout, or as JSON with --json."""
-    if json_out:
-        emit_json(summary.model_dump(mode="json"))
-        return
-    columns = ("mean", "p50", "p90", "p99", "min", "max")
-    rows = table(f"{summary.workload} · {summary.run} · {summary.num_requests} requests, {summary.num_errors} errors, "
-                 f"{summary.duration_s:.1f} s", ["metric", *(c + ">" for c in columns)])
-    for name, stats in (("TTFT ms", summary.ttft_s), ("ITL ms", summary.itl_s), ("E2E ms", summary.e2e_s)):
-        rows.add_row(name, *("-" if getattr(stats, c) is None else f"{getattr(stats, c) * 1000:.1f}" for c in columns))
-    console = out()
-    console.print(rows)
-    console.print(f"output {summary.output_tokens_per_s:.1f} tok/s · input {summary.input_tokens_per_s:.1f} tok/s · "
-                  f"{summary.requests_per_s:.2f} req/s · results in {artifact_dir}", markup=False, soft_wrap=True)
-
-
 _BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-
-
-def _flag_problem(exc: ValidationError) -> str:
-    """The first problem of a config built from flags, as one line naming the flag."""
-    e = exc.errors()[0]
-    flag = "--" + "-".join(str(p) for p in e["loc"]).replace("_", "-")
-    if e["type"] in _BOUNDS:
-        return f"{flag} must be {_BOUNDS[e['type']]} {next(iter(e['ctx'].values()))}, not {e['input']}"
-    return f"{flag}: {e['msg']}"
 
 
 def flags(cls: type[Keys]) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -163,8 +118,13 @@ def flags(cls: type[Keys]) -> Callable[[Callable[..., None]], Callable[..., None
         def wrapper(**options: Any) -> None:
             try:
                 cfg = cls(**{name: options.pop(name) for name in cls.model_fields})
-            except ValidationError as exc:
-                raise CliError(_flag_problem(exc)) from None
+            except ValidationError as exc:  # the first problem, as one line naming the flag
+                e = exc.errors()[0]
+                flag = "--" + "-".join(str(p) for p in e["loc"]).replace("_", "-")
+                if e["type"] in _BOUNDS:
+                    raise CliError(f"{flag} must be {_BOUNDS[e['type']]} {next(iter(e['ctx'].values()))}, "
+                                   f"not {e['input']}") from None
+                raise CliError(f"{flag}: {e['msg']}") from None
             cfg.validate()
             command(cfg, **options)
 
@@ -187,7 +147,19 @@ def workload_command(cls: type[WorkloadConfig]) -> Callable[..., None]:
         summary = run_workload(cfg, url=url, model=model, tokenizer=tokenizer, artifact_dir=artifact_dir,
                                run=run or artifact_dir.name, timeout_s=request_timeout, show_progress=not json_out,
                                driver=Driver(driver).value)
-        print_summary(summary, artifact_dir, json_out)
+        if json_out:
+            emit_json(summary.model_dump(mode="json"))
+            return
+        columns = ("mean", "p50", "p90", "p99", "min", "max")
+        rows = table(f"{summary.workload} · {summary.run} · {summary.num_requests} requests, {summary.num_errors} "
+                     f"errors, {summary.duration_s:.1f} s", ["metric", *(c + ">" for c in columns)])
+        for name, stats in (("TTFT ms", summary.ttft_s), ("ITL ms", summary.itl_s), ("E2E ms", summary.e2e_s)):
+            rows.add_row(name, *("-" if getattr(stats, c) is None else f"{getattr(stats, c) * 1000:.1f}"
+                                 for c in columns))
+        out().print(rows)
+        out().print(f"output {summary.output_tokens_per_s:.1f} tok/s · input {summary.input_tokens_per_s:.1f} "
+                    f"tok/s · {summary.requests_per_s:.2f} req/s · results in {artifact_dir}",
+                    markup=False, soft_wrap=True)
 
     command.__doc__ = cls.__doc__
     return command
