@@ -39,21 +39,7 @@ class PathResult:
 
     @property
     def ratio(self) -> float:
-        """ours / raw."""
         return self.ours_gbps / self.raw_gbps if self.raw_gbps else 0.0
-
-
-def _interleaved(ours: Callable[[], None], raw: Callable[[], None], repeats: int) -> tuple[float, float]:
-    """Median seconds of each, alternating runs after one warm-up of each."""
-    ours()
-    raw()
-    t_ours, t_raw = [], []
-    for _ in range(repeats):
-        for fn, acc in ((raw, t_raw), (ours, t_ours)):
-            start = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - start)
-    return statistics.median(t_ours), statistics.median(t_raw)
 
 
 def engine_cache(layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int, device: str,
@@ -129,21 +115,30 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
         engine.cuda.copy_per_segment()  # measure the fallback: one copy per segment per host-slot run
     stores = [BlockMove(i, b, s) for i, (b, s) in enumerate(zip(block_ids, slots))]
 
-    def offload():
-        engine.submit_offload(OffloadJob("bench", stores=stores))
-        engine.wait()
-
-    def onboard():
-        engine.submit_onboard(OnboardJob("bench", loads=stores))
-        engine.wait()
+    def job(offload: bool, **moves) -> Callable[[], None]:
+        """Run one job on the current `engine` (the disk paths make a new one) and wait for it."""
+        def go() -> None:
+            (engine.submit_offload if offload else engine.submit_onboard)(
+                (OffloadJob if offload else OnboardJob)("bench", **moves))
+            engine.wait()
+        return go
 
     def measure(path: str, ours: Callable[[], None], reference: str, raw: Callable[[], None], n: int) -> None:
+        """Median seconds of each, alternating runs after one warm-up of each."""
         progress(path)
-        t_ours, t_raw = _interleaved(ours, raw, n)
-        results.append(PathResult(path, reference, nbytes, nbytes / t_ours / 1e9, nbytes / t_raw / 1e9))
+        ours()
+        raw()
+        seconds: dict[Callable[[], None], list[float]] = {ours: [], raw: []}
+        for _ in range(n):
+            for fn in (raw, ours):
+                start = time.perf_counter()
+                fn()
+                seconds[fn].append(time.perf_counter() - start)
+        results.append(PathResult(path, reference, nbytes, nbytes / statistics.median(seconds[ours]) / 1e9,
+                                  nbytes / statistics.median(seconds[raw]) / 1e9))
 
-    measure("G1->G2 offload", offload, *references[0], repeats)
-    measure("G2->G1 onboard", onboard, *references[1], repeats)
+    measure("G1->G2 offload", job(True, stores=stores), *references[0], repeats)
+    measure("G2->G1 onboard", job(False, loads=stores), *references[1], repeats)
     _close(engine)
 
     if directory is not None:
@@ -152,10 +147,7 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
             disk = DiskTier.create(tmp, num_blocks, layout.block_bytes, layout.fingerprint(model="bench"),
                                    direct=direct, io=_disk_io(io))
             engine = TransferEngine(layout, host, disk, gpu_chunk_bytes=gpu_chunk_bytes)
-            engine.submit_offload(OffloadJob("fill", stores=stores))
-            engine.wait()
-            cascades = [SlotCopy(i, s, i) for i, s in enumerate(slots)]
-            disk_loads = [BlockMove(i, b, i, Tier.G3) for i, b in enumerate(block_ids)]
+            job(True, stores=stores)()  # fill the host tier
             raw_bytes = num_blocks * disk.slot_bytes  # the raw reference moves the same on-disk bytes
             raw_buf = fileio.aligned_empty(raw_bytes)
             raw_buf[:] = 1
@@ -171,18 +163,10 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
                 for off in range(0, raw_bytes, chunk):
                     os.preadv(raw_fd, [raw_buf[off:off + chunk]], off)
 
-            def cascade():
-                engine.submit_offload(OffloadJob("bench", cascades=cascades))
-                engine.wait()
-
-            def disk_onboard():
-                engine.submit_onboard(OnboardJob("bench", loads=disk_loads))
-                engine.wait()
-
-            measure("G2->G3 offload", cascade, "O_DIRECT write" if direct else "pwrite", raw_write,
-                    disk_repeats or repeats)
-            measure("G3->G1 onboard", disk_onboard, "O_DIRECT read" if direct else "pread", raw_read,
-                    disk_repeats or repeats)
+            measure("G2->G3 offload", job(True, cascades=[SlotCopy(i, s, i) for i, s in enumerate(slots)]),
+                    "O_DIRECT write" if direct else "pwrite", raw_write, disk_repeats or repeats)
+            measure("G3->G1 onboard", job(False, loads=[BlockMove(i, b, i, Tier.G3) for i, b in enumerate(block_ids)]),
+                    "O_DIRECT read" if direct else "pread", raw_read, disk_repeats or repeats)
             os.close(raw_fd)
             _close(engine)
     return results
@@ -214,7 +198,7 @@ def transfer(
     kv_heads: Annotated[int, typer.Option(help="KV heads.")] = 2,
     head_dim: Annotated[int, typer.Option(help="Head dimension.")] = 64,
     block_size: Annotated[int, typer.Option(help="Tokens per block (vLLM CPU default: 128).")] = 128,
-    blocks: Annotated[int, typer.Option(help="Blocks moved per measurement.")] = 1024,
+    blocks: Annotated[int, typer.Option(min=1, help="Blocks moved per measurement.")] = 1024,
     disk_dir: Annotated[Path, typer.Option("--dir", help="Directory for the disk paths (default: DYN_KVBM_DISK_CACHE_DIR or /tmp).")] = None,
     no_disk: Annotated[bool, typer.Option("--no-disk", help="Measure only G1<->G2.")] = False,
     buffered: Annotated[bool, typer.Option("--buffered", help="Buffered I/O instead of O_DIRECT (as DYN_KVBM_DISK_DISABLE_O_DIRECT=true).")] = False,
@@ -226,8 +210,6 @@ def transfer(
 ) -> None:
     """Measure offload/onboard throughput of each tier path against the raw copy of the same bytes."""
     io = DiskIO(io).value
-    if blocks < 1:
-        raise CliError(f"--blocks {blocks} must be at least 1")
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise CliError(f"--device {device} is not cpu or cuda")
     if device != "cpu":
