@@ -17,6 +17,7 @@ Operations:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -81,7 +82,6 @@ class SoakResult:
 
     @property
     def totals(self) -> dict[str, int]:
-        """Requests, completions, disconnects and errors over the whole soak."""
         return {k: sum(getattr(r, k) for r in self.rows) for k in ("requests", "completed", "disconnected", "errors")}
 
 
@@ -110,20 +110,19 @@ def tree_rss_mb(pid: Optional[int]) -> Optional[float]:
     if pid is None:
         return None
     try:
-        root = psutil.Process(pid)
-        procs = [root] + root.children(recursive=True)
+        procs = [psutil.Process(pid)]
+        procs += procs[0].children(recursive=True)
     except psutil.Error:
         return None
     total = 0
     for p in procs:
-        try:
+        with contextlib.suppress(psutil.Error):  # a worker that just exited
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total / 2**20
 
 
-async def _soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int], timeout_s: float) -> SoakResult:
+def run_soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int] = None, timeout_s: float = 300.0) -> SoakResult:
+    """Run the soak against `url` for `cfg.minutes`."""
     prompts = soak_prompts(cfg)
     ids = sorted(prompts)
     rng = random.Random(cfg.seed + 1)
@@ -166,18 +165,16 @@ async def _soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int], timeo
             minute = min(int((time.perf_counter() - start - 1e-6) // 60), n_minutes - 1)
             rows[minute].rss_mb = tree_rss_mb(pid)
 
-    async with async_client(cfg.concurrency, timeout_s) as client:
-        await asyncio.gather(sampler(), *(client_loop(client) for _ in range(cfg.concurrency)))
+    async def main() -> None:
+        async with async_client(cfg.concurrency, timeout_s) as client:
+            await asyncio.gather(sampler(), *(client_loop(client) for _ in range(cfg.concurrency)))
+
+    asyncio.run(main())
     for row, values in zip(rows, ttfts):
         if values:
             row.ttft_p50_ms, row.ttft_p99_ms = (float(q) for q in np.percentile(values, [50, 99]))
     result.rss_end_mb = tree_rss_mb(pid)
     return result
-
-
-def run_soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int] = None, timeout_s: float = 300.0) -> SoakResult:
-    """Run the soak against `url` for `cfg.minutes`."""
-    return asyncio.run(_soak(url, model, cfg, pid, timeout_s))
 
 
 def _fmt(x: Optional[float], digits: int = 0) -> str:
