@@ -57,9 +57,6 @@ def plan(model_spec: str, *, kv_dtype: str = "auto", block_size: int = 16, tp: i
          fit_prefixes: int | None = None, h2d_gbps: float | None = None, disk_read_gbps: float | None = None,
          disk_source: str = "given", prefill_tps: float | None = None, mfu: float = DEFAULT_MFU) -> dict[str, Any]:
     """Everything `kvbm size` reports, as plain numbers (bytes, seconds, counts)."""
-    for name, value in (("--block-size", block_size), ("--prefix-len", prefix_len), ("--num-prefixes", num_prefixes)):
-        if value < 1:
-            raise CliError(f"{name} {value} must be 1 or more")
     if gpu.lower() not in sizing.GPUS:
         raise CliError(f"--gpu {gpu!r} is not known; use one of {', '.join(sizing.GPUS)} and --gpu-mem-gb if needed")
     spec = sizing.GPUS[gpu.lower()]
@@ -125,8 +122,6 @@ def plan(model_spec: str, *, kv_dtype: str = "auto", block_size: int = 16, tp: i
         "break_even": break_even,
     }
     if fit_prefixes is not None:
-        if fit_prefixes < 1:
-            raise CliError(f"--fit-prefixes {fit_prefixes} must be 1 or more")
         need = sizing.gb_to_hold(fit_prefixes, prefix_len, block_size, block_bytes)
         gpu_need = weights_rank + BYTES_PER_GB + need * BYTES_PER_GB
         result["fit"] = {"num_prefixes": fit_prefixes, "prefix_len": prefix_len, "kv_gb_per_rank": need,

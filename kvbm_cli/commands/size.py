@@ -78,7 +78,7 @@ def _render(r: dict[str, Any]) -> None:
 def size(
     model: ModelOpt = None,
     dtype: Annotated[str, typer.Option(help="KV cache dtype: auto (the model's), bf16, fp16, fp32, fp8.")] = "auto",
-    block_size: Annotated[int, typer.Option(help="Tokens per KV block.")] = 16,
+    block_size: Annotated[int, typer.Option(min=1, help="Tokens per KV block.")] = 16,
     tp: Annotated[int, typer.Option(help="Tensor-parallel GPUs; KV heads are split across them.")] = 1,
     gpu: Annotated[str, typer.Option(help=f"GPU kind: {', '.join(sizing.GPUS)}.")] = "h100",
     gpu_mem_gb: Annotated[Optional[float], typer.Option(help="GPU memory in GB (default: the GPU kind's).")] = None,
@@ -88,9 +88,9 @@ def size(
     cpu_blocks: Annotated[Optional[int], typer.Option(help="CPU tier in blocks (like DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS).")] = None,
     disk_gb: Annotated[Optional[float], typer.Option(help="Disk tier GB per rank (default: DYN_KVBM_DISK_CACHE_GB).")] = None,
     disk_blocks: Annotated[Optional[int], typer.Option(help="Disk tier in blocks (like DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS).")] = None,
-    prefix_len: Annotated[int, typer.Option(help="Tokens per shared prefix.")] = 20000,
-    num_prefixes: Annotated[int, typer.Option(help="Distinct prefixes the workload cycles through.")] = 5,
-    fit_prefixes: Annotated[Optional[int], typer.Option(help="Reverse: GB each tier needs to hold this many prefixes.")] = None,
+    prefix_len: Annotated[int, typer.Option(min=1, help="Tokens per shared prefix.")] = 20000,
+    num_prefixes: Annotated[int, typer.Option(min=1, help="Distinct prefixes the workload cycles through.")] = 5,
+    fit_prefixes: Annotated[Optional[int], typer.Option(min=1, help="Reverse: GB each tier needs to hold this many prefixes.")] = None,
     h2d_gbps: Annotated[Optional[float], typer.Option(help="Pinned host->GPU GB/s (default: the GPU kind's).")] = None,
     disk_read_gbps: Annotated[Optional[float], typer.Option(help="Disk read GB/s (default: --doctor-json, else 1.8 assumed).")] = None,
     doctor_json: Annotated[Optional[Path], typer.Option(help="`kvbm doctor disk --json` output to take the disk bandwidth from.")] = None,
@@ -105,8 +105,6 @@ def size(
             raise CliError(f"{name} {value} must not be negative")
     if not 0 < mfu <= 1:
         raise CliError(f"--mfu {mfu} must be in (0, 1]")
-    if model is None:
-        model = str(default_model_dir())
     env = KvbmConfig.from_env(check_paths=False)
     given = {"cpu_cache_gb": cpu_gb, "cpu_cache_override_num_blocks": cpu_blocks,
              "disk_cache_gb": disk_gb, "disk_cache_override_num_blocks": disk_blocks}
@@ -119,10 +117,11 @@ def size(
     disk_source = "given"
     if doctor_json is not None and disk_read_gbps is None:
         disk_read_gbps, disk_source = sizing_plan.read_doctor_json(doctor_json) / BYTES_PER_GB, f"measured ({doctor_json.name})"
-    result = sizing_plan.plan(model, kv_dtype=dtype, block_size=block_size, tp=tp, gpu=gpu, gpu_mem_gb=gpu_mem_gb,
-                  gpu_util=gpu_util, gpu_kv_gb=gpu_kv_gb, kvbm=kvbm, prefix_len=prefix_len, num_prefixes=num_prefixes,
-                  fit_prefixes=fit_prefixes, h2d_gbps=h2d_gbps, disk_read_gbps=disk_read_gbps,
-                  disk_source=disk_source, prefill_tps=prefill_tps, mfu=mfu)
+    result = sizing_plan.plan(model or str(default_model_dir()), kv_dtype=dtype, block_size=block_size, tp=tp,
+                              gpu=gpu, gpu_mem_gb=gpu_mem_gb, gpu_util=gpu_util, gpu_kv_gb=gpu_kv_gb, kvbm=kvbm,
+                              prefix_len=prefix_len, num_prefixes=num_prefixes, fit_prefixes=fit_prefixes,
+                              h2d_gbps=h2d_gbps, disk_read_gbps=disk_read_gbps, disk_source=disk_source,
+                              prefill_tps=prefill_tps, mfu=mfu)
     if as_json:
         emit_json(result)
         return
