@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -110,22 +111,20 @@ def make_tiny_model(out_dir: str | os.PathLike[str]) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = _train_tokenizer()
-    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
-    eos_id, pad_id = ids[EOS_TOKEN], ids[PAD_TOKEN]
+    eos_id, pad_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(PAD_TOKEN)
+    extra = [t for t in SPECIAL_TOKENS if t not in (EOS_TOKEN, PAD_TOKEN)]
 
     tok.save(str(out / "tokenizer.json"), pretty=True)
     _dump(out / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": BOS_TOKEN, "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN, "unk_token": None,
-        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (EOS_TOKEN, PAD_TOKEN)],
+        "additional_special_tokens": extra,
         "add_bos_token": False, "add_prefix_space": False, "clean_up_tokenization_spaces": False,
         "model_max_length": MAX_POSITIONS, "split_special_tokens": False, "errors": "replace",
         "chat_template": CHAT_TEMPLATE,
     })
-    _dump(out / "special_tokens_map.json", {
-        "eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
-        "additional_special_tokens": [t for t in SPECIAL_TOKENS if t not in (EOS_TOKEN, PAD_TOKEN)],
-    })
+    _dump(out / "special_tokens_map.json", {"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN,
+                                             "additional_special_tokens": extra})
     _dump(out / "config.json", {
         "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
         "vocab_size": VOCAB_SIZE, "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
@@ -136,12 +135,11 @@ def make_tiny_model(out_dir: str | os.PathLike[str]) -> Path:
         "use_sliding_window": False, "sliding_window": None, "max_window_layers": NUM_LAYERS,
         "bos_token_id": pad_id, "eos_token_id": eos_id, "pad_token_id": pad_id, "torch_dtype": "bfloat16",
     })
-    _dump(out / "generation_config.json", {
-        "bos_token_id": pad_id, "eos_token_id": [eos_id, pad_id], "pad_token_id": pad_id,
-    })
+    _dump(out / "generation_config.json", {"bos_token_id": pad_id, "eos_token_id": [eos_id, pad_id],
+                                           "pad_token_id": pad_id})
     _write_weights(out / "model.safetensors")
     _dump(out / MARKER, {"name": TINY_MODEL_NAME, "version": TINY_MODEL_VERSION,
-                                          "weights": "model.safetensors: seeded random, realistic scale"})
+                         "weights": "model.safetensors: seeded random, realistic scale"})
     return out
 
 
@@ -164,28 +162,17 @@ def _write_weights(path: Path, seed: int = 20261124) -> None:
                # Untied: a tied head maps the residual's own token embedding back to itself (logit |e|^2), so
                # the model would repeat its last token whatever the context holds.
                "lm_head.weight": linear(VOCAB_SIZE, HIDDEN)}
+    q, kv = NUM_HEADS * HEAD_DIM, NUM_KV_HEADS * HEAD_DIM
     for i in range(NUM_LAYERS):
         pre = f"model.layers.{i}."
-        tensors |= {
-            pre + "input_layernorm.weight": ones(HIDDEN),
-            pre + "post_attention_layernorm.weight": ones(HIDDEN),
-            pre + "self_attn.q_proj.weight": linear(NUM_HEADS * HEAD_DIM, HIDDEN),
-            pre + "self_attn.k_proj.weight": linear(NUM_KV_HEADS * HEAD_DIM, HIDDEN),
-            pre + "self_attn.v_proj.weight": linear(NUM_KV_HEADS * HEAD_DIM, HIDDEN),
-            pre + "self_attn.o_proj.weight": linear(HIDDEN, NUM_HEADS * HEAD_DIM),
-            pre + "self_attn.q_norm.weight": ones(HEAD_DIM, 4.0),
-            pre + "self_attn.k_norm.weight": ones(HEAD_DIM, 4.0),
-            pre + "mlp.gate_proj.weight": linear(INTERMEDIATE, HIDDEN),
-            pre + "mlp.up_proj.weight": linear(INTERMEDIATE, HIDDEN),
-            pre + "mlp.down_proj.weight": linear(HIDDEN, INTERMEDIATE),
-        }
+        tensors |= {pre + name + ".weight": linear(*shape) for name, shape in (  # in this order: the same draws
+            ("self_attn.q_proj", (q, HIDDEN)), ("self_attn.k_proj", (kv, HIDDEN)), ("self_attn.v_proj", (kv, HIDDEN)),
+            ("self_attn.o_proj", (HIDDEN, q)), ("mlp.gate_proj", (INTERMEDIATE, HIDDEN)),
+            ("mlp.up_proj", (INTERMEDIATE, HIDDEN)), ("mlp.down_proj", (HIDDEN, INTERMEDIATE)))}
+        tensors |= {pre + "input_layernorm.weight": ones(HIDDEN), pre + "post_attention_layernorm.weight": ones(HIDDEN),
+                    pre + "self_attn.q_norm.weight": ones(HEAD_DIM, 4.0),
+                    pre + "self_attn.k_norm.weight": ones(HEAD_DIM, 4.0)}
     save_file(tensors, str(path), metadata={"format": "pt"})
-
-
-def _cache_root() -> Path:
-    base = os.environ.get("KVBM_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "kvbm")
-    return Path(base)
 
 
 def default_model_dir() -> Path:
@@ -193,7 +180,8 @@ def default_model_dir() -> Path:
 
     Made in a temporary sibling and renamed into place, so concurrent first uses never see a half-written dir.
     """
-    target = _cache_root() / f"{TINY_MODEL_NAME}-v{TINY_MODEL_VERSION}"
+    root = os.environ.get("KVBM_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvbm"
+    target = Path(root) / f"{TINY_MODEL_NAME}-v{TINY_MODEL_VERSION}"
     if (target / MARKER).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -202,7 +190,5 @@ def default_model_dir() -> Path:
     try:
         os.rename(tmp, target)
     except OSError:  # another process won the race: its copy has the same bytes
-        for f in tmp.iterdir():
-            f.unlink()
-        tmp.rmdir()
+        shutil.rmtree(tmp)
     return target
