@@ -1,7 +1,2 @@
-"""`kvbm bench` workloads: transfer, ttft, prefix-reuse, multi-round, compare, soak (kvbm_cli/commands/bench.py
-registers their commands).
-
-Modules: prompts (exact-length prompts), client (async streaming client), common (running a workload into result
-files, the summary), prefix_reuse, multi_round, soak, drivers (aiperf / genai-perf), compare (engines x workload
-from a scenario), transfer, ttft.
-"""
+"""`kvbm bench` workloads, one module each (kvbm_cli/commands/bench.py registers their commands), and what they
+share: prompts (exact-length prompts), client (async streaming client), common (runs into result files)."""

@@ -1,25 +1,17 @@
 """`kvbm bench hit-rate`: throughput at a controlled hit rate, the way vLLM's offloading blog measures it.
 
-Every measured request has the same shape: a `--prefix-tokens` prefix (chat template head included; a multiple
-of the engine's block size) and fresh words up to `--input-tokens`, then `--output-tokens` generated. A share
-`--hit-rate` of them reuse a prefix that was computed earlier and has since been evicted from vLLM's own cache
-(G1); the others bring a prefix nobody has seen. Before the measured requests (all left out of the statistics):
-
-  1. prime: one request per reused prefix (prefix + a few fresh tokens, 1 token out), so the prefix's blocks
-     are computed once (and, with KVBM, offloaded to its tiers);
-  2. flush: `--flush-request-count` fresh requests of the measured shape, enough to push the primed prefixes
-     out of G1 (size G1 to hold fewer than that many requests).
-
-Then the `--request-count` measured requests at `--concurrency`: the baseline recomputes a reused prefix, KVBM
-onboards it. Each reused prefix is used by one measured request only, so no measured request can hit G1 on
-another's account; the figure to read is requests/s against the baseline at each hit rate. Hit requests carry
-the primed prefix's index as prefix_id; misses none.
+Every measured request is a `--prefix-tokens` prefix (chat template head included; a multiple of the block size)
+plus fresh words up to `--input-tokens`, then `--output-tokens` generated. A share `--hit-rate` of them reuse a
+prefix computed earlier and since evicted from vLLM's own cache (G1); the others bring an unseen prefix. Warm-up
+(left out of the statistics): one prime request per reused prefix (its blocks computed once, and offloaded with
+KVBM), then `--flush-request-count` fresh requests to push the primed prefixes out of G1 (size G1 below that).
+Each reused prefix serves one measured request only, so no request hits G1 on another's account: read
+requests/s against the baseline at each hit rate. Hit requests carry the primed prefix's index as prefix_id.
 
 Operations:
-  HitRateConfig                            the options (field names = flag names)
-  make_requests(cfg, tok)                  prime + flush (warm-up) and measured requests; same seed, same prompts
-  run_hit_rate(cfg, ...)                   run them and write requests.jsonl + summary.json
-  hit_rate                                 the command
+  HitRateConfig              the options (field names = flag names)
+  make_requests(cfg, tok)    prime + flush (warm-up) and measured requests; same seed, same prompts
+  run_hit_rate, hit_rate     run them into requests.jsonl + summary.json; the command
 """
 
 from __future__ import annotations

@@ -1,18 +1,15 @@
 """`kvbm bench multi-round`: LMBenchmark's synthetic multi-round QA, with its flag names and defaults.
 
-Each user's first question carries a system prompt shared by all users (`--shared-system-prompt` tokens) and
-the user's own context (`--user-history-prompt` tokens); every later question carries the whole chat so far
-(questions and the server's answers of `--answer-len` tokens). So KV reuse spans users (the shared prompt) and
-rounds (the history). `--num-users` users are active at once, each asking every num_users/qps seconds (overall
-`--qps`); they start in steady state as LMBenchmark's ramp-up does (staggered, some mid-conversation), and a
-finished user is replaced by a new one until `--time` is up (without --time: no replacements). A warm-up of
-1 user, 2 rounds at QPS 2 runs first, as in long_input_short_output_run.sh (left out of the statistics).
+A user's first question carries a system prompt all users share (`--shared-system-prompt` tokens) and its own
+context (`--user-history-prompt`); each later one carries the whole chat so far (answers of `--answer-len`
+tokens), so KV reuse spans users and rounds. `--num-users` users are active at once, each asking every
+num_users/qps s; they start in steady state as LMBenchmark's ramp-up does (staggered, some mid-conversation),
+and a finished user is replaced until `--time` is up (without it: no replacements). A warm-up of 1 user, 2
+rounds at QPS 2 runs first, as in long_input_short_output_run.sh (left out of the statistics).
 
 Operations:
-  MultiRoundConfig                  the options (field names = LMBenchmark's flags)
-  run_multi_round(cfg, ...)         run the sessions against a server, write requests.jsonl + summary.json
-  reuse_accounting(records, ...)    which prompt tokens could have come from a cache at all, and which did
-  kvbm bench multi-round ...        the command
+  MultiRoundConfig, run_multi_round, multi_round   the options (LMBenchmark's flags), the run, the command
+  reuse_accounting(records, ...), explain_reuse    which prompt tokens could have come from a cache, which did
 """
 
 from __future__ import annotations

@@ -1,9 +1,5 @@
-"""`kvbm model`: the embedded default model.
-
-Operations:
-  kvbm model tiny --out DIR   write the tiny Qwen3-shaped model (config, local tokenizer, seeded weights) to DIR
-  kvbm model tiny             without --out: make (once) and print the cached default used when --model is absent
-"""
+"""`kvbm model tiny [--out DIR]`: write the embedded tiny Qwen3-shaped model to DIR, or (without --out) make
+once and print the cached default used when --model is absent."""
 
 from __future__ import annotations
 
