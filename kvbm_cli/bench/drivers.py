@@ -1,16 +1,13 @@
 """The external load generator aiperf (genai-perf's successor), its export imported into our result files.
 
-aiperf takes genai-perf's flags, so the prefix-reuse options map one to one. Its prompt lengths are counted in
-message text, not in the server's tokens (the chat template is not counted): requests.jsonl records the
-server's `usage.prompt_tokens` where aiperf saved it. genai-perf itself cannot run where kvbm installs (its
-perf_analyzer binary is not on PyPI): `--driver genai-perf` says so and names aiperf.
+aiperf takes genai-perf's flags, so the prefix-reuse options map one to one. It counts prompt lengths in message
+text, not server tokens: requests.jsonl records the server's `usage.prompt_tokens` where aiperf saved it.
+genai-perf cannot run where kvbm installs (its perf_analyzer binary is not on PyPI): the error names aiperf.
 
 Operations:
-  find_tool(driver)                    the executable, or one line saying how to get it
-  tool_command(exe, cfg, ...)          aiperf's command line for a prefix-reuse config
-  run_external(driver, cfg, ...)       run it (HF_HUB_OFFLINE unset: aiperf's local tokenizer loading needs
-                                       that) and import its per-request export: (records, command)
-  import_aiperf(path, run, workload)   aiperf's profile_export.jsonl -> RequestRecords
+  find_tool(driver), tool_command(exe, cfg, ...)   the executable (or how to get it); its command line
+  run_external(driver, cfg, ...)                   run it and import its export: (records, command)
+  import_aiperf(path, run, workload)               aiperf's profile_export.jsonl -> RequestRecords
 """
 
 from __future__ import annotations

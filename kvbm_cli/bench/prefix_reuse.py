@@ -1,16 +1,14 @@
 """`kvbm bench prefix-reuse`: the seed demo's workload with genai-perf's flags, prompts exact in server tokens.
 
-Each request is one of `--num-prefix-prompts` shared prefixes of `--prefix-prompt-length` tokens followed by a
-random suffix of `--synthetic-input-tokens-mean` (+- stddev) tokens: the prompt is exactly prefix + suffix
-tokens as the server counts them (chat template included: its head belongs to the prefix, its tail to the
-suffix). Prefixes are picked at random as genai-perf does, or in turn (`--prefix-order round-robin`: each
-prefix comes back after all the others, the worst case for an LRU cache that holds fewer than all of them).
+Each request is one of `--num-prefix-prompts` shared prefixes of `--prefix-prompt-length` tokens and a random
+suffix of `--synthetic-input-tokens-mean` (+- stddev) tokens, exact as the server counts them (the chat template's
+head belongs to the prefix, its tail to the suffix). Prefixes are picked at random as genai-perf does, or in turn
+(`--prefix-order round-robin`: the worst case for an LRU cache that holds fewer than all of them).
 
 Operations:
-  PrefixReuseConfig                    the workload options (field names = flag names)
-  make_requests(cfg, tok)              the request list (warm-up first), deterministic for a seed
-  run_prefix_reuse(cfg, ...)           run it with the chosen driver and write the result files
-  prefix_reuse                         the command
+  PrefixReuseConfig, make_requests(cfg, tok)   the options (field names = flag names), the requests (warm-up
+                                               first; same seed, same prompts)
+  run_prefix_reuse, prefix_reuse               run it with the chosen driver into the result files; the command
 """
 
 from __future__ import annotations

@@ -1,18 +1,14 @@
 """Prompts of exact length in the server's tokens, for the chat and completions endpoints.
 
-The text is made of words that are each exactly one token (with their leading space) in the model's tokenizer,
-so a run of n words is n tokens whatever comes before or after it. The chat template is rendered by the
-model's own tokenizer (transformers' apply_chat_template, as vLLM renders it) and its head and tail are counted
-in: a chat prompt with a P-token prefix and an I-token suffix is exactly P + I tokens as vLLM counts them.
+The text is made of words that are one token each (with their leading space), so n words are n tokens whatever
+surrounds them. The chat template is rendered by the model's own tokenizer (apply_chat_template, as vLLM does)
+and its head and tail counted in: a P-token prefix and an I-token suffix make exactly P + I tokens.
 
 Operations:
-  PromptTokenizer(source)      the model's tokenizer and chat template (a directory or a cached model id)
-  .count(endpoint, text)       tokens vLLM counts for one user message / completion prompt
-  .head_tail(endpoint)         tokens the template adds before and after the message
-  .words(rng, n)               n random one-token words (a string of exactly n tokens)
-  build_prefix(tok, endpoint, n_tokens, rng)   text of n_tokens with the template's head before it
-  build_prompt(tok, endpoint, prefix_text, prefix_tokens, n_total, rng)
-                               prefix + random suffix, exactly n_total tokens (PromptError if impossible)
+  PromptTokenizer(source)   .count(endpoint, text), .head_tail(endpoint) (tokens the template adds around the
+                            message), .words(rng, n) (n random one-token words)
+  build_prefix(tok, endpoint, n_tokens, rng)                 n_tokens with the template's head before it
+  build_prompt(tok, endpoint, prefix, prefix_tokens, n, rng) prefix + random words: n tokens (else PromptError)
 """
 
 from __future__ import annotations

@@ -1,17 +1,15 @@
 """`kvbm bench soak`: serving under churn, for as long as you like, against any OpenAI-compatible server.
 
-Concurrent streaming clients send greedy completions over a few shared prefixes (so an engine with KVBM
-offloads, evicts and onboards them); a share of the clients disconnect at a random moment, as client
-timeouts do in production, some while their prefix is being onboarded. Per minute: requests, completions,
-client disconnects, server errors, TTFT p50/p99 and the engine's resident memory (RSS of the server's
-process tree, when its pid is given or found by its port). The same prompt always gets the same greedy
-output from a correct engine, so the texts are kept per prompt for a reference to compare.
+Concurrent streaming clients send greedy completions over a few shared prefixes (so KVBM offloads, evicts and
+onboards them); a share disconnect at a random moment, as client timeouts do, some while their prefix is being
+onboarded. Per minute: requests, completions, disconnects, server errors, TTFT p50/p99 and the engine's RSS
+(its process tree, pid given or found by port). The same prompt always gets the same greedy output from a
+correct engine, so the texts are kept per prompt to compare with a reference.
 
 Operations:
-  SoakConfig                       the workload
-  soak_prompts(cfg)                the distinct prompts (token ids), by prompt id
+  SoakConfig, soak_prompts(cfg)    the workload; its distinct prompts (token ids) by prompt id
   run_soak(url, model, cfg, pid)   SoakResult: per-minute rows, texts per prompt id
-  server_pid(url)                  the pid listening on the URL's port (this machine only)
+  server_pid(url), tree_rss_mb     the pid listening on the URL's port (this machine); RSS of a process tree
 """
 
 from __future__ import annotations

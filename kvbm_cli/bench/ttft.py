@@ -1,18 +1,13 @@
-"""`kvbm bench ttft`: the same evicted-prefix request, four ways, in one run.
+"""`kvbm bench ttft`: the same evicted-prefix request, four ways, in one run: recompute (vLLM alone, prefix
+evicted), G1 hit (vLLM alone, prefix still cached), G2 onboard (KVBM: loaded back from host memory) and G3 onboard
+(KVBM with a host tier too small for it: loaded back from disk).
 
-  recompute   vLLM without KVBM, the prefix evicted from its cache: the whole prompt is prefilled again
-  G1 hit      vLLM without KVBM, the prefix still in its own cache
-  G2 onboard  vLLM with KVBM: the prefix evicted from vLLM's cache, loaded back from host memory
-  G3 onboard  vLLM with KVBM and a host tier too small to keep it: loaded back from disk
-
-Three engines are started in turn (baseline, KVBM with a large host tier, KVBM with a tiny host tier and a disk
-tier). Each trial uses a fresh prefix, sends it, pushes it out of vLLM's cache with filler prompts, and times
-the first token of the prefix with a new suffix. KVBM's own metrics confirm which tier served each onboard.
+Three engines are started in turn. Each trial sends a fresh prefix, pushes it out of vLLM's cache with filler
+prompts and times the first token of the prefix with a new suffix; KVBM's metrics confirm the serving tier.
 
 Operations:
   first_token_seconds(url, model, tokens)   seconds to the first streamed token of a greedy completion
-  run_ttft_bench(...)                       the four cases: {name: (TTFTs in seconds, note)}
-  ttft                                      the command
+  run_ttft_bench(...), ttft                 the four cases: {name: (TTFTs in seconds, note)}; the command
 """
 
 from __future__ import annotations
