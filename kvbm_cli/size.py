@@ -1,8 +1,9 @@
-"""What `kvbm size` computes: what fits in each tier for a model, what each tier needs, whether onboarding pays.
+"""What `kvbm size` computes, from kvbm.sizing: what fits in each tier for a model, what each tier needs, whether
+onboarding pays.
 
 Operations:
-  plan(...)          KV bytes per token and block, blocks/tokens/prefixes per tier, the break-even of CPU and
-                     disk against recompute, as a dict (what --json prints), built from kvbm.sizing
+  plan(...)          bytes per token and block, blocks/tokens/prefixes per tier, CPU and disk break-even against
+                     recompute, as a dict (what --json prints)
   read_doctor_json   the disk read bandwidth `kvbm doctor disk --json` measured
 """
 

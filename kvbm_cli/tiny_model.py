@@ -4,9 +4,8 @@ Config, a byte-level BPE tokenizer trained on a seeded corpus and seeded random 
 run and every machine (test_tiny_model checks it).
 
 Operations:
-  make_tiny_model(out_dir)   write the model directory (config, tokenizer, generation config, weights)
-  default_model_dir()        the cached copy other commands use when --model is not given (made on first use)
-  TINY_MODEL_NAME            the name the cached copy is made under
+  make_tiny_model(out_dir), default_model_dir()   write the model directory; the cached copy (made on first
+                                                  use) other commands use when --model is not given
 """
 
 from __future__ import annotations

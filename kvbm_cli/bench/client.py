@@ -1,10 +1,9 @@
 """The native asynchronous streaming client: one OpenAI-compatible request, measured; many, scheduled.
 
 Operations:
-  RequestSpec                         one request to send (prompt or messages, max tokens, labels)
-  send(client, url, model, spec)      stream it; RequestRecord (TTFT, inter-token latencies, e2e, tokens, error)
-  Target(url, model, run, ...)        a run: .session() sends with a progress bar, each record kept and written;
-                                      .send_all(specs) with a concurrency limit or at a request rate
+  RequestSpec, send(client, url, model, spec)   one request; streamed and measured into a RequestRecord
+  Target(url, model, run, ...)                  a run: .session() sends with a progress bar, records kept and
+                                                written; .send_all(specs) at a concurrency or a request rate
 """
 
 from __future__ import annotations

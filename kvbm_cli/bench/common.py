@@ -1,14 +1,13 @@
 """What the workloads share: one typed base whose fields are both the command's flags and the scenario's keys,
-one way to run a workload into result files, and one way to make its command.
+one way to run a workload into result files, one way to make its command.
 
 Operations:
-  Keys                                  a scenario block: keys spelled as the flags, unknown refused
-  WorkloadConfig                        a workload's options (fields with their help) and how it sends requests
-  run_workload(cfg, ...)                native client or aiperf -> requests.jsonl + summary.json (the model
-                                        and tokenizer from the server when not given)
-  flags(cls)                            a command with one option per field of `cls` besides its own
-  workload_command(cls)                 `kvbm bench <workload>`: the client options and the workload's fields;
-                                        the summary as a table (or JSON) on stdout
+  Keys, WorkloadConfig     a scenario block (keys spelled as the flags, unknown refused); a workload's options
+                           (fields with their help) and how it sends requests (`drive`)
+  run_workload(cfg, ...)   native client or aiperf -> requests.jsonl + summary.json (model and tokenizer from
+                           the server when not given)
+  flags(cls)               a command with one option per field of `cls` besides its own
+  workload_command(cls)    `kvbm bench <workload>`: client options + the workload's fields; summary on stdout
 """
 
 from __future__ import annotations

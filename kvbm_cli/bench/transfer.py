@@ -1,12 +1,12 @@
 """`kvbm bench transfer`: offload/onboard throughput of each tier path against the raw copy, in one run.
 
-Paths and their raw references (same bytes, measured interleaved so machine noise hits both alike):
-  G1->G2 offload, G2->G1 onboard    CPU: one contiguous memcpy (torch copy_) of the same bytes;
-                                    --device cuda: one pinned D2H / H2D cudaMemcpy of the same bytes
-  G2->G3 offload, G3->G1 onboard    against plain sequential O_DIRECT pwrite/pread of the same bytes
-Engine pages are scattered (a random permutation of a larger cache), as in a serving engine. The engine
-cache is laid out as vLLM lays it out: CPU, per layer (blocks, 2, block_size, heads*head_dim); CUDA,
-FlashAttention's per-layer (2, blocks, block_size, heads, head_dim); one strided view per layer over one buffer.
+Raw references move the same bytes, interleaved so machine noise hits both alike: G1<->G2 against one memcpy
+(--device cuda: one pinned D2H / H2D copy), G2->G3 and G3->G1 against sequential O_DIRECT pwrite/pread.
+Engine pages are scattered (a random permutation of a larger cache), laid out as vLLM lays them out: CPU, per
+layer (blocks, 2, block_size, heads*head_dim); CUDA, FlashAttention's (2, blocks, block_size, heads, head_dim).
+
+Operations:
+  engine_cache(...), run_transfer_bench(...), transfer   the cache, the measured paths, the command
 """
 
 from __future__ import annotations
