@@ -53,23 +53,6 @@ class Sent:
 SendOne = Callable[..., Awaitable[Sent]]
 
 
-def _payload(model: str, spec: RequestSpec, streaming: bool, ignore_eos: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": model, "stream": streaming}
-    if spec.endpoint == "chat":
-        body["messages"] = spec.messages if spec.messages is not None else [{"role": "user", "content": spec.prompt}]
-    else:
-        body["prompt"] = spec.prompt
-    if spec.max_tokens is not None:
-        body["max_tokens"] = spec.max_tokens
-        if ignore_eos:  # vLLM extensions: exactly max_tokens tokens, as genai-perf's deterministic output
-            body["min_tokens"] = spec.max_tokens
-            body["ignore_eos"] = True
-    if streaming:
-        body["stream_options"] = {"include_usage": True}
-    body.update(spec.extra)
-    return body
-
-
 def _error_text(status: int, raw: bytes) -> str:
     try:
         detail = json.loads(raw)
@@ -83,17 +66,26 @@ def _error_text(status: int, raw: bytes) -> str:
 async def send(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpec, *, run: str, workload: str,
                streaming: bool = True, ignore_eos: bool = True) -> Sent:
     """Send one request and measure it. Never raises for server or network errors: they go in `error`."""
-    path = "/v1/chat/completions" if spec.endpoint == "chat" else "/v1/completions"
-    body = _payload(model, spec, streaming, ignore_eos)
+    chat = spec.endpoint == "chat"
+    body: dict[str, Any] = {"model": model, "stream": streaming}
+    if chat:
+        body["messages"] = spec.messages if spec.messages is not None else [{"role": "user", "content": spec.prompt}]
+    else:
+        body["prompt"] = spec.prompt
+    if spec.max_tokens is not None:
+        body["max_tokens"] = spec.max_tokens
+        if ignore_eos:  # vLLM extensions: exactly max_tokens tokens, as genai-perf's deterministic output
+            body |= {"min_tokens": spec.max_tokens, "ignore_eos": True}
+    if streaming:
+        body["stream_options"] = {"include_usage": True}
+    body.update(spec.extra)
     start_wall, start = time.time(), time.perf_counter()
-    ttft: Optional[float] = None
-    itl: list[float] = []
-    last: Optional[float] = None
+    arrivals: list[float] = []  # when each streamed piece of text came
     text_parts: list[str] = []
     usage: dict[str, Any] = {}
-    chunks = 0
     error: Optional[str] = None
     try:
+        path = "/v1/chat/completions" if chat else "/v1/completions"
         async with client.stream("POST", url.rstrip("/") + path, json=body, headers=spec.headers or None) as resp:
             if resp.status_code != 200:
                 error = _error_text(resp.status_code, await resp.aread())
@@ -108,38 +100,31 @@ async def send(client: httpx.AsyncClient, url: str, model: str, spec: RequestSpe
                     if chunk.get("error"):
                         error = f"stream error: {chunk['error'].get('message', chunk['error'])}"
                         break
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
+                    usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
-                        piece = (choice.get("delta") or {}).get("content") if spec.endpoint == "chat" else choice.get("text")
+                        piece = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
                         if piece:
-                            now = time.perf_counter()
-                            if ttft is None:
-                                ttft = now - start
-                            else:
-                                itl.append(now - last)
-                            last = now
-                            chunks += 1
+                            arrivals.append(time.perf_counter())
                             text_parts.append(piece)
             else:
                 data = json.loads(await resp.aread())
                 usage = data.get("usage") or {}
                 choice = (data.get("choices") or [{}])[0]
-                text_parts.append((choice.get("message") or {}).get("content") or "" if spec.endpoint == "chat"
+                text_parts.append((choice.get("message") or {}).get("content") or "" if chat
                                   else choice.get("text") or "")
     except (httpx.HTTPError, OSError, ValueError) as exc:
         error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     e2e = time.perf_counter() - start
-    if error is None and streaming and ttft is None:
+    if error is None and streaming and not arrivals:
         error = "no tokens in the response stream"
-    output_tokens = int(usage.get("completion_tokens") or (chunks if error is None else 0))
-    input_tokens = int(usage.get("prompt_tokens") or spec.expected_input_tokens or 0)
+    ok = error is None
     record = RequestRecord(
         request_id=spec.request_id, run=run, workload=workload, start_s=start_wall,
-        ttft_s=ttft if error is None else None, itl_s=itl if error is None else [],
-        e2e_s=e2e if error is None else None, input_tokens=input_tokens,
-        output_tokens=output_tokens if error is None else 0, prefix_id=spec.prefix_id, user_id=spec.user_id,
-        round=spec.round, warmup=spec.warmup, error=error)
+        ttft_s=arrivals[0] - start if ok and arrivals else None,
+        itl_s=[b - a for a, b in zip(arrivals, arrivals[1:])] if ok else [], e2e_s=e2e if ok else None,
+        input_tokens=int(usage.get("prompt_tokens") or spec.expected_input_tokens or 0),
+        output_tokens=int(usage.get("completion_tokens") or len(arrivals)) if ok else 0, prefix_id=spec.prefix_id,
+        user_id=spec.user_id, round=spec.round, warmup=spec.warmup, error=error)
     return Sent(record, "".join(text_parts))
 
 
