@@ -90,26 +90,18 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
     nbytes = num_blocks * layout.block_bytes
     results: list[PathResult] = []
 
-    # G1 <-> G2 against one memcpy of the same bytes (CUDA: pinned host <-> device).
-    if cuda:
-        gpu = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        gpu.random_()
-        pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        stream = torch.cuda.current_stream(device)
+    # G1 <-> G2 against one copy of the same bytes (CUDA: between pinned host memory and the device).
+    engine_side = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    host_side = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
 
-        def raw_d2h():
-            pinned.copy_(gpu, non_blocking=True)
-            stream.synchronize()
-
-        def raw_h2d():
-            gpu.copy_(pinned, non_blocking=True)
-            stream.synchronize()
-        references = ("pinned D2H", raw_d2h), ("pinned H2D", raw_h2d)
-    else:
-        src = torch.empty(nbytes, dtype=torch.uint8)
-        src.random_()
-        dst = torch.empty_like(src)
-        references = ("memcpy", lambda: dst.copy_(src)), ("memcpy", lambda: dst.copy_(src))
+    def raw_copy(dst, src) -> Callable[[], None]:
+        def go() -> None:
+            dst.copy_(src, non_blocking=cuda)
+            if cuda:
+                torch.cuda.current_stream(device).synchronize()
+        return go
+    references = (("pinned D2H" if cuda else "memcpy", raw_copy(host_side, engine_side)),
+                  ("pinned H2D" if cuda else "memcpy", raw_copy(engine_side, host_side)))
     engine = TransferEngine(layout, host, None, gpu_chunk_bytes=gpu_chunk_bytes)
     if cuda and copy_2d is False:
         engine.cuda.copy_per_segment()  # measure the fallback: one copy per segment per host-slot run
