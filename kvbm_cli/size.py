@@ -76,14 +76,12 @@ def plan(model_spec: str, *, kv_dtype: str = "auto", block_size: int = 16, tp: i
     host_blocks, disk_blocks = sizing.tier_blocks(kvbm, block_bytes)
     tiers = [_tier("gpu", gpu_bytes, gpu_bytes // block_bytes, block_size, prefix_len,
                    f"--gpu-memory-utilization {gpu_util:g}")]
-    if host_blocks:
-        setting = (f"DYN_KVBM_CPU_CACHE_OVERRIDE_NUM_BLOCKS={kvbm.cpu_cache_override_num_blocks}"
-                   if kvbm.cpu_cache_override_num_blocks is not None else f"DYN_KVBM_CPU_CACHE_GB={kvbm.cpu_cache_gb:g}")
-        tiers.append(_tier("cpu", host_blocks * block_bytes, host_blocks, block_size, prefix_len, setting))
-    if disk_blocks:
-        setting = (f"DYN_KVBM_DISK_CACHE_OVERRIDE_NUM_BLOCKS={kvbm.disk_cache_override_num_blocks}"
-                   if kvbm.disk_cache_override_num_blocks is not None else f"DYN_KVBM_DISK_CACHE_GB={kvbm.disk_cache_gb:g}")
-        tiers.append(_tier("disk", disk_blocks * block_bytes, disk_blocks, block_size, prefix_len, setting))
+    for tier, blocks in (("cpu", host_blocks), ("disk", disk_blocks)):
+        if blocks:
+            override, gb = getattr(kvbm, f"{tier}_cache_override_num_blocks"), getattr(kvbm, f"{tier}_cache_gb")
+            setting = (f"DYN_KVBM_{tier.upper()}_CACHE_OVERRIDE_NUM_BLOCKS={override}" if override is not None
+                       else f"DYN_KVBM_{tier.upper()}_CACHE_GB={gb:g}")
+            tiers.append(_tier(tier, blocks * block_bytes, blocks, block_size, prefix_len, setting))
 
     peak = spec.fp8_flops if (model.weight_bytes_per_param <= 1 and spec.fp8_flops) else spec.bf16_flops
     if prefill_tps:
