@@ -20,7 +20,6 @@ from pathlib import Path
 
 from kvbm_cli._errors import CliError
 
-ENDPOINTS = ("chat", "completions")
 _SENTINEL = "\x00KVBM-CONTENT\x00"
 
 
@@ -66,11 +65,9 @@ class PromptTokenizer:
     @cached_property
     def vocab_words(self) -> list[str]:
         """Words (with a leading space) that are exactly one token each; sorted for determinism."""
-        words = []
-        for token_id in range(min(self.tok.get_vocab_size(), 200_000)):
-            text = self.tok.decode([token_id])
-            if re.fullmatch(r" [a-z]{2,12}", text) and self.tok.encode(text, add_special_tokens=False).ids == [token_id]:
-                words.append(text)
+        words = [text for i in range(min(self.tok.get_vocab_size(), 200_000))
+                 if re.fullmatch(r" [a-z]{2,12}", text := self.tok.decode([i]))
+                 and self.tok.encode(text, add_special_tokens=False).ids == [i]]
         if len(words) < 20:
             raise PromptError(f"the tokenizer of {self.source} has too few one-token words ({len(words)}) to build "
                               "prompts of exact length")
