@@ -105,15 +105,12 @@ def size(
             raise CliError(f"{name} {value} must not be negative")
     if not 0 < mfu <= 1:
         raise CliError(f"--mfu {mfu} must be in (0, 1]")
-    env = KvbmConfig.from_env(check_paths=False)
-    given = {"cpu_cache_gb": cpu_gb, "cpu_cache_override_num_blocks": cpu_blocks,
-             "disk_cache_gb": disk_gb, "disk_cache_override_num_blocks": disk_blocks}
-    if any(v is not None for v in given.values()):
-        kvbm = KvbmConfig(**{k: v for k, v in given.items() if v is not None})
-    else:
-        kvbm = env
-        if env.host_requested:
-            note("tier sizes from DYN_KVBM_* in the environment")
+    env = KvbmConfig.from_env(check_paths=False)  # checked even when the flags below replace it
+    given = {k: v for k, v in (("cpu_cache_gb", cpu_gb), ("cpu_cache_override_num_blocks", cpu_blocks),
+                               ("disk_cache_gb", disk_gb), ("disk_cache_override_num_blocks", disk_blocks)) if v is not None}
+    kvbm = KvbmConfig(**given) if given else env
+    if not given and env.host_requested:
+        note("tier sizes from DYN_KVBM_* in the environment")
     disk_source = "given"
     if doctor_json is not None and disk_read_gbps is None:
         disk_read_gbps, disk_source = sizing_plan.read_doctor_json(doctor_json) / BYTES_PER_GB, f"measured ({doctor_json.name})"
