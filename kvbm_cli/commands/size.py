@@ -107,7 +107,8 @@ def size(
         raise CliError(f"--mfu {mfu} must be in (0, 1]")
     env = KvbmConfig.from_env(check_paths=False)  # checked even when the flags below replace it
     given = {k: v for k, v in (("cpu_cache_gb", cpu_gb), ("cpu_cache_override_num_blocks", cpu_blocks),
-                               ("disk_cache_gb", disk_gb), ("disk_cache_override_num_blocks", disk_blocks)) if v is not None}
+                               ("disk_cache_gb", disk_gb), ("disk_cache_override_num_blocks", disk_blocks))
+             if v is not None}
     kvbm = KvbmConfig(**given) if given else env
     if not given and env.host_requested:
         note("tier sizes from DYN_KVBM_* in the environment")
