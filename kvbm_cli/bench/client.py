@@ -153,15 +153,13 @@ class Target:
         async with async_client(concurrency, self.timeout_s) as client:
             with progress("requests", not self.show_progress) as bar:
                 task = bar.add_task(f"{self.workload} {self.run}", total=total, note="")
-                errors = 0
 
                 async def send_one(spec: RequestSpec, url: Optional[str] = None, **options: Any) -> Sent:
-                    nonlocal errors
                     sent = await send(client, url or self.url.split(",")[0], self.model, spec, run=self.run,
                                       workload=self.workload, **options)
                     self.records.append(sent.record)
                     append_request(self.artifact_dir / REQUESTS_FILE, sent.record)
-                    errors += sent.record.error is not None
+                    errors = sum(r.error is not None for r in self.records)
                     ttft = sent.record.ttft_s
                     bar.update(task, advance=1, note=(f"last TTFT {ttft * 1000:.0f} ms" if ttft is not None else "")
                                + (f"  errors {errors}" if errors else ""))
@@ -184,13 +182,10 @@ class Target:
 
             for warmup in (True, False):
                 group = [i for i, s in enumerate(specs) if s.warmup == warmup]
-                if not request_rate:
-                    await asyncio.gather(*(one(i) for i in group))
-                    continue
-                tasks = []
-                t0 = time.perf_counter()
+                t0, tasks = time.perf_counter(), []
                 for k, i in enumerate(group):
-                    await asyncio.sleep(max(0.0, t0 + k / request_rate - time.perf_counter()))
+                    if request_rate:  # one started every 1/rate s
+                        await asyncio.sleep(max(0.0, t0 + k / request_rate - time.perf_counter()))
                     tasks.append(asyncio.create_task(one(i)))
                 await asyncio.gather(*tasks)
         return {s.request_id: s.expected_input_tokens for s in specs}
