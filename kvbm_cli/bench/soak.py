@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -130,14 +131,12 @@ def run_soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int] = None, t
     rows = [MinuteRow(m) for m in range(n_minutes)]
     ttfts: list[list[float]] = [[] for _ in rows]
     result = SoakResult(rows, rss_start_mb=tree_rss_mb(pid))
-    counter = 0
+    counter = itertools.count(1)
 
     async def client_loop(client) -> None:
-        nonlocal counter
         while time.perf_counter() < deadline:
-            counter += 1
             pid_ = rng.choice(ids)
-            spec = RequestSpec(request_id=f"soak-{counter}", endpoint="completions", max_tokens=cfg.max_tokens,
+            spec = RequestSpec(request_id=f"soak-{next(counter)}", endpoint="completions", max_tokens=cfg.max_tokens,
                                prompt=prompts[pid_], extra={"temperature": 0})  # type: ignore[arg-type]
             minute = min(int((time.perf_counter() - start) // 60), n_minutes - 1)
             row = rows[minute]
