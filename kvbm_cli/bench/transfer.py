@@ -50,11 +50,9 @@ def engine_cache(layers: int, kv_heads: int, head_dim: int, block_size: int, num
     numel = layers * num_blocks * 2 * block_size * kv_heads * head_dim
     buf = torch.empty(numel, dtype=getattr(torch, dtype), device=device)
     buf.view(torch.uint8).random_()
-    if device == "cpu":
-        per_layer = buf.view(layers, num_blocks, 2, block_size, kv_heads * head_dim)
-        return [per_layer[i] for i in range(layers)], 0
-    per_layer = buf.view(layers, 2, num_blocks, block_size, kv_heads, head_dim)  # FlashAttention
-    return [per_layer[i] for i in range(layers)], 1
+    cpu = device == "cpu"  # else FlashAttention's layout
+    shape = (num_blocks, 2, block_size, kv_heads * head_dim) if cpu else (2, num_blocks, block_size, kv_heads, head_dim)
+    return list(buf.view(layers, *shape)), 0 if cpu else 1
 
 
 def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size: int, num_blocks: int,
