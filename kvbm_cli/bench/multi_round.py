@@ -51,58 +51,54 @@ class MultiRoundConfig(common.WorkloadConfig):
         return value or None
 
     async def drive(self, tok: PromptTokenizer, target: Target) -> None:
-        await _drive(self, tok, target)
+        """One task per user, timed as LMBenchmark's UserSessionManager: a user asks its next question `gap` s after
+        its previous one, once that one is answered; users join every `join_gap` s while fewer than --num-users."""
+        shared = tok.words(random.Random(self.random_seed), self.shared_system_prompt)
+        gap = self.num_users / self.qps
+        join_gap = gap * max(self.num_rounds - 1, 1) / self.num_users
+        user_ids = itertools.count(self.init_user_id + 1)
 
+        async with target.session(self.num_users + 2) as send_one:
+            async def user(user_id: int, rounds: int, every: float, asked: int = 0, last: Optional[float] = None,
+                           deadline: Optional[float] = None, warmup: bool = False) -> None:
+                rng = random.Random(f"{self.random_seed}-{user_id}")
+                context = (f"Hi, here's some system prompt:{shared}. For user {user_id}, here are some other "
+                           f"context:{tok.words(rng, self.user_history_prompt)}.")
+                history: list[dict[str, str]] = []
+                for question_id in range(asked + 1, rounds + 1):
+                    if last is not None:
+                        await asyncio.sleep(max(0.0, min(last + every, deadline or math.inf) - time.monotonic()))
+                    last = time.monotonic()
+                    if deadline is not None and last >= deadline:
+                        return
+                    question = f"Here's question #{question_id}: can you tell me a new long story with a happy ending?"
+                    history.append({"role": "user", "content": ("" if history else context) + question})
+                    spec = RequestSpec(request_id=f"{'warmup-' if warmup else ''}u{user_id}-q{question_id}",
+                                       endpoint="chat", max_tokens=self.answer_len, messages=list(history),
+                                       user_id=user_id, round=question_id, warmup=warmup,
+                                       # LMBenchmark's header, for routers that keep a user on one engine
+                                       headers={"x-user-id": str(user_id)} if self.request_with_user_id else {})
+                    sent = await send_one(spec, ignore_eos=True)
+                    history.append({"role": "assistant", "content": sent.text})
 
-async def _drive(cfg: MultiRoundConfig, tok: PromptTokenizer, target: Target) -> None:
-    """One task per user, timed as LMBenchmark's UserSessionManager: a user asks its next question `gap` s after
-    its previous one, once that one is answered; users join every `join_gap` s while fewer than --num-users."""
-    shared = tok.words(random.Random(cfg.random_seed), cfg.shared_system_prompt)
-    gap = cfg.num_users / cfg.qps
-    join_gap = gap * max(cfg.num_rounds - 1, 1) / cfg.num_users
-    user_ids = itertools.count(cfg.init_user_id + 1)
-
-    async with target.session(cfg.num_users + 2) as send_one:
-        async def user(user_id: int, rounds: int, every: float, asked: int = 0, last: Optional[float] = None,
-                       deadline: Optional[float] = None, warmup: bool = False) -> None:
-            rng = random.Random(f"{cfg.random_seed}-{user_id}")
-            context = (f"Hi, here's some system prompt:{shared}. For user {user_id}, here are some other "
-                       f"context:{tok.words(rng, cfg.user_history_prompt)}.")
-            history: list[dict[str, str]] = []
-            for question_id in range(asked + 1, rounds + 1):
-                if last is not None:
-                    await asyncio.sleep(max(0.0, min(last + every, deadline or math.inf) - time.monotonic()))
-                last = time.monotonic()
-                if deadline is not None and last >= deadline:
-                    return
-                question = f"Here's question #{question_id}: can you tell me a new long story with a happy ending?"
-                history.append({"role": "user", "content": ("" if history else context) + question})
-                spec = RequestSpec(request_id=f"{'warmup-' if warmup else ''}u{user_id}-q{question_id}",
-                                   endpoint="chat", max_tokens=cfg.answer_len, messages=list(history),
-                                   user_id=user_id, round=question_id, warmup=warmup,
-                                   # LMBenchmark's header, for routers that keep a user on one engine
-                                   headers={"x-user-id": str(user_id)} if cfg.request_with_user_id else {})
-                sent = await send_one(spec, ignore_eos=True)
-                history.append({"role": "assistant", "content": sent.text})
-
-        if cfg.warmup:
-            await user(cfg.init_user_id, 2, 0.5, warmup=True)
-        start = time.monotonic()
-        deadline = start + cfg.time if cfg.time is not None else None
-        users = set()
-        for i in range(cfg.num_users):  # placed as if the run had been going for a whole session (ramp-up)
-            offset = (cfg.num_users - i) * join_gap
-            asked = min(int(offset / gap) + 1, cfg.num_rounds - 1) if cfg.num_rounds > 1 else 0
-            last = start - offset + max(asked - 1, 0) * gap if asked else None
-            users.add(asyncio.create_task(user(next(user_ids), cfg.num_rounds, gap, asked, last, deadline)))
-        last_join = start
-        while deadline is not None and (now := time.monotonic()) < deadline:  # replace the users who finish
-            users = {u for u in users if not u.done()}
-            if len(users) < cfg.num_users and now - last_join > join_gap:
-                users.add(asyncio.create_task(user(next(user_ids), cfg.num_rounds, gap, deadline=deadline)))
-                last_join = now
-            await asyncio.sleep(0.02)
-        await asyncio.gather(*users)
+            if self.warmup:
+                await user(self.init_user_id, 2, 0.5, warmup=True)
+            start = time.monotonic()
+            deadline = start + self.time if self.time is not None else None
+            users = set()
+            for i in range(self.num_users):  # placed as if the run had been going for a whole session (ramp-up)
+                offset = (self.num_users - i) * join_gap
+                asked = min(int(offset / gap) + 1, self.num_rounds - 1) if self.num_rounds > 1 else 0
+                last = start - offset + max(asked - 1, 0) * gap if asked else None
+                users.add(asyncio.create_task(user(next(user_ids), self.num_rounds, gap, asked, last, deadline)))
+            last_join = start
+            while deadline is not None and (now := time.monotonic()) < deadline:  # replace the users who finish
+                users = {u for u in users if not u.done()}
+                if len(users) < self.num_users and now - last_join > join_gap:
+                    users.add(asyncio.create_task(user(next(user_ids), self.num_rounds, gap, deadline=deadline)))
+                    last_join = now
+                await asyncio.sleep(0.02)
+            await asyncio.gather(*users)
 
 
 run_multi_round = common.run_workload

@@ -79,11 +79,9 @@ def make_requests(cfg: PrefixReuseConfig, tok: PromptTokenizer) -> list[RequestS
         n_in = _sample(rng, cfg.synthetic_input_tokens_mean, cfg.synthetic_input_tokens_stddev)
         if prefixes:
             pid = (k % len(prefixes)) if cfg.prefix_order == "round-robin" else rng.randrange(len(prefixes))
-            prefix, prefix_tokens = prefixes[pid], cfg.prefix_prompt_length
+            prefix, prefix_tokens, n_total = prefixes[pid], cfg.prefix_prompt_length, cfg.prefix_prompt_length + n_in
         else:
-            pid, prefix, prefix_tokens = None, "", head
-            n_in = max(n_in, head + tail)
-        n_total = (cfg.prefix_prompt_length if prefixes else 0) + n_in
+            pid, prefix, prefix_tokens, n_total = None, "", head, max(n_in, head + tail)
         text = build_prompt(tok, ep, prefix, prefix_tokens, n_total, rng)
         n_out = None if cfg.output_tokens_mean is None else _sample(rng, cfg.output_tokens_mean, cfg.output_tokens_stddev)
         rid = f"warmup-{k}" if warm else f"req-{k - cfg.warmup_request_count}"
