@@ -132,10 +132,17 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
     _close(engine)
 
     if directory is not None:
+        disk_io = fileio.PosixDiskIO()  # positional I/O on threads, or NIXL's POSIX backend:
+        if io == "nixl":
+            from kvbm.mechanism.nixl_io import NixlDiskIO, nixl_available
+
+            if not nixl_available():
+                raise CliError("--io nixl: the nixl package is not installed; pip install nixl-cu13, or --io posix")
+            disk_io = NixlDiskIO()
         with tempfile.TemporaryDirectory(dir=directory, prefix="kvbm-bench-") as tmp:
             tmp = Path(tmp)
             disk = DiskTier.create(tmp, num_blocks, layout.block_bytes, layout.fingerprint(model="bench"),
-                                   direct=direct, io=_disk_io(io))
+                                   direct=direct, io=disk_io)
             engine = TransferEngine(layout, host, disk, gpu_chunk_bytes=gpu_chunk_bytes)
             job(True, stores=stores)()  # fill the host tier
             raw_bytes = num_blocks * disk.slot_bytes  # the raw reference moves the same on-disk bytes
@@ -168,19 +175,6 @@ def _close(engine) -> None:
     engine.close()
     if failed:
         raise CliError(f"benchmark transfers failed: {failed[0].error or failed[0].failed_hashes}", 1)
-
-
-def _disk_io(name: str):
-    """The disk I/O backend named `name`: posix (threads) or nixl (NIXL's POSIX backend)."""
-    from kvbm.mechanism.fileio import PosixDiskIO
-
-    if name == "posix":
-        return PosixDiskIO()
-    from kvbm.mechanism.nixl_io import NixlDiskIO, nixl_available
-
-    if not nixl_available():
-        raise CliError("--io nixl: the nixl package is not installed; `pip install nixl-cu13` or use --io posix")
-    return NixlDiskIO()
 
 
 def transfer(
