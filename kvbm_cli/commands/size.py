@@ -40,8 +40,7 @@ def _render(r: dict[str, Any]) -> None:
         tiers.add_row(t["tier"].upper(), _gb(t["bytes"]), f"{t['num_blocks']:,}", f"{t['num_tokens']:,}",
                       f"{t['num_prefixes']:,}", t["setting"])
     console.print(tiers)
-    g = r["gpu"]
-    gpu_tier = r["tiers"][0]
+    g, gpu_tier = r["gpu"], r["tiers"][0]
     console.print(f"GPU memory  = Model Size + Active Blocks x Block Size = {_gb(g['weight_bytes_per_rank'])} + "
                   f"{gpu_tier['num_blocks']:,} x {r['kv_bytes_per_block'] / 1e6:,.2f} MB = "
                   f"{_gb(g['weight_bytes_per_rank'] + gpu_tier['num_blocks'] * r['kv_bytes_per_block'])} "
