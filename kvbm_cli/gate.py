@@ -74,7 +74,7 @@ def metric_spec(name: str, direction: str | None = None) -> MetricSpec:
 METRICS = tuple(f"{b}_{s}" for b in _BASES for s in _STATS) + ("output_tokens_per_s",)
 
 
-def _num(value) -> float:
+def _num(value) -> float:  # None -> nan
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
 
 
@@ -168,16 +168,12 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
         raise CliError(f"{path}: expected a mapping of metric -> max regression, e.g. 'ttft_p50: 5%'")
     result = {}
     for name, value in data.items():
-        if isinstance(value, dict):
-            unknown = set(value) - {"max_regression", "direction"}
-            if unknown:
-                raise CliError(f"{path}: {name}: unknown keys {sorted(unknown)} (use max_regression, direction)")
-            entry = {"max_regression": parse_fraction(value["max_regression"]) if "max_regression" in value else None,
-                     "direction": value.get("direction")}
-        else:
-            entry = {"max_regression": parse_fraction(value), "direction": None}
-        metric_spec(str(name), entry["direction"])  # validate now: one clear line, before any work
-        result[str(name)] = entry
+        value = value if isinstance(value, dict) else {"max_regression": value}
+        if unknown := set(value) - {"max_regression", "direction"}:
+            raise CliError(f"{path}: {name}: unknown keys {sorted(unknown)} (use max_regression, direction)")
+        result[str(name)] = {"direction": value.get("direction"), "max_regression":
+                             parse_fraction(value["max_regression"]) if "max_regression" in value else None}
+        metric_spec(str(name), value.get("direction"))  # validate now: one clear line, before any work
     return result
 
 
@@ -186,12 +182,10 @@ def choose_metrics(metric_args: list[str] | None, thresholds: str | os.PathLike[
     """The metrics to gate: the thresholds file's, then each `NAME` or `NAME=5%` given (default: DEFAULT_METRICS)."""
     chosen = load_thresholds(thresholds) if thresholds else {}
     for item in metric_args or ([] if chosen else list(DEFAULT_METRICS)):
-        name, _, tol = item.partition("=")
-        metric_spec(name.strip())
-        entry = chosen.get(name.strip(), {"max_regression": None, "direction": None})
-        if tol:
-            entry = {**entry, "max_regression": parse_fraction(tol)}
-        chosen[name.strip()] = entry
+        name, _, tol = (part.strip() for part in item.partition("="))
+        metric_spec(name)
+        entry = chosen.setdefault(name, {"max_regression": None, "direction": None})
+        entry["max_regression"] = parse_fraction(tol) if tol else entry["max_regression"]
     return chosen
 
 
