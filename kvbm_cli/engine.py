@@ -86,7 +86,6 @@ class Launch:
     spec: EngineSpec
 
     def environ(self, base: Optional[dict[str, str]] = None) -> dict[str, str]:
-        """The child's full environment."""
         env = dict(os.environ if base is None else base)
         for key in self.env_unset:
             env.pop(key, None)
@@ -94,7 +93,7 @@ class Launch:
         return env
 
     def shell(self) -> str:
-        """One copy-pasteable shell line."""
+        """One copy-pasteable shell line (secrets masked)."""
         parts = [f"-u {k}" for k in self.env_unset]
         assigns = [f"{k}={shlex.quote(shown(k, v))}" for k, v in self.env_set.items()]
         prefix = (["env", *parts] if parts else []) + assigns
