@@ -123,9 +123,7 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
                 f.flush()
                 if last:
                     break
-                remaining = interval_s - (time.monotonic() - tick)
-                if remaining > 0:
-                    wait(remaining)
+                wait(max(0.0, interval_s - (time.monotonic() - tick)))
     finally:
         f.close()
         if result.rows == 0 and not existed:
