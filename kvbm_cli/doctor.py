@@ -237,9 +237,9 @@ def _row(var, raw: str | None, value: str) -> dict[str, Any]:
     return {"name": var.name, "raw": raw, "value": value, "meaning": var.meaning}
 
 
-def _variables(env: dict[str, str]) -> tuple[KvbmConfig | None, list[Check], list[dict[str, Any]]]:
-    """Parse the DYN_KVBM_* variables; on an error, find which variable by parsing each on its own."""
-    try:
+def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[list[Check], list[dict[str, Any]]]:
+    """Every environment check of `kvbm doctor`, and the DYN_KVBM_* rows."""
+    try:  # the DYN_KVBM_* variables; on an error, find which variable by parsing each on its own
         config = KvbmConfig.from_env(env, check_paths=False)
     except ConfigError as exc:
         config, whole = None, str(exc)
@@ -262,12 +262,6 @@ def _variables(env: dict[str, str]) -> tuple[KvbmConfig | None, list[Check], lis
         set_vars = [r["name"] for r in rows if r["raw"] is not None]
         checks.append(Check("DYN_KVBM_* variables", "ok", f"{len(set_vars)} set, all parse" +
                             ("" if config.host_requested else "; no CPU tier (set DYN_KVBM_CPU_CACHE_GB to offload)")))
-    return config, checks, rows
-
-
-def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[list[Check], list[dict[str, Any]]]:
-    """Every environment check of `kvbm doctor`, and the DYN_KVBM_* rows."""
-    config, checks, rows = _variables(env)
     import psutil
 
     mem = psutil.virtual_memory()

@@ -198,17 +198,6 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     return Launch(argv, env_set, env_unset, notes, served, f"http://{host}:{spec.port}", spec)
 
 
-def _ranks(vllm_args: list[str]) -> int:
-    """Ranks per engine (tensor x pipeline parallel) from vLLM's own flags; 1 when not given."""
-    ranks, args = 1, list(vllm_args)
-    for i, arg in enumerate(args):
-        name, _, value = arg.partition("=")
-        if name in ("-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size"):
-            value = value or (args[i + 1] if i + 1 < len(args) else "1")
-            ranks *= int(value) if value.isdigit() else 1
-    return ranks
-
-
 def _keep_cpu_reservation(environ: dict[str, str], env_set: dict[str, str], notes: list[str],
                           vllm_args: list[str]) -> None:
     """A KVBM connector must not cost vLLM's CPU build a core: KVBM's vLLM plugin sees to it in the engine; where
@@ -220,7 +209,12 @@ def _keep_cpu_reservation(environ: dict[str, str], env_set: dict[str, str], note
     allowed = environ.get("VLLM_PLUGINS")
     if plugin.plugin_registered() and (allowed is None or plugin.PLUGIN_NAME in [p.strip() for p in allowed.split(",")]):
         return
-    ranks = _ranks(vllm_args)
+    ranks = 1  # per engine: tensor x pipeline parallel, from vLLM's own flags
+    for i, arg in enumerate(vllm_args):
+        name, _, value = arg.partition("=")
+        if name in ("-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size"):
+            value = value or (vllm_args[i + 1] if i + 1 < len(vllm_args) else "1")
+            ranks *= int(value) if value.isdigit() else 1
     env_set[plugin.RESERVED_CPU_VAR] = str(ranks)
     notes.append(f"{plugin.RESERVED_CPU_VAR}={ranks}: KVBM's vLLM plugin will not run in this engine, so kvbm sets "
                  "the core reservation vLLM makes without a connector (KVBM needs no core of its own)")

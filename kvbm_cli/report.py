@@ -29,14 +29,6 @@ TABLE_METRICS = ("ttft_p50", "ttft_p90", "ttft_p99", "ttft_mean", "itl_p50", "tp
                  "output_tokens_per_s")
 
 
-def _unique_names(runs: list[Run]) -> None:
-    seen: dict[str, int] = {}
-    for run in runs:
-        if run.name in seen:
-            run.name = f"{run.name} ({run.path.name})" if run.path.name != run.name else f"{run.name} #{seen[run.name] + 1}"
-        seen[run.name] = seen.get(run.name, 0) + 1
-
-
 # ---------------------------------------------------------------- tables
 
 def summary_table(runs: list[Run], *, n_boot: int = 2000, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
@@ -117,7 +109,11 @@ def build_report(runs: list[Run], out_dir: str | Path, *, n_boot: int = 2000, se
     """Write report.html (self-contained), report.md, summary.csv and the PNGs; returns what was written."""
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
-    _unique_names(runs)
+    seen: dict[str, int] = {}
+    for run in runs:  # unique names: the table has a column per run
+        if run.name in seen:
+            run.name = f"{run.name} ({run.path.name})" if run.path.name != run.name else f"{run.name} #{seen[run.name] + 1}"
+        seen[run.name] = seen.get(run.name, 0) + 1
     table = summary_table(runs, n_boot=n_boot, seed=seed)
     table.to_csv(out_path / "summary.csv", index=False)
     findings = notes(runs)
