@@ -72,10 +72,6 @@ class CollectResult:
     failures: dict[str, int] = field(default_factory=dict)
     last_error: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def empty_sources(self) -> list[str]:
-        return [url for url, n in self.scrapes.items() if n == 0]
-
 
 def _open_csv(out_csv: Path):
     out_csv.parent.mkdir(parents=True, exist_ok=True)

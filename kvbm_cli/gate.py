@@ -4,11 +4,9 @@ Operations:
   METRICS / metric_spec(name)     gateable metrics: ttft|itl|e2e|tpot|tps _p50|_p90|_p99|_mean, output_tokens_per_s
   samples(requests, spec)         the per-request sample a metric is computed on
   compare(base, cand, spec, max_regression, ...) -> Verdict    the statistical decision for one metric
-  choose_metrics(args, thresholds)   {metric: tolerance and direction} from --metric NAME[=5%] and a file
   gate(baseline, candidate, metrics, ...) -> list[Verdict]      every metric of two runs
-  load_thresholds(path)           per-metric tolerance and direction from a YAML/JSON file
-  markdown_table(verdicts)        the table for a CI step summary
-  fmt_value(value, unit)          a value as the tables show it (ms below 10 s)
+  choose_metrics(args, thresholds)   {metric: tolerance and direction} from --metric NAME[=5%] and a YAML/JSON file
+  markdown_table(verdicts) / fmt_value(value, unit)   the table for a CI step summary / a value as tables show it
 
 Decision, per metric: r = stat(candidate) / stat(baseline), turned so that r > 1 is worse (baseline /
 candidate for higher-is-better metrics). Quantiles are Harrell-Davis estimates (kvbm_cli.stats), the interval
