@@ -112,7 +112,8 @@ def build_report(runs: list[Run], out_dir: str | Path, *, n_boot: int = 2000, se
     seen: dict[str, int] = {}
     for run in runs:  # unique names: the table has a column per run
         if run.name in seen:
-            run.name = f"{run.name} ({run.path.name})" if run.path.name != run.name else f"{run.name} #{seen[run.name] + 1}"
+            run.name = (f"{run.name} ({run.path.name})" if run.path.name != run.name
+                        else f"{run.name} #{seen[run.name] + 1}")
         seen[run.name] = seen.get(run.name, 0) + 1
     table = summary_table(runs, n_boot=n_boot, seed=seed)
     table.to_csv(out_path / "summary.csv", index=False)

@@ -65,7 +65,8 @@ def disk(
 @doctor_app.command("store")
 def store(
     url: StoreUrlOpt = None,
-    blocks: Annotated[int, typer.Option(help="Values of each size put and read back in the throughput test.", min=1)] = 16,
+    blocks: Annotated[int, typer.Option(help="Values of each size put and read back in the throughput test.",
+                                        min=1)] = 16,
     as_json: JsonOpt = False,
 ) -> None:
     """Can the shared tier (G4) use this store: reachable, version, maxmemory and policy, latency, throughput."""
