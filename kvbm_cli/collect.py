@@ -162,9 +162,8 @@ def collect_until(urls: Sequence[str], out_csv: str | os.PathLike[str], *, inter
         return (stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
                 or (until_file is not None and until_file.exists()) or (pid is not None and not pid_alive(pid)))
 
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = ({sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         return collect(urls, out_csv, should_stop, interval_s=interval_s, match=match, wait=stop.wait,
                        on_error=on_error)

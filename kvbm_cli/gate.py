@@ -125,10 +125,8 @@ def compare(baseline, candidate, spec: MetricSpec, max_regression: float, *, con
         raise CliError(f"{spec.name}: {len(baseline)} baseline and {len(candidate)} candidate requests with a "
                        f"value; the gate needs at least {MIN_SAMPLES} on each side (run more requests)")
     ci = bootstrap_ratio(baseline, candidate, spec.statistic, n_boot=n_boot, confidence=confidence, seed=seed)
-    if spec.direction == LOWER:
-        worse, low, high = ci.ratio, ci.low, ci.high
-    else:
-        worse, low, high = 1.0 / ci.ratio, 1.0 / ci.high, 1.0 / ci.low
+    worse, low, high = ((ci.ratio, ci.low, ci.high) if spec.direction == LOWER  # turned so that > 1 is worse
+                        else (1.0 / ci.ratio, 1.0 / ci.high, 1.0 / ci.low))
     regressed = worse > 1.0 + max_regression and low > 1.0
     return Verdict(spec.name, spec.direction, ci.stat_a, ci.stat_b, ci.ratio - 1.0, worse, low, high,
                    max_regression, ci.n_a, ci.n_b, "regression" if regressed else "pass", spec.unit, confidence)

@@ -113,10 +113,7 @@ def bootstrap_ratio(a, b, stat: Statistic, *, n_boot: int = 2000, confidence: fl
             ratios[start:start + k] = rb / ra
     alpha = (1.0 - confidence) / 2.0
     finite = ratios[np.isfinite(ratios)]
-    if finite.size == 0:
-        low = high = float("nan")
-    else:
-        low, high = (float(v) for v in np.quantile(finite, [alpha, 1.0 - alpha]))
+    low, high = (float(v) for v in (np.quantile(finite, [alpha, 1.0 - alpha]) if finite.size else [np.nan] * 2))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = float(np.float64(stat_b) / np.float64(stat_a))
     return RatioCI(ratio, low, high, stat_a, stat_b, len(arr_a), len(arr_b), confidence)
