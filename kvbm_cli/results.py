@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Literal, Optional
 from pydantic import BaseModel, Field, ValidationError
 
 from kvbm_cli._errors import CliError
-from kvbm_cli.collect import parse_labels
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -236,17 +235,12 @@ def load_run(path: str | Path) -> Run:
                sum(bool(r.error) and not r.warmup for r in records), summary, metrics, measured)
 
 
-def series(run: Run, name: str, label_filter: dict[str, str] | None = None) -> pd.Series:
+def series(run: Run, name: str) -> pd.Series:
     """One metric summed over its labels per scrape time (seconds since the first sample of the file)."""
     import pandas as pd
 
-    if run.metrics is None:
-        return pd.Series(dtype=float)
-    frame = run.metrics[run.metrics["name"] == name]
-    if label_filter:
-        keep = frame["labels"].map(lambda text: all(parse_labels(text).get(k) == v for k, v in label_filter.items()))
-        frame = frame[keep]
-    if frame.empty:
+    frame = None if run.metrics is None else run.metrics[run.metrics["name"] == name]
+    if frame is None or frame.empty:
         return pd.Series(dtype=float)
     # One scrape of one source shares one t: sum its label sets there. Several sources (e.g. two KVBM
     # instances) are scraped at slightly different times: align on the union of times, carry values forward.
