@@ -385,13 +385,12 @@ def _throughput(store, size: int, blocks: int, rng: np.random.Generator, facts: 
     return Check(name, "ok", f"put {rates[0]}, get {rates[1]} ({blocks} blocks, byte-exact)")
 
 
-def store_checks(url: str, *, secret: str | None = None, blocks: int = 16, sizes: tuple[int, ...] = DEFAULT_STORE_SIZES,
-                 timeout: float = 2.0) -> tuple[list[Check], dict[str, Any]]:
+def store_checks(url: str, *, secret: str | None = None, blocks: int = 16) -> tuple[list[Check], dict[str, Any]]:
     """Every check of `kvbm doctor store`, and the measured facts (for --json)."""
     shown = redacted(url)
     facts: dict[str, Any] = {"url": shown}
     try:
-        store = make_store(url, os.urandom(16), secret, timeout=timeout, workers=1)  # a fingerprint no engine has
+        store = make_store(url, os.urandom(16), secret, timeout=2.0, workers=1)  # a fingerprint no engine has
     except ImportError as exc:
         return [Check("url", "fail", f"{shown}: the redis client is missing ({exc})", "pip install redis hiredis")], facts
     except (ValueError, OSError) as exc:
@@ -432,7 +431,7 @@ def store_checks(url: str, *, secret: str | None = None, blocks: int = 16, sizes
                             "" if latency < 5 else "a store this far away costs a G4 lookup more than a step; use a "
                             "nearer one"))
         rng = np.random.default_rng(0)
-        checks += [_throughput(store, size, blocks, rng, facts) for size in sizes]
+        checks += [_throughput(store, size, blocks, rng, facts) for size in DEFAULT_STORE_SIZES]
         facts["stats"] = store.stats()
         return checks, facts
     finally:

