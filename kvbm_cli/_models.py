@@ -11,10 +11,13 @@ a downloaded config go through the same `ModelGeometry.from_config`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 from typing import Any
+
+from huggingface_hub import try_to_load_from_cache
 
 from kvbm_cli._errors import CliError
 
@@ -69,22 +72,11 @@ def find_builtin(name: str) -> tuple[str, dict[str, Any]] | None:
 
 
 def _hf_hub_dir() -> Path:
+    """Read now, not at import (huggingface_hub.constants reads the environment once)."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"])
     home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
     return Path(home).expanduser() / "hub"
-
-
-def _from_hf_cache(model_id: str) -> Path | None:
-    """config.json of `model_id` in the local HF cache (the snapshot refs/main names, else the newest)."""
-    repo = _hf_hub_dir() / ("models--" + model_id.replace("/", "--"))
-    ref = repo / "refs" / "main"
-    if ref.is_file():
-        candidate = repo / "snapshots" / ref.read_text().strip() / "config.json"
-        if candidate.is_file():
-            return candidate
-    found = sorted(repo.glob("snapshots/*/config.json"), key=lambda p: p.stat().st_mtime)
-    return found[-1] if found else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -106,8 +98,10 @@ def load_model_config(spec: str) -> tuple[str, dict[str, Any], str]:
         return path.name, _read_json(path / "config.json"), str(path / "config.json")
     if path.is_file():
         return path.parent.name if path.name == "config.json" else path.stem, _read_json(path), str(path)
-    if spec.count("/") == 1 and (cached := _from_hf_cache(spec)) is not None:
-        return spec, _read_json(cached), str(cached)
+    with contextlib.suppress(ValueError):  # HFValidationError: not a model id; else the snapshot refs/main names
+        cached = try_to_load_from_cache(spec, "config.json", _hf_hub_dir())
+        if isinstance(cached, str):
+            return spec, _read_json(Path(cached)), cached
     if (builtin := find_builtin(spec)) is not None:
         return builtin[0], dict(builtin[1]), "built-in table"
     known = ", ".join(BUILTIN_CONFIGS)

@@ -59,8 +59,8 @@ NBootOpt = Annotated[int, typer.Option("--n-boot", help="Bootstrap resamples for
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same inputs, same result).")]
 BlockSizeOpt = Annotated[Optional[int], typer.Option("--block-size", help="Tokens per KV block (vLLM's CPU build: "
                                                                           "a multiple of 32, default 128).")]
-StoreUrlOpt = Annotated[Optional[str], typer.Option("--url", help="Shared-tier store (default: DYN_KVBM_REMOTE_URL): "
-                                                    "redis://[user:pass@]host:port/db, rediss://, file:///dir.")]
+StoreUrlOpt = Annotated[Optional[str], typer.Option("--url", envvar="DYN_KVBM_REMOTE_URL", show_envvar=False, help=(
+    "Shared-tier store (default: DYN_KVBM_REMOTE_URL): redis://[user:pass@]host:port/db, rediss://, file:///dir."))]
 MetricsUrlsOpt = Annotated[Optional[list[str]], typer.Option(
     "--url", "-u", help="A /metrics URL or host:port, repeatable. Default: vLLM on 127.0.0.1:8000 and KVBM on "
     "127.0.0.1:$DYN_KVBM_METRICS_PORT (6880).")]

@@ -1,12 +1,10 @@
 """Where command output goes: results on stdout, diagnostics on stderr, progress bars only on a terminal.
 
 Operations:
-  out() / err()               rich consoles for stdout and stderr (120 columns when not a terminal)
-  note(text)                  one diagnostic line on stderr, printed as it is (no markup)
+  out() / err() / note(text)  rich consoles for stdout and stderr (120 columns in a pipe) / one line on stderr
   emit_json(obj)              one JSON object on stdout: what every --json prints
   progress(kind, disable)     a progress bar on stderr ("bytes", "requests" or "spinner"), off unless a terminal
-  table(title, columns)       a rich Table with these columns (a column "name>" is right-aligned)
-  markdown(columns, rows)     the same as a GitHub Markdown table (reports, comparisons, CI step summaries)
+  table(title, columns) / markdown(columns, rows)   a rich Table / a GitHub Markdown table ("name>": right-aligned)
 """
 
 from __future__ import annotations
@@ -26,17 +24,14 @@ def out() -> Console:
 
 
 def err() -> Console:
-    """A console on the current stderr for notes and warnings."""
     return Console(file=sys.stderr, width=None if sys.stderr.isatty() else 120, highlight=False)
 
 
 def note(text: str) -> None:
-    """One diagnostic line on stderr."""
     err().print(text, markup=False, soft_wrap=True)
 
 
 def emit_json(obj: Any) -> None:
-    """`obj` as one indented JSON document on stdout."""
     print(json.dumps(obj, indent=2, default=str))
 
 

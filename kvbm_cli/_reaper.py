@@ -13,6 +13,7 @@ Operations:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -34,16 +35,12 @@ def die_with_parent(sig: int = signal.SIGTERM, parent: int | None = None):
     return preexec
 
 
-class _Stop(Exception):
-    pass
-
-
 def _stop(signum, frame):
     # The first stop signal wins: another one (the parent-death signal and the launcher's own SIGTERM can both
     # come) must not interrupt the group's clean-up half-way, which would orphan the engine.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise _Stop()
+    raise KeyboardInterrupt
 
 
 def _stop_group(child: subprocess.Popen) -> None:
@@ -63,17 +60,12 @@ def _stop_group(child: subprocess.Popen) -> None:
         return found
 
     os.killpg(group, signal.SIGTERM)
-    try:
+    with contextlib.suppress(subprocess.TimeoutExpired):
         child.wait(timeout=GRACE_S)
-    except subprocess.TimeoutExpired:
-        pass
-    left = members()
-    psutil.wait_procs(left, timeout=2)
+    psutil.wait_procs(members(), timeout=2)
     for p in members():
-        try:
+        with contextlib.suppress(psutil.Error):
             p.kill()
-        except psutil.Error:
-            pass
     child.poll()
 
 
@@ -84,7 +76,7 @@ def supervise(argv: list[str]) -> int:
     child = subprocess.Popen(argv)
     try:
         child.wait()
-    except _Stop:
+    except KeyboardInterrupt:
         pass
     _stop_group(child)
     code = child.returncode if child.returncode is not None else -signal.SIGTERM

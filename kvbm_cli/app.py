@@ -19,8 +19,7 @@ app.command("report")(report.report)
 app.command("size")(size.size)
 
 
-def main() -> None:
-    """Console-script entry point."""
+def main() -> None:  # the console script
     run_app(app)
 
 

@@ -5,14 +5,13 @@ The file, `<run-dir>/metrics.csv`, has one row per sample: t (unix seconds), sou
 key, joined with ';'), value. pandas reads it with `pd.read_csv`; `kvbm report` plots it.
 
 Operations:
-  scrape(client, url, match)                     one scrape: [(name, labels, value)] of matching samples
-  collect(urls, out_csv, should_stop, ...)       scrape every `interval_s` until should_stop(); one last scrape
-  collect_during(urls, out_csv, stop_event, ...) the same until a threading.Event is set (for `kvbm bench`)
-  background(urls, out_csv, ...)                 context manager: collect in a thread while the body runs
-  collect_until(urls, out_csv, ...)              until a duration, a file, a process's exit, or Ctrl-C/SIGTERM
-  default_urls() / csv_path(out)                 vLLM on 8000 and KVBM's exporter / where metrics.csv goes
-  parse_time(text) / run_window(run_dir)         unix seconds from ISO 8601 / a bench run's (start, end)
-  query_prometheus(url, out_csv, start, end, ...) the same series from a Prometheus server (/api/v1/query_range)
+  scrape(client, url, match)                  one scrape: [(name, labels, value)] of matching samples
+  collect(urls, out_csv, should_stop, ...)    scrape every `interval_s` until should_stop(), then once more; also
+                                              until an Event (collect_during), in a thread (background), or until
+                                              a duration, a file, a process's exit or Ctrl-C (collect_until)
+  default_urls() / csv_path(out)              vLLM on 8000 and KVBM's exporter / where metrics.csv goes
+  parse_time(text) / run_window(run_dir)      unix seconds from ISO 8601 / a bench run's (start, end)
+  query_prometheus(url, out_csv, start, end)  the same series from a Prometheus server (/api/v1/query_range)
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import contextlib
 import csv
 import datetime as dt
 import json
-import math
 import os
 import re
 import signal
@@ -32,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client.utils import floatToGoString
 
 from kvbm_cli import prom
 from kvbm_cli.httpclient import metrics_url
@@ -50,9 +49,7 @@ def format_labels(labels: dict[str, str]) -> str:
 
 def parse_labels(text: str) -> dict[str, str]:
     """Inverse of format_labels."""
-    if not isinstance(text, str):
-        return {}
-    pairs = re.findall(r"([^;=]+)=((?:[^;\\]|\\.)*)", text)
+    pairs = re.findall(r"([^;=]+)=((?:[^;\\]|\\.)*)", text) if isinstance(text, str) else []
     return {key: re.sub(r"\\(.)", r"\1", value) for key, value in pairs}
 
 
@@ -75,23 +72,14 @@ class CollectResult:
     failures: dict[str, int] = field(default_factory=dict)
     last_error: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def empty_sources(self) -> list[str]:
-        return [url for url, n in self.scrapes.items() if n == 0]
-
 
 def _open_csv(out_csv: Path):
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    new = not out_csv.exists() or out_csv.stat().st_size == 0
     f = open(out_csv, "a", newline="")
     writer = csv.writer(f)
-    if new:
+    if f.tell() == 0:  # a new or empty file
         writer.writerow(COLUMNS)
     return f, writer
-
-
-def _fmt_value(value: float) -> str:
-    return repr(value) if math.isfinite(value) else ("NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf"))
 
 
 def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: Callable[[], bool], *,
@@ -125,15 +113,13 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
                             on_error(url, message)
                         result.last_error[url] = message
                         continue
-                    writer.writerows((t, url, name, labels, _fmt_value(value)) for name, labels, value in rows)
+                    writer.writerows((t, url, name, labels, floatToGoString(value)) for name, labels, value in rows)
                     result.rows += len(rows)
                     result.scrapes[url] += 1
                 f.flush()
                 if last:
                     break
-                remaining = interval_s - (time.monotonic() - tick)
-                if remaining > 0:
-                    wait(remaining)
+                wait(max(0.0, interval_s - (time.monotonic() - tick)))
     finally:
         f.close()
         if result.rows == 0 and not existed:
@@ -168,8 +154,7 @@ def background(urls: Sequence[str], out_csv: str | os.PathLike[str], *, interval
 def collect_until(urls: Sequence[str], out_csv: str | os.PathLike[str], *, interval_s: float, match: str,
                   duration_s: float | None = None, until_file: Path | None = None, pid: int | None = None,
                   on_error: Callable[[str, str], None] | None = None) -> CollectResult:
-    """`collect` until `duration_s` passed, `until_file` exists or process `pid` ended; Ctrl-C and SIGTERM end it
-    the same way (one last scrape, then the result)."""
+    """`collect` until `duration_s` passed, `until_file` exists, process `pid` ended, or Ctrl-C / SIGTERM."""
     deadline = time.monotonic() + duration_s if duration_s is not None else None
     stop = threading.Event()
 
@@ -177,9 +162,8 @@ def collect_until(urls: Sequence[str], out_csv: str | os.PathLike[str], *, inter
         return (stop.is_set() or (deadline is not None and time.monotonic() >= deadline)
                 or (until_file is not None and until_file.exists()) or (pid is not None and not pid_alive(pid)))
 
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = ({sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+                if threading.current_thread() is threading.main_thread() else {})
     try:
         return collect(urls, out_csv, should_stop, interval_s=interval_s, match=match, wait=stop.wait,
                        on_error=on_error)
@@ -201,17 +185,13 @@ def csv_path(out_arg: Path) -> Path:
 
 def parse_time(text: str) -> float:
     """Unix seconds, or an ISO 8601 time (UTC when no zone is given)."""
-    try:
+    with contextlib.suppress(ValueError):
         return float(text)
-    except ValueError:
-        pass
     try:
         when = dt.datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise CliError(f"time {text!r}: use unix seconds or ISO 8601 (e.g. 2026-11-24T18:00:00Z)") from None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=dt.timezone.utc)
-    return when.timestamp()
+    return (when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
 def run_window(run_dir: Path) -> tuple[float, float] | None:
@@ -238,8 +218,7 @@ def pid_alive(pid: int) -> bool:
 
 def promql_name_selector(match: str) -> str:
     """A PromQL selector for the names `match` (a Python re.search pattern, RE2-compatible) finds."""
-    escaped = match.replace("\\", "\\\\").replace('"', '\\"')
-    return '{__name__=~".*(?:' + escaped + ').*"}'
+    return '{__name__=~".*(?:' + match.replace("\\", "\\\\").replace('"', '\\"') + ').*"}'
 
 
 def query_prometheus(prom_url: str, out_csv: str | os.PathLike[str], start: float, end: float, *,
@@ -252,9 +231,7 @@ def query_prometheus(prom_url: str, out_csv: str | os.PathLike[str], start: floa
     if end <= start:
         raise ValueError(f"empty time range: start {start} >= end {end}")
     step = max(step_s, (end - start) / 10_000)
-    base = prom_url.rstrip("/")
-    if "://" not in base:
-        base = "http://" + base
+    base = prom_url.rstrip("/") if "://" in prom_url else "http://" + prom_url.rstrip("/")
     resp = httpx.get(base + "/api/v1/query_range", timeout=timeout_s, params={
         "query": promql_name_selector(match), "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:g}"})
     try:
@@ -279,7 +256,7 @@ def query_prometheus(prom_url: str, out_csv: str | os.PathLike[str], start: floa
             result.scrapes[source] = result.scrapes.get(source, 0) + 1
             text = format_labels(labels)
             for t, value in series["values"]:
-                writer.writerow((round(float(t), 3), source, name, text, _fmt_value(float(value))))
+                writer.writerow((round(float(t), 3), source, name, text, floatToGoString(float(value))))
                 result.rows += 1
     finally:
         f.close()

@@ -10,6 +10,7 @@ Operations:
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -69,10 +70,8 @@ def containers(folder: Path, grafana_port: int = 3001, prometheus_port: int = 90
 def run_container(client, name: str, image: str, **kwargs):
     import docker
 
-    try:
+    with contextlib.suppress(docker.errors.NotFound):
         client.containers.get(name).remove(force=True)
-    except docker.errors.NotFound:
-        pass
     try:
         client.images.get(image)
     except docker.errors.ImageNotFound:

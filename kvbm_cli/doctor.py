@@ -2,19 +2,17 @@
 
 Operations:
   Check / verdict(checks, subject)   one row (ok, warn, fail or info, with a fix) / the one-line verdict
-  env_checks(env, port, workers)     every DYN_KVBM_* variable parsed and explained (the store's password and the
-                                     secret masked), RAM against the CPU cache, the pinned-memory limit,
+  env_checks(env, port, workers)     DYN_KVBM_* variables explained (secrets masked), RAM, pinned-memory limit,
                                      GPU/CUDA, vLLM/nixl/torch versions, ports free
-  disk_checks(dir, config, ...)      directory, permissions, filesystem, free space, fallocate, O_DIRECT, SSD or
-                                     spinning, stale cache files, throughput with KV-block-sized random reads
-  measure_disk(...)                  bounded sequential write/read and random block reads in a scratch file
-  store_checks(url, secret, ...)     the shared store (G4): reachable, server version and mode, maxmemory and
-                                     policy, MAC secret, round trip, byte-exact put/get throughput of
-                                     KV-block-sized values (removed afterwards); the password never appears
+  disk_checks(dir, config, ...)      directory, filesystem, free space, fallocate, O_DIRECT, SSD, stale cache files,
+                                     throughput (measure_disk: sequential and KV-block-sized random I/O)
+  store_checks(url, secret, ...)     the shared store (G4): reachable, version, maxmemory and policy, MAC secret,
+                                     round trip, byte-exact put/get throughput; the password never appears
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import resource
@@ -22,6 +20,7 @@ import shutil
 import stat
 import statistics
 import time
+import timeit
 from dataclasses import dataclass
 from importlib import metadata
 from importlib.util import find_spec
@@ -66,11 +65,8 @@ def verdict(checks: list[Check], subject: str) -> tuple[bool, str]:
 
 def measure_disk(directory: Path, nbytes: int, block_bytes: int, num_random: int, direct: bool,
                  on_progress: Callable[[str, int], None] = lambda phase, n: None) -> dict[str, float]:
-    """Sequential write and read of `nbytes`, then `num_random` reads of `block_bytes` at random offsets.
-
-    Uses O_DIRECT when `direct` (else buffered I/O with the file's page cache dropped before reading).
-    The scratch file is removed whatever happens. Returns bytes/s per phase.
-    """
+    """Sequential write and read of `nbytes`, then `num_random` reads of `block_bytes` at random offsets; bytes/s
+    per phase. O_DIRECT when `direct`, else buffered I/O with the page cache dropped before reading."""
     chunk_bytes = min(8 << 20, fileio.round_up(nbytes))
     nbytes = fileio.round_up(nbytes, chunk_bytes)
     block = fileio.round_up(block_bytes)
@@ -108,8 +104,8 @@ def measure_disk(directory: Path, nbytes: int, block_bytes: int, num_random: int
             "random_read_bytes_per_s": num_random * min(block, nbytes) / random_s if num_random else 0.0}
 
 
-def _gbps(x: float) -> str:
-    return f"{x / 1e9:.2f} GB/s"
+def _gbps(bytes_per_s: float) -> str:
+    return f"{bytes_per_s / 1e9:.2f} GB/s"
 
 
 def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_bytes: int, num_random: int,
@@ -165,9 +161,8 @@ def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_b
     o_direct = fileio.probe_o_direct(directory)
     direct = o_direct is None and not config.disk_disable_o_direct
     if o_direct is None:
-        checks.append(Check("O_DIRECT", "ok" if not config.disk_disable_o_direct else "info",
-                            f"accepted with {fileio.ALIGN}-byte alignment" +
-                            ("; disabled by DYN_KVBM_DISK_DISABLE_O_DIRECT" if config.disk_disable_o_direct else "")))
+        off = "; disabled by DYN_KVBM_DISK_DISABLE_O_DIRECT" if config.disk_disable_o_direct else ""
+        checks.append(Check("O_DIRECT", "info" if off else "ok", f"accepted with {fileio.ALIGN}-byte alignment{off}"))
     elif config.disk_disable_o_direct:
         checks.append(Check("O_DIRECT", "warn", f"refused ({o_direct}); DYN_KVBM_DISK_DISABLE_O_DIRECT is set, "
                             "buffered I/O will be used"))
@@ -229,12 +224,7 @@ def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_b
 
 
 def _version(*names: str) -> str | None:
-    for name in names:
-        try:
-            return f"{name} {metadata.version(name)}"
-        except metadata.PackageNotFoundError:
-            continue
-    return None
+    return next((f"{n} {metadata.version(n)}" for n in names if any(metadata.distributions(name=n))), None)
 
 
 def _row(var, raw: str | None, value: str) -> dict[str, Any]:
@@ -247,9 +237,9 @@ def _row(var, raw: str | None, value: str) -> dict[str, Any]:
     return {"name": var.name, "raw": raw, "value": value, "meaning": var.meaning}
 
 
-def _variables(env: dict[str, str]) -> tuple[KvbmConfig | None, list[Check], list[dict[str, Any]]]:
-    """Parse the DYN_KVBM_* variables; on an error, find which variable by parsing each on its own."""
-    try:
+def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[list[Check], list[dict[str, Any]]]:
+    """Every environment check of `kvbm doctor`, and the DYN_KVBM_* rows."""
+    try:  # the DYN_KVBM_* variables; on an error, find which variable by parsing each on its own
         config = KvbmConfig.from_env(env, check_paths=False)
     except ConfigError as exc:
         config, whole = None, str(exc)
@@ -272,12 +262,6 @@ def _variables(env: dict[str, str]) -> tuple[KvbmConfig | None, list[Check], lis
         set_vars = [r["name"] for r in rows if r["raw"] is not None]
         checks.append(Check("DYN_KVBM_* variables", "ok", f"{len(set_vars)} set, all parse" +
                             ("" if config.host_requested else "; no CPU tier (set DYN_KVBM_CPU_CACHE_GB to offload)")))
-    return config, checks, rows
-
-
-def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[list[Check], list[dict[str, Any]]]:
-    """Every environment check of `kvbm doctor`, and the DYN_KVBM_* rows."""
-    config, checks, rows = _variables(env)
     import psutil
 
     mem = psutil.virtual_memory()
@@ -366,21 +350,6 @@ def _server_checks(store) -> tuple[list[Check], dict[str, Any]]:
     return checks, info
 
 
-def _remove(store, hashes: list[bytes]) -> None:
-    """Remove the test values (a Redis pipeline, or the test directory)."""
-    if store.scheme == "redis":
-        pipe = store.client().pipeline(transaction=False)
-        for h in hashes:
-            pipe.delete(store.key(h))
-        pipe.execute(raise_on_error=False)
-    elif store.scheme == "file":
-        shutil.rmtree(store.folder, ignore_errors=True)
-
-
-def _rate(nbytes: int, seconds: float) -> str:
-    return f"{nbytes / seconds / 1e9:.2f} GB/s" if seconds > 0 else "-"
-
-
 def _throughput(store, size: int, blocks: int, rng: np.random.Generator, facts: dict[str, Any]) -> Check:
     """Put `blocks` values of `size` bytes, read them back byte-exact, remove them."""
     hashes = [f"doctor-{size}-{i}".encode() for i in range(blocks)]
@@ -393,10 +362,14 @@ def _throughput(store, size: int, blocks: int, rng: np.random.Generator, facts: 
         got = store.get_many(hashes).result()
         get_s = time.perf_counter() - t
     finally:
-        try:
-            _remove(store, hashes)
-        except Exception:
-            pass
+        with contextlib.suppress(Exception):  # remove the test values
+            if store.scheme == "redis":  # one key per command: a cluster spreads them over slots
+                pipe = store.client().pipeline(transaction=False)
+                for h in hashes:
+                    pipe.delete(store.key(h))
+                pipe.execute(raise_on_error=False)
+            elif store.scheme == "file":
+                shutil.rmtree(store.folder, ignore_errors=True)
     exact = sum(g is not None and bytes(g) == data[i].tobytes() for i, g in enumerate(got))
     nbytes = blocks * size
     facts[f"put_{size}_bytes_per_s"] = nbytes / put_s if put_s else 0
@@ -408,16 +381,16 @@ def _throughput(store, size: int, blocks: int, rng: np.random.Generator, facts: 
     if exact < blocks:
         return Check(name, "fail", f"{blocks - exact} of {blocks} values did not come back byte-exact",
                      "another writer or an eviction policy removed them at once: check maxmemory")
-    return Check(name, "ok", f"put {_rate(nbytes, put_s)}, get {_rate(nbytes, get_s)} ({blocks} blocks, byte-exact)")
+    rates = [_gbps(nbytes / t) if t > 0 else "-" for t in (put_s, get_s)]
+    return Check(name, "ok", f"put {rates[0]}, get {rates[1]} ({blocks} blocks, byte-exact)")
 
 
-def store_checks(url: str, *, secret: str | None = None, blocks: int = 16, sizes: tuple[int, ...] = DEFAULT_STORE_SIZES,
-                 timeout: float = 2.0) -> tuple[list[Check], dict[str, Any]]:
+def store_checks(url: str, *, secret: str | None = None, blocks: int = 16) -> tuple[list[Check], dict[str, Any]]:
     """Every check of `kvbm doctor store`, and the measured facts (for --json)."""
     shown = redacted(url)
     facts: dict[str, Any] = {"url": shown}
     try:
-        store = make_store(url, os.urandom(16), secret, timeout=timeout, workers=1)  # a fingerprint no engine has
+        store = make_store(url, os.urandom(16), secret, timeout=2.0, workers=1)  # a fingerprint no engine has
     except ImportError as exc:
         return [Check("url", "fail", f"{shown}: the redis client is missing ({exc})", "pip install redis hiredis")], facts
     except (ValueError, OSError) as exc:
@@ -453,17 +426,12 @@ def store_checks(url: str, *, secret: str | None = None, blocks: int = 16, sizes
         checks.append(Check("secret", "ok", "DYN_KVBM_REMOTE_SECRET set: every value carries an HMAC-SHA256") if secret
                       else Check("secret", "warn", "DYN_KVBM_REMOTE_SECRET unset: values are trusted as they are",
                                  "set DYN_KVBM_REMOTE_SECRET (the same on every engine) if others can write to the store"))
-        pings = []
-        for _ in range(20):
-            t = time.perf_counter()
-            store._ping()
-            pings.append(time.perf_counter() - t)
-        latency = facts["round_trip_ms"] = statistics.median(pings) * 1e3
+        latency = facts["round_trip_ms"] = statistics.median(timeit.repeat(store._ping, number=1, repeat=20)) * 1e3
         checks.append(Check("round trip", "ok" if latency < 5 else "warn", f"{latency:.3f} ms median of 20 pings",
                             "" if latency < 5 else "a store this far away costs a G4 lookup more than a step; use a "
                             "nearer one"))
         rng = np.random.default_rng(0)
-        checks += [_throughput(store, size, blocks, rng, facts) for size in sizes]
+        checks += [_throughput(store, size, blocks, rng, facts) for size in DEFAULT_STORE_SIZES]
         facts["stats"] = store.stats()
         return checks, facts
     finally:

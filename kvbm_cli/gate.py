@@ -4,11 +4,9 @@ Operations:
   METRICS / metric_spec(name)     gateable metrics: ttft|itl|e2e|tpot|tps _p50|_p90|_p99|_mean, output_tokens_per_s
   samples(requests, spec)         the per-request sample a metric is computed on
   compare(base, cand, spec, max_regression, ...) -> Verdict    the statistical decision for one metric
-  choose_metrics(args, thresholds)   {metric: tolerance and direction} from --metric NAME[=5%] and a file
   gate(baseline, candidate, metrics, ...) -> list[Verdict]      every metric of two runs
-  load_thresholds(path)           per-metric tolerance and direction from a YAML/JSON file
-  markdown_table(verdicts)        the table for a CI step summary
-  fmt_value(value, unit)          a value as the tables show it (ms below 10 s)
+  choose_metrics(args, thresholds)   {metric: tolerance and direction} from --metric NAME[=5%] and a YAML/JSON file
+  markdown_table(verdicts) / fmt_value(value, unit)   the table for a CI step summary / a value as tables show it
 
 Decision, per metric: r = stat(candidate) / stat(baseline), turned so that r > 1 is worse (baseline /
 candidate for higher-is-better metrics). Quantiles are Harrell-Davis estimates (kvbm_cli.stats), the interval
@@ -74,7 +72,7 @@ def metric_spec(name: str, direction: str | None = None) -> MetricSpec:
 METRICS = tuple(f"{b}_{s}" for b in _BASES for s in _STATS) + ("output_tokens_per_s",)
 
 
-def _num(value) -> float:
+def _num(value) -> float:  # None -> nan
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else float("nan")
 
 
@@ -127,10 +125,8 @@ def compare(baseline, candidate, spec: MetricSpec, max_regression: float, *, con
         raise CliError(f"{spec.name}: {len(baseline)} baseline and {len(candidate)} candidate requests with a "
                        f"value; the gate needs at least {MIN_SAMPLES} on each side (run more requests)")
     ci = bootstrap_ratio(baseline, candidate, spec.statistic, n_boot=n_boot, confidence=confidence, seed=seed)
-    if spec.direction == LOWER:
-        worse, low, high = ci.ratio, ci.low, ci.high
-    else:
-        worse, low, high = 1.0 / ci.ratio, 1.0 / ci.high, 1.0 / ci.low
+    worse, low, high = ((ci.ratio, ci.low, ci.high) if spec.direction == LOWER  # turned so that > 1 is worse
+                        else (1.0 / ci.ratio, 1.0 / ci.high, 1.0 / ci.low))
     regressed = worse > 1.0 + max_regression and low > 1.0
     return Verdict(spec.name, spec.direction, ci.stat_a, ci.stat_b, ci.ratio - 1.0, worse, low, high,
                    max_regression, ci.n_a, ci.n_b, "regression" if regressed else "pass", spec.unit, confidence)
@@ -168,16 +164,12 @@ def load_thresholds(path: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
         raise CliError(f"{path}: expected a mapping of metric -> max regression, e.g. 'ttft_p50: 5%'")
     result = {}
     for name, value in data.items():
-        if isinstance(value, dict):
-            unknown = set(value) - {"max_regression", "direction"}
-            if unknown:
-                raise CliError(f"{path}: {name}: unknown keys {sorted(unknown)} (use max_regression, direction)")
-            entry = {"max_regression": parse_fraction(value["max_regression"]) if "max_regression" in value else None,
-                     "direction": value.get("direction")}
-        else:
-            entry = {"max_regression": parse_fraction(value), "direction": None}
-        metric_spec(str(name), entry["direction"])  # validate now: one clear line, before any work
-        result[str(name)] = entry
+        value = value if isinstance(value, dict) else {"max_regression": value}
+        if unknown := set(value) - {"max_regression", "direction"}:
+            raise CliError(f"{path}: {name}: unknown keys {sorted(unknown)} (use max_regression, direction)")
+        result[str(name)] = {"direction": value.get("direction"), "max_regression":
+                             parse_fraction(value["max_regression"]) if "max_regression" in value else None}
+        metric_spec(str(name), value.get("direction"))  # validate now: one clear line, before any work
     return result
 
 
@@ -186,12 +178,10 @@ def choose_metrics(metric_args: list[str] | None, thresholds: str | os.PathLike[
     """The metrics to gate: the thresholds file's, then each `NAME` or `NAME=5%` given (default: DEFAULT_METRICS)."""
     chosen = load_thresholds(thresholds) if thresholds else {}
     for item in metric_args or ([] if chosen else list(DEFAULT_METRICS)):
-        name, _, tol = item.partition("=")
-        metric_spec(name.strip())
-        entry = chosen.get(name.strip(), {"max_regression": None, "direction": None})
-        if tol:
-            entry = {**entry, "max_regression": parse_fraction(tol)}
-        chosen[name.strip()] = entry
+        name, _, tol = (part.strip() for part in item.partition("="))
+        metric_spec(name)
+        entry = chosen.setdefault(name, {"max_regression": None, "direction": None})
+        entry["max_regression"] = parse_fraction(tol) if tol else entry["max_regression"]
     return chosen
 
 

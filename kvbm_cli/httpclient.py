@@ -1,11 +1,10 @@
 """The one HTTP client of the toolkit (httpx): engines' health and models, /metrics text, streaming requests.
 
 Operations:
-  get(url, timeout)                  GET, raising httpx.HTTPError on a failure or a non-2xx status
-  healthy(base_url)                  True when GET /health answers 200
-  server_model(base_url)             (id, root) of the server's first model: its served name and what it loaded
-  metrics_url(url) / metrics_text(url)   a /metrics URL (added to a base URL) / the Prometheus text there
-  async_client(concurrency, timeout) an AsyncClient sized for `concurrency` streams
+  get(url, timeout) / healthy(base_url)   GET (httpx.HTTPError unless 2xx) / True when GET /health answers 200
+  server_model(base_url)                  (id, root) of the server's first model: its served name, what it loaded
+  metrics_url(url) / metrics_text(url)    a /metrics URL (added to a base URL) / the Prometheus text there
+  async_client(concurrency, timeout)      an AsyncClient sized for `concurrency` streams
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ def get(url: str, timeout: float = 10.0, **params) -> httpx.Response:
 
 
 def healthy(base_url: str, timeout: float = 2.0) -> bool:
-    """True when the engine's /health answers 200."""
     try:
         return get(base_url.rstrip("/") + "/health", timeout).status_code == 200
     except (httpx.HTTPError, OSError):
@@ -52,7 +50,6 @@ def metrics_url(url: str) -> str:
 
 
 def metrics_text(url: str, timeout: float = 10.0) -> str:
-    """The text exposition at `url`; a base URL without a path gets /metrics."""
     return get(metrics_url(url), timeout).text
 
 

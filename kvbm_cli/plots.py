@@ -8,7 +8,6 @@ Operations:
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,6 @@ def _plt():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _colors(n: int) -> list:
-    cycle = _plt().rcParams["axes.prop_cycle"].by_key()["color"]
-    return [cycle[i % len(cycle)] for i in range(n)]
 
 
 def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, **legend) -> Path:
@@ -48,38 +42,27 @@ def _log_if_wide(ax, values: pd.Series, axis: str = "x") -> None:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
 
 
-def _ttft_ms(runs: list[Run]) -> pd.Series:
-    return pd.concat([r.requests["ttft_s"] for r in runs]).astype(float) * 1000
-
-
-def _itl_values(run: Run) -> np.ndarray:
-    values = [v for lst in run.requests["itl_s"] if isinstance(lst, list) for v in lst
-              if isinstance(v, (int, float)) and math.isfinite(v)]
-    return np.asarray(values, dtype=float)
-
-
 def ttft_cdf(runs: list[Run], path: Path) -> Path:
     """The distribution of time to first token, one step curve per run."""
     fig, ax = _plt().subplots(figsize=(7, 4.2))
-    for run, color in zip(runs, _colors(len(runs))):
+    for i, run in enumerate(runs):
         values = run.requests["ttft_s"].astype(float).dropna() * 1000
         if len(values):
-            ax.ecdf(values, color=color, label=f"{run.name} (n={len(values)})")
-    _log_if_wide(ax, _ttft_ms(runs))
+            ax.ecdf(values, color=f"C{i}", label=f"{run.name} (n={len(values)})")
+    _log_if_wide(ax, pd.concat([r.requests["ttft_s"] for r in runs]).astype(float))
     return _save(fig, ax, path, "TTFT CDF", "time to first token (ms)", "fraction of requests", loc="lower right")
 
 
 def ttft_over_time(runs: list[Run], path: Path) -> Path:
     """TTFT of each request against its start time."""
     fig, ax = _plt().subplots(figsize=(8, 4.2))
-    for run, color in zip(runs, _colors(len(runs))):
+    for i, run in enumerate(runs):
         frame = run.requests.dropna(subset=["ttft_s"]).sort_values("start_s")
-        if frame.empty:
-            continue
-        t = frame["start_s"].astype(float) - float(frame["start_s"].min())
-        ax.plot(t, frame["ttft_s"].astype(float) * 1000, marker="o", markersize=3, linewidth=1, color=color,
-                label=run.name)
-    _log_if_wide(ax, _ttft_ms(runs), axis="y")
+        if len(frame):
+            t = frame["start_s"].astype(float) - float(frame["start_s"].min())
+            ax.plot(t, frame["ttft_s"].astype(float) * 1000, marker="o", markersize=3, linewidth=1, color=f"C{i}",
+                    label=run.name)
+    _log_if_wide(ax, pd.concat([r.requests["ttft_s"] for r in runs]).astype(float), axis="y")
     return _save(fig, ax, path, "TTFT per request over time (spikes: prefixes recomputed)",
                  "request start (s since the first measured request)", "TTFT (ms)")
 
@@ -88,13 +71,13 @@ def itl(runs: list[Run], path: Path) -> Path:
     """The distribution of inter-token latencies over all output tokens."""
     fig, ax = _plt().subplots(figsize=(7, 4.2))
     everything = []
-    for run, color in zip(runs, _colors(len(runs))):
-        values = _itl_values(run) * 1000
+    for i, run in enumerate(runs):
+        values = np.asarray([v for lst in run.requests["itl_s"] for v in lst], dtype=float) * 1000
+        values = values[np.isfinite(values)]
         everything.append(values)
         if len(values):
-            ax.ecdf(values, color=color, label=f"{run.name} (p50 {np.median(values):.1f} ms, n={len(values)})")
-    if everything:
-        _log_if_wide(ax, pd.Series(np.concatenate(everything)))
+            ax.ecdf(values, color=f"C{i}", label=f"{run.name} (p50 {np.median(values):.1f} ms, n={len(values)})")
+    _log_if_wide(ax, pd.Series(np.concatenate(everything)))
     return _save(fig, ax, path, "ITL CDF (all output tokens)", "inter-token latency (ms)", "fraction of tokens",
                  loc="lower right")
 
@@ -102,7 +85,7 @@ def itl(runs: list[Run], path: Path) -> Path:
 def throughput(runs: list[Run], path: Path) -> Path:
     """Output tokens per second of completed requests, in about 30 time bins."""
     fig, ax = _plt().subplots(figsize=(8, 4.2))
-    for run, color in zip(runs, _colors(len(runs))):
+    for i, run in enumerate(runs):
         frame = run.requests.dropna(subset=["start_s", "e2e_s", "output_tokens"])
         if frame.empty:
             continue
@@ -112,7 +95,7 @@ def throughput(runs: list[Run], path: Path) -> Path:
         width = max(span / 30.0, 1.0)
         edges = np.arange(0.0, span + width, width)
         tokens, _ = np.histogram(done, bins=edges, weights=frame["output_tokens"].astype(float))
-        ax.step(edges[:-1], tokens / width, where="post", color=color,
+        ax.step(edges[:-1], tokens / width, where="post", color=f"C{i}",
                 label=f"{run.name} ({frame['output_tokens'].sum() / span:,.1f} tok/s overall)")
     return _save(fig, ax, path, "Output throughput over time", "time (s since the first measured request)",
                  "output tokens/s (completed)")
@@ -123,7 +106,7 @@ def hit_rates(runs: list[Run], path: Path) -> Path | None:
     fig, ax = _plt().subplots(figsize=(8, 4.2))
     styles = ["-", "--", ":", "-."]
     drawn = 0
-    for run, color in zip(runs, _colors(len(runs))):  # a run without metrics.csv has empty series
+    for c, run in enumerate(runs):  # a run without metrics.csv has empty series
         curves = []
         for i, ((hits, queries), label) in enumerate(HIT_COUNTERS.items()):
             h, q = series(run, hits), series(run, queries)
@@ -135,7 +118,7 @@ def hit_rates(runs: list[Run], path: Path) -> Path | None:
             curves.append((series(run, gauge), label, styles[2 + i]))
         for values, label, style in curves:
             if len(values):
-                ax.plot(values.index, values.values, linestyle=style, color=color, label=f"{run.name}: {label}")
+                ax.plot(values.index, values.values, linestyle=style, color=f"C{c}", label=f"{run.name}: {label}")
                 drawn += 1
     if not drawn:
         _plt().close(fig)
@@ -153,10 +136,10 @@ def tier_traffic(runs: list[Run], path: Path) -> Path | None:
     fig, axes = _plt().subplots(len(with_kvbm), 1, figsize=(8, 3.0 * len(with_kvbm) + 0.6), squeeze=False,
                                 sharex=True)
     for ax, run in zip(axes[:, 0], with_kvbm):
-        for (name, label), color in zip(TIER_PAIRS.items(), _colors(len(TIER_PAIRS))):
+        for i, (name, label) in enumerate(TIER_PAIRS.items()):
             values = series(run, name)
             if len(values):
-                ax.plot(values.index, values.values - values.iloc[0], color=color, label=label,
+                ax.plot(values.index, values.values - values.iloc[0], color=f"C{i}", label=label,
                         linestyle="-" if name.startswith("kvbm_offload") else "--")
         ax.set(title=f"{run.name}: KVBM blocks moved per tier", ylabel="blocks (cumulative)")
         ax.grid(alpha=0.3)

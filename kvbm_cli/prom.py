@@ -1,11 +1,9 @@
 """The one Prometheus text parser (prometheus_client.parser) and what the toolkit reads from a scrape.
 
 Operations:
-  parse(text)                    {sample name: [(labels, value), ...]} of a text exposition (no _created series)
-  scrape(url)                    parse() of url's /metrics; {} when it does not answer
+  parse(text) / scrape(url)      {sample name: [(labels, value), ...]} of a text exposition / of url's /metrics
   total(metrics, name, **match)  sum of a sample over the label sets that match
-  histogram(metrics, name)       sum, count and cumulative buckets [(le, count)] (summed over label sets)
-  histogram_quantile(q, buckets) Prometheus' estimate: linear interpolation inside the bucket of the q-th value
+  histogram(metrics, name) / histogram_quantile(q, buckets)   sum, count, cumulative buckets / Prometheus' estimate
 """
 
 from __future__ import annotations

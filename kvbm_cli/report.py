@@ -5,9 +5,8 @@ Reads each run with kvbm_cli.results.load_run (requests.jsonl, summary.json and,
 bootstrap confidence intervals (kvbm_cli.stats, the same estimators as `kvbm gate`). Figures: kvbm_cli.plots.
 
 Operations:
-  summary_table(runs, ...)        per-run statistics and ratios against the first run (a DataFrame)
-  notes(runs)                     plain-language findings (errors, KVBM never onboarded, no metrics)
-  build_report(runs, out_dir)     everything into out_dir: report.html, report.md, summary.csv, *.png
+  summary_table(runs, ...) / notes(runs)   per-run statistics and ratios against the first run / findings in words
+  build_report(runs, out_dir)              everything into out_dir: report.html, report.md, summary.csv, *.png
 """
 
 from __future__ import annotations
@@ -22,20 +21,12 @@ import pandas as pd
 from kvbm_cli import gate as gating
 from kvbm_cli import plots
 from kvbm_cli._output import markdown
-from kvbm_cli.results import Run, kvbm_totals
+from kvbm_cli.results import TIER_PAIRS, Run, kvbm_totals
 from kvbm_cli.stats import bootstrap_ratio
 
-# Metric of the summary table -> shown name; all come from gate's metric specs so report and gate agree.
+# Metrics of the summary table, computed with gate's metric specs so report and gate agree.
 TABLE_METRICS = ("ttft_p50", "ttft_p90", "ttft_p99", "ttft_mean", "itl_p50", "tpot_p50", "e2e_p50",
                  "output_tokens_per_s")
-
-
-def _unique_names(runs: list[Run]) -> None:
-    seen: dict[str, int] = {}
-    for run in runs:
-        if run.name in seen:
-            run.name = f"{run.name} ({run.path.name})" if run.path.name != run.name else f"{run.name} #{seen[run.name] + 1}"
-        seen[run.name] = seen.get(run.name, 0) + 1
 
 
 # ---------------------------------------------------------------- tables
@@ -50,29 +41,19 @@ def summary_table(runs: list[Run], *, n_boot: int = 2000, seed: int = 0, confide
         row: dict[str, Any] = {"metric": name, "better": spec.direction}
         for i, run in enumerate(runs):
             sample = gating.samples(run.rows, spec)
-            value = spec.statistic(sample) if len(sample) else float("nan")
-            row[run.name] = gating.fmt_value(value, spec.unit)
-            if i == 0:
-                continue
-            col = f"{run.name} / {base.name}"
-            if len(sample) >= 2 and len(base_sample) >= 2:
+            row[run.name] = gating.fmt_value(spec.statistic(sample) if len(sample) else float("nan"), spec.unit)
+            if i and min(len(sample), len(base_sample)) < 2:
+                row[f"{run.name} / {base.name}"] = "n/a"
+            elif i:
                 ci = bootstrap_ratio(base_sample, sample, spec.statistic, n_boot=n_boot, seed=seed, confidence=confidence)
-                word = ""
-                if ci.low > 1 or ci.high < 1:
-                    higher = ci.low > 1
-                    word = " better" if higher == (spec.direction == gating.HIGHER) else " worse"
-                row[col] = f"{ci.ratio:.3f} [{ci.low:.3f}, {ci.high:.3f}]{word}"
-            else:
-                row[col] = "n/a"
+                word = ((" better" if (ci.low > 1) == (spec.direction == gating.HIGHER) else " worse")
+                        if ci.low > 1 or ci.high < 1 else "")  # NaN bounds: no word
+                row[f"{run.name} / {base.name}"] = f"{ci.ratio:.3f} [{ci.low:.3f}, {ci.high:.3f}]{word}"
         records.append(row)
     records.insert(0, {"metric": "requests (measured/warm-up/errors)", "better": "",
                        **{run.name: f"{len(run.requests)}/{run.warmup}/{run.errors}" for run in runs}})
     totals = {run.name: kvbm_totals(run) for run in runs}
-    for metric, label in (("kvbm_offload_blocks_d2h", "blocks offloaded G1->G2"),
-                          ("kvbm_offload_blocks_h2d", "blocks offloaded G2->G3"),
-                          ("kvbm_onboard_blocks_h2d", "blocks onboarded G2->G1"),
-                          ("kvbm_onboard_blocks_d2d", "blocks onboarded G3->G1"),
-                          ("kvbm_matched_tokens", "tokens matched by KVBM")):
+    for metric, label in {**TIER_PAIRS, "kvbm_matched_tokens": "tokens matched by KVBM"}.items():
         values = {name: run_totals.get(metric) for name, run_totals in totals.items()}
         if any(v is not None for v in values.values()):
             records.append({"metric": label, "better": "",
@@ -128,7 +109,12 @@ def build_report(runs: list[Run], out_dir: str | Path, *, n_boot: int = 2000, se
     """Write report.html (self-contained), report.md, summary.csv and the PNGs; returns what was written."""
     out_path = Path(out_dir)
     out_path.mkdir(parents=True, exist_ok=True)
-    _unique_names(runs)
+    seen: dict[str, int] = {}
+    for run in runs:  # unique names: the table has a column per run
+        if run.name in seen:
+            run.name = (f"{run.name} ({run.path.name})" if run.path.name != run.name
+                        else f"{run.name} #{seen[run.name] + 1}")
+        seen[run.name] = seen.get(run.name, 0) + 1
     table = summary_table(runs, n_boot=n_boot, seed=seed)
     table.to_csv(out_path / "summary.csv", index=False)
     findings = notes(runs)

@@ -6,20 +6,17 @@ Layout of an artifact dir:
   metrics.csv      the engine's metrics time series (written by the metrics collector, not here)
 
 Operations:
-  RequestRecord, Stats, Summary       pydantic models of the two files
-  stats_of(values)                    mean/p50/p90/p99/min/max of a list (None fields when empty)
-  summarize(records, ...)             a Summary from request records
-  write_requests / read_requests      requests.jsonl (a bad line: one CliError naming file and line)
-  measured_requests(run)              the requests gate and report count (no warm-up, no failures)
-  append_request(path, record)        one line, flushed (a run that dies keeps what it measured)
-  write_summary                       summary.json
-  write_run / read_run                both files of one artifact dir
-  load_run(path) -> Run               a run directory as DataFrames (requests, metrics.csv) for reports
+  RequestRecord, Stats, Summary          pydantic models of the two files; stats_of(values), summarize(records)
+  write_requests / append_request / read_requests   requests.jsonl (append flushes: a dying run keeps its lines)
+  measured_requests(run)                 the requests gate and report count (no warm-up, no failures)
+  write_summary / write_run / read_run   summary.json / both files of one artifact dir
+  load_run(path) -> Run                  a run directory as DataFrames (requests, metrics.csv) for reports
   series(run, name) / kvbm_totals(run)   one metric over time / counter increases per tier pair
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,10 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from kvbm_cli._errors import CliError
-from kvbm_cli.collect import parse_labels
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,10 +39,8 @@ Workload = Literal["prefix-reuse", "multi-round", "soak", "hit-rate"]
 Driver = Literal["native", "aiperf", "genai-perf"]
 
 
-class RequestRecord(BaseModel):
+class RequestRecord(BaseModel, extra="forbid"):
     """One request as measured by the client (times in seconds; `start_s` is unix time)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     request_id: str
     run: str
@@ -64,10 +58,8 @@ class RequestRecord(BaseModel):
     error: Optional[str] = None
 
 
-class Stats(BaseModel):
+class Stats(BaseModel, extra="forbid"):
     """Distribution of one latency (seconds); all None when there were no values."""
-
-    model_config = ConfigDict(extra="forbid")
 
     mean: Optional[float] = None
     p50: Optional[float] = None
@@ -77,10 +69,8 @@ class Stats(BaseModel):
     max: Optional[float] = None
 
 
-class Summary(BaseModel):
+class Summary(BaseModel, extra="forbid"):
     """A run's summary; statistics exclude warm-up requests and failed requests' latencies."""
-
-    model_config = ConfigDict(extra="forbid")
 
     run: str
     workload: Workload
@@ -110,7 +100,6 @@ def stats_of(values: Iterable[float | None]) -> Stats:
 
 
 def iso_now() -> str:
-    """The current UTC time as an ISO 8601 string."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
@@ -124,12 +113,8 @@ def summarize(records: Iterable[RequestRecord], *, run: str, workload: Workload,
     measured = [r for r in records if not r.warmup]
     ok = [r for r in measured if r.error is None]
     if duration_s is None:
-        if measured:
-            first = min(r.start_s for r in measured)
-            last = max(r.start_s + (r.e2e_s or 0.0) for r in measured)
-            duration_s = max(last - first, 0.0)
-        else:
-            duration_s = 0.0
+        ends = [r.start_s + (r.e2e_s or 0.0) for r in measured]
+        duration_s = max(max(ends) - min(r.start_s for r in measured), 0.0) if measured else 0.0
     per_s = (lambda n: n / duration_s) if duration_s > 0 else (lambda n: 0.0)
     return Summary(
         run=run, workload=workload, url=url, model=model, driver=driver,
@@ -143,17 +128,14 @@ def summarize(records: Iterable[RequestRecord], *, run: str, workload: Workload,
     )
 
 
-def write_requests(path: str | Path, records: Iterable[RequestRecord]) -> None:
-    """Write `records` as JSON lines (replacing the file)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(r.model_dump_json() + "\n")
+def write_requests(path: str | Path, records: Iterable[RequestRecord], mode: str = "w") -> None:
+    """Write `records` as JSON lines (replacing the file, or appending with mode "a")."""
+    with open(path, mode, encoding="utf-8") as f:
+        f.writelines(r.model_dump_json() + "\n" for r in records)
 
 
 def append_request(path: str | Path, record: RequestRecord) -> None:
-    """Append one record as a line and flush it."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(record.model_dump_json() + "\n")
+    write_requests(path, [record], "a")
 
 
 def read_requests(path: str | Path) -> list[RequestRecord]:
@@ -180,31 +162,22 @@ def find_requests(run: str | Path) -> Path:
     return path
 
 
-def is_measured(r: RequestRecord) -> bool:
-    """Neither warm-up nor failed: what statistics, gates and reports count."""
-    return not r.warmup and not r.error
-
-
 def measured_requests(run: str | Path) -> list[RequestRecord]:
-    """The measured requests of a run directory or requests.jsonl: the one reader gate and report use."""
-    return [r for r in read_requests(find_requests(run)) if is_measured(r)]
+    """Neither warm-up nor failed requests of a run directory or requests.jsonl: what gates and reports count."""
+    return [r for r in read_requests(find_requests(run)) if not r.warmup and not r.error]
 
 
 def write_summary(path: str | Path, summary: Summary) -> None:
-    """Write summary.json (indented, stable key order)."""
     Path(path).write_text(json.dumps(summary.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
 
 
 def write_run(artifact_dir: str | Path, records: Iterable[RequestRecord], summary: Summary) -> None:
-    """Write requests.jsonl and summary.json into `artifact_dir` (created if missing)."""
-    d = Path(artifact_dir)
-    d.mkdir(parents=True, exist_ok=True)
+    (d := Path(artifact_dir)).mkdir(parents=True, exist_ok=True)
     write_requests(d / REQUESTS_FILE, records)
     write_summary(d / SUMMARY_FILE, summary)
 
 
 def read_run(artifact_dir: str | Path) -> tuple[list[RequestRecord], Summary]:
-    """Both files of one artifact dir."""
     d = Path(artifact_dir)
     return read_requests(d / REQUESTS_FILE), Summary.model_validate_json((d / SUMMARY_FILE).read_text(encoding="utf-8"))
 
@@ -248,7 +221,7 @@ def load_run(path: str | Path) -> Run:
     root, records = req_path.parent, read_requests(req_path)
     if not records:
         raise CliError(f"{req_path}: no requests (is it a `kvbm bench` requests.jsonl?)")
-    measured = [r for r in records if is_measured(r)]
+    measured = [r for r in records if not r.warmup and not r.error]
     frame = pd.DataFrame([r.model_dump() for r in measured], columns=list(RequestRecord.model_fields))
     summary = json.loads((root / SUMMARY_FILE).read_text()) if (root / SUMMARY_FILE).is_file() else {}
     metrics = None
@@ -262,17 +235,12 @@ def load_run(path: str | Path) -> Run:
                sum(bool(r.error) and not r.warmup for r in records), summary, metrics, measured)
 
 
-def series(run: Run, name: str, label_filter: dict[str, str] | None = None) -> pd.Series:
+def series(run: Run, name: str) -> pd.Series:
     """One metric summed over its labels per scrape time (seconds since the first sample of the file)."""
     import pandas as pd
 
-    if run.metrics is None:
-        return pd.Series(dtype=float)
-    frame = run.metrics[run.metrics["name"] == name]
-    if label_filter:
-        keep = frame["labels"].map(lambda text: all(parse_labels(text).get(k) == v for k, v in label_filter.items()))
-        frame = frame[keep]
-    if frame.empty:
+    frame = None if run.metrics is None else run.metrics[run.metrics["name"] == name]
+    if frame is None or frame.empty:
         return pd.Series(dtype=float)
     # One scrape of one source shares one t: sum its label sets there. Several sources (e.g. two KVBM
     # instances) are scraped at slightly different times: align on the union of times, carry values forward.
@@ -289,10 +257,7 @@ def series(run: Run, name: str, label_filter: dict[str, str] | None = None) -> p
 def kvbm_totals(run: Run) -> dict[str, float]:
     """Counter increases over the collection: blocks per tier pair, matched tokens, vLLM cache hit tokens."""
     totals: dict[str, float] = {}
-    names = list(TIER_PAIRS) + ["kvbm_matched_tokens", "kvbm_load_failures_total", "vllm:prefix_cache_hits_total",
-                                "vllm:prefix_cache_queries_total", "vllm:external_prefix_cache_hits_total",
-                                "vllm:external_prefix_cache_queries_total"]
-    for name in names:
+    for name in [*TIER_PAIRS, "kvbm_matched_tokens", "kvbm_load_failures_total", *itertools.chain(*HIT_COUNTERS)]:
         values = series(run, name)
         if len(values):
             totals[name] = float(values.iloc[-1] - values.iloc[0]) if len(values) > 1 else float(values.iloc[-1])

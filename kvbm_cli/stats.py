@@ -23,18 +23,13 @@ from scipy.special import betainc
 
 
 @lru_cache(maxsize=256)
-def _hd_weights(n: int, p: float) -> np.ndarray:
-    cdf = betainc(p * (n + 1), (1.0 - p) * (n + 1), np.arange(n + 1) / n)  # scipy's regularized incomplete beta
-    return np.diff(cdf)
-
-
 def hd_weights(n: int, p: float) -> np.ndarray:
-    """Harrell-Davis weights for the p-quantile of n sorted values (they sum to 1)."""
-    if n < 1:
-        raise ValueError("need at least one value")
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"quantile {p} is not strictly between 0 and 1")
-    return _hd_weights(int(n), float(p)).copy()
+    """Harrell-Davis weights for the p-quantile of n sorted values (they sum to 1; read-only, they are cached)."""
+    if n < 1 or not 0.0 < p < 1.0:
+        raise ValueError(f"Harrell-Davis weights need n >= 1 values and 0 < p < 1 (got n={n}, p={p})")
+    weights = np.diff(betainc(p * (n + 1), (1.0 - p) * (n + 1), np.arange(n + 1) / n))  # regularized incomplete beta
+    weights.flags.writeable = False
+    return weights
 
 
 def quantile(x, p: float, method: str = "hd") -> float:
@@ -50,13 +45,11 @@ def quantile(x, p: float, method: str = "hd") -> float:
 def summary(x) -> dict[str, float]:
     """mean, p50, p90, p99 (numpy's sample quantiles, as the bench summary reports them), min, max, n."""
     arr = np.asarray(x, dtype=float)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return {"n": 0, "mean": float("nan"), "p50": float("nan"), "p90": float("nan"), "p99": float("nan"),
-                "min": float("nan"), "max": float("nan")}
+    n = int(np.isfinite(arr).sum())
+    arr = arr[np.isfinite(arr)] if n else np.full(1, np.nan)  # no values: every statistic NaN
     q = np.quantile(arr, [0.5, 0.9, 0.99])
-    return {"n": int(arr.size), "mean": float(arr.mean()), "p50": float(q[0]), "p90": float(q[1]),
-            "p99": float(q[2]), "min": float(arr.min()), "max": float(arr.max())}
+    return {"n": n, "mean": float(arr.mean()), "p50": float(q[0]), "p90": float(q[1]), "p99": float(q[2]),
+            "min": float(arr.min()), "max": float(arr.max())}
 
 
 @dataclass(frozen=True)
@@ -120,10 +113,7 @@ def bootstrap_ratio(a, b, stat: Statistic, *, n_boot: int = 2000, confidence: fl
             ratios[start:start + k] = rb / ra
     alpha = (1.0 - confidence) / 2.0
     finite = ratios[np.isfinite(ratios)]
-    if finite.size == 0:
-        low = high = float("nan")
-    else:
-        low, high = (float(v) for v in np.quantile(finite, [alpha, 1.0 - alpha]))
+    low, high = (float(v) for v in (np.quantile(finite, [alpha, 1.0 - alpha]) if finite.size else [np.nan] * 2))
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = float(np.float64(stat_b) / np.float64(stat_a))
     return RatioCI(ratio, low, high, stat_a, stat_b, len(arr_a), len(arr_b), confidence)

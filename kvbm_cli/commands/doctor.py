@@ -65,15 +65,15 @@ def disk(
 @doctor_app.command("store")
 def store(
     url: StoreUrlOpt = None,
-    blocks: Annotated[int, typer.Option(help="Values of each size put and read back in the throughput test.")] = 16,
+    blocks: Annotated[int, typer.Option(help="Values of each size put and read back in the throughput test.",
+                                        min=1)] = 16,
     as_json: JsonOpt = False,
 ) -> None:
     """Can the shared tier (G4) use this store: reachable, version, maxmemory and policy, latency, throughput."""
     from kvbm.mechanism.remote import redacted
 
-    url = url or os.environ.get("DYN_KVBM_REMOTE_URL")
-    if not url or blocks < 1:
-        raise CliError("give --url redis://host:port/0 (or set DYN_KVBM_REMOTE_URL), and --blocks 1 or more")
+    if not url:
+        raise CliError("give --url redis://host:port/0 (or set DYN_KVBM_REMOTE_URL)")
     checks, facts = store_checks(url, secret=os.environ.get("DYN_KVBM_REMOTE_SECRET") or None, blocks=blocks)
     _show(checks, f"kvbm doctor store {redacted(url)}", f"shared store {redacted(url)}", facts,
           as_json)

@@ -75,7 +75,7 @@ def collect(
         if all(n == 0 for n in result.scrapes.values()):
             failed = "; ".join(f"{u}: {result.last_error.get(u, '?')}" for u in result.scrapes)
             raise CheckFailed(f"no source answered: {failed}")
-        for u in result.empty_sources:
+        for u in (u for u, n in result.scrapes.items() if n == 0):
             note(f"warning: {u} never answered ({result.last_error.get(u, '?')})")
     if json_out:
         emit_json({"out": str(result.out_csv), "rows": result.rows, "sources": result.scrapes,

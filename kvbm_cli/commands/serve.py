@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 
-from kvbm_cli._errors import EXIT_INTERRUPTED
+from kvbm_cli._errors import EXIT_INTERRUPTED, CliError
 from kvbm_cli._options import BlockSizeOpt, Connector, HealthTimeoutOpt, JsonOpt, ModelOpt, PortOpt
 from kvbm_cli._output import emit_json, note, out
-from kvbm_cli.engine import (Engine, EngineFailed, EngineSpec, Terminated, build_launch, shown,
-                             sigterm_as_exception, start_and_wait)
+from kvbm_cli.engine import Engine, EngineFailed, EngineSpec, build_launch, shown, sigterm_as_exception, start_and_wait
 
 
 def serve(
@@ -56,7 +56,12 @@ def serve(
     """
     options = {k: v for k, v in locals().items() if k in EngineSpec.model_fields}
     connector = Connector(connector).value
-    launch = build_launch(EngineSpec(**options | {"connector": connector, "vllm_args": list(ctx.args)}))
+    try:
+        spec = EngineSpec(**options | {"connector": connector, "vllm_args": list(ctx.args)})
+    except ValidationError as exc:  # a bound of EngineSpec's fields (the same check for scenario files)
+        e = exc.errors()[0]
+        raise CliError(f"--{str(e['loc'][0]).replace('_', '-')} {e['input']}: {e['msg']}") from None
+    launch = build_launch(spec)
     if dry_run and json_out:
         emit_json({"argv": launch.argv, "env_set": {k: shown(k, v) for k, v in launch.env_set.items()},
                    "env_unset": launch.env_unset, "url": launch.url,
@@ -77,7 +82,7 @@ def serve(
             sys.stdout.flush()
             engine.proc.wait()
             raise EngineFailed(engine.failure())
-        except (KeyboardInterrupt, Terminated):
+        except KeyboardInterrupt:
             note("stopping the engine ...")
             engine.stop()
             raise typer.Exit(EXIT_INTERRUPTED)
