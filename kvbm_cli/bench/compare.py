@@ -363,7 +363,7 @@ def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None
         for r, comp in enumerate(comps, 1):
             (out_dir / f"repeat-{r}" / "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
             (out_dir / f"repeat-{r}" / "comparison.md").write_text(comparison_text(comp))
-    comp = {**combine_repeats(comps), "starts": starts}
+    comp = {**(combine_repeats(comps) if n > 1 else comps[0]), "starts": starts}
     (out_dir / "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
     (out_dir / "comparison.md").write_text(comparison_text(comp))
     return comp
