@@ -303,7 +303,8 @@ def combine_repeats(comps: list[dict[str, Any]]) -> dict[str, Any]:
     """One comparison from the repeats' (sweep points alike): median values, median gains with their min-max."""
     first = comps[0]
     if "points" in first:
-        return {**first, "points": [combine_repeats([c["points"][j] for c in comps]) for j in range(len(first["points"]))]}
+        return {**first, "points": [combine_repeats([c["points"][j] for c in comps])
+                                    for j in range(len(first["points"]))]}
     key = "gain_vs_" + first["baseline"]
     rows = []
     for row in first["rows"]:
@@ -342,30 +343,19 @@ def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None
     names = [engine_spec(scenario.engine, raw)[0] for raw in scenario.configs]
     results: list[dict] = [{label: {} for label, _ in points} for _ in range(n)]
     starts = []
-    for r, raw in [(r, raw) for r in range(n) for raw in scenario.configs[::1 if r % 2 == 0 else -1]]:
-        rep_dir = out_dir if n == 1 else out_dir / f"repeat-{r + 1}"
-        name = engine_spec(scenario.engine, raw)[0]
-        starts.append(str((rep_dir / name).relative_to(out_dir)))
-        for label, res in _run_config(scenario, raw, points, rep_dir / name, port, remote_url, show_progress).items():
-            results[r][label][name] = res
-    comps = []
-    for r in range(n):
-        ordered = {label: {name: results[r][label][name] for name in names} for label in results[r]}
-        if not scenario.sweep:
-            comp = build_comparison(scenario, ordered[None])
-        else:
-            (key, values), = scenario.sweep.items()
-            comp = {"scenario": scenario.name, "sweep": {"key": key, "values": values},
-                    "points": [{"label": label, "value": v, **build_comparison(scenario, ordered[label])}
-                               for (label, _), v in zip(points, values)]}
-        comps.append(comp)
-    if n > 1:
-        for r, comp in enumerate(comps, 1):
-            (out_dir / f"repeat-{r}" / "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
-            (out_dir / f"repeat-{r}" / "comparison.md").write_text(comparison_text(comp))
+    for r in range(n):  # A B, B A, A B, ...: drift over time cancels out of the medians
+        for i in (range(len(names)) if r % 2 == 0 else reversed(range(len(names)))):
+            run_dir = (out_dir if n == 1 else out_dir / f"repeat-{r + 1}") / names[i]
+            starts.append(str(run_dir.relative_to(out_dir)))
+            for label, res in _run_config(scenario, scenario.configs[i], points, run_dir, port, remote_url,
+                                          show_progress).items():
+                results[r][label][names[i]] = res
+    comps = [_comparison(scenario, points, {label: {m: res[label][m] for m in names} for label in res})
+             for res in results]
+    for r, comp in enumerate(comps if n > 1 else [], 1):
+        _write(out_dir / f"repeat-{r}", comp)
     comp = {**(combine_repeats(comps) if n > 1 else comps[0]), "starts": starts}
-    (out_dir / "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
-    (out_dir / "comparison.md").write_text(comparison_text(comp))
+    _write(out_dir, comp)
     return comp
 
 
@@ -411,6 +401,21 @@ def _run_config(scenario: Scenario, raw: dict[str, Any], points: list, run_dir: 
             console.print(f"[{name}] engine log: {run_dir / 'engine.log'}", markup=False)
             raise
     return results
+
+
+def _comparison(scenario: Scenario, points: list, results: dict) -> dict[str, Any]:
+    """One run's comparison: one table, or one per sweep value."""
+    if not scenario.sweep:
+        return build_comparison(scenario, results[None])
+    (key, values), = scenario.sweep.items()
+    return {"scenario": scenario.name, "sweep": {"key": key, "values": values},
+            "points": [{"label": label, "value": v, **build_comparison(scenario, results[label])}
+                       for (label, _), v in zip(points, values)]}
+
+
+def _write(out_dir: Path, comp: dict[str, Any]) -> None:
+    (out_dir / "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
+    (out_dir / "comparison.md").write_text(comparison_text(comp))
 
 
 def comparison_text(comp: dict[str, Any]) -> str:
