@@ -33,7 +33,8 @@ Operations:
   Scenario / load_scenario(path)      the YAML, validated (one line per mistake)
   default_scenario()                  the CPU prefix-reuse comparison on the embedded model (`make demo`)
   sweep_points(scenario)              (label, workload config) per sweep value; one (None, ...) without a sweep
-  run_compare(scenario, out_dir)      run everything; returns the comparison dict
+  run_compare(scenario, out_dir)      run everything (`repeat` times); returns the comparison dict
+  combine_repeats(comparisons)        the repeats' medians and ranges, as one comparison
   metrics_delta(before, after)        what a run added to vLLM's counters (kvbm_cli.prom parses them)
 """
 
