@@ -24,11 +24,17 @@ redis-server kvbm starts for it (or the store of `--remote-url`); vLLM's counter
 engine (started once): results in OUT/<name>/<key>-<value>/, one comparison table per value. Each value draws
 its own prompts (random seed + its index), so no value reuses the KV another one left behind.
 
+`repeat: 3` (or --repeat 3) starts every configuration 3 times, interleaved A B, B A, A B, ... so that drift over
+time (a CPU engine's speed varies 20-30% between starts) cancels; each start runs the whole sweep. Repeat i's
+results and its comparison are in OUT/repeat-<i>/; OUT/comparison.* give per metric the median value of each
+config and the median and min-max of the per-repeat gains; comparison.json's "starts" lists the start order.
+
 Operations:
   Scenario / load_scenario(path)      the YAML, validated (one line per mistake)
   default_scenario()                  the CPU prefix-reuse comparison on the embedded model (`make demo`)
   sweep_points(scenario)              (label, workload config) per sweep value; one (None, ...) without a sweep
-  run_compare(scenario, out_dir)      run everything; returns the comparison dict
+  run_compare(scenario, out_dir)      run everything (`repeat` times); returns the comparison dict
+  combine_repeats(comparisons)        the repeats' medians and ranges, as one comparison
   metrics_delta(before, after)        what a run added to vLLM's counters (kvbm_cli.prom parses them)
 """
 
@@ -38,6 +44,7 @@ import contextlib
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -81,6 +88,7 @@ class Scenario(BaseModel):
     health_timeout: float = Field(600.0, alias="health-timeout")
     sweep: dict[str, list[Any]] = Field(default_factory=dict)
     instances: int = Field(1, ge=1, le=8)
+    repeat: int = Field(1, ge=1)
 
 
 def _problem(exc: ValidationError, where: str) -> str:
@@ -268,8 +276,10 @@ def comparison_markdown(comp: dict[str, Any]) -> str:
     """The comparison table (values and gains against the first config) and the cache table, in Markdown."""
     names, base = comp["configs"], comp["baseline"]
     ms = lambda x: "-" if x is None else f"{x * 1000:.1f}"  # noqa: E731
+    span = lambda r, n: f" ({r[n][0]:.2f}-{r[n][1]:.2f})" if r and r.get(n) else ""  # noqa: E731
     rows = [[row["metric"], *[_fmt(row["values"][n]) for n in names],
-             *[("-" if row["gain_vs_" + base][n] is None else f"{row['gain_vs_' + base][n]:.2f}x") for n in names[1:]]]
+             *[("-" if row["gain_vs_" + base][n] is None else f"{row['gain_vs_' + base][n]:.2f}x")
+               + span(row.get("gain_range"), n) for n in names[1:]]]
             for row in comp["rows"]]
     cache = [[c["config"], c["requests"], c["errors"], f"{c['g1_hit_tokens']:.0f} / {c['g1_query_tokens']:.0f}",
               f"{c['kvbm_hit_tokens']:.0f} / {c['kvbm_query_tokens']:.0f}",
@@ -277,10 +287,35 @@ def comparison_markdown(comp: dict[str, Any]) -> str:
              for c in comp["cache"] for t in [c["vllm_ttft"] or {}]]
     return "\n".join([
         markdown(["metric", *names, *[f"{n} vs {base}" for n in names[1:]]], rows), "",
-        "Gains are baseline/config for latencies and config/baseline for throughputs: above 1 is better.", "",
+        "Gains are baseline/config for latencies and config/baseline for throughputs: above 1 is better."
+        + (f" Median of {comp['repeats']} interleaved repeats (values, and gains with their min-max)."
+           if comp.get("repeats") else ""), "",
         markdown(["config", "requests", "errors", "G1 hit tokens / queried", "KVBM hit tokens / queried",
                   "vLLM TTFT histogram: count, mean, ~p50, ~p90 (ms)"], cache),
         *[f"\n- {c['config']}: {explain_reuse(c['reuse'])}" for c in comp["cache"] if c.get("reuse")]]) + "\n"
+
+
+def _median(xs: list) -> Optional[float]:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def combine_repeats(comps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One comparison from the repeats' (sweep points alike): median values, median gains with their min-max."""
+    first = comps[0]
+    if "points" in first:
+        return {**first, "points": [combine_repeats([c["points"][j] for c in comps])
+                                    for j in range(len(first["points"]))]}
+    key = "gain_vs_" + first["baseline"]
+    rows = []
+    for row in first["rows"]:
+        reps = [r for c in comps for r in c["rows"] if r["metric"] == row["metric"]]
+        gains = {n: [r[key][n] for r in reps if r[key][n] is not None] for n in row[key]}
+        rows.append({**row, "values": {n: _median([r["values"][n] for r in reps]) for n in row["values"]},
+                     key: {n: _median(g) for n, g in gains.items()},
+                     "gain_range": {n: [min(g), max(g)] if g else None for n, g in gains.items()}})
+    return {**first, "repeats": len(comps), "rows": rows,
+            "cache": [{**c, "config": f"{c['config']} #{i}"} for i, comp in enumerate(comps, 1) for c in comp["cache"]]}
 
 
 def _instance(spec: EngineSpec, i: int, port: Optional[int]) -> tuple[Launch, list[str]]:
@@ -298,64 +333,90 @@ def _instance(spec: EngineSpec, i: int, port: Optional[int]) -> tuple[Launch, li
 
 
 def run_compare(scenario: Scenario, out_dir: Path, *, port: Optional[int] = None, remote_url: Optional[str] = None,
-                show_progress: bool = True) -> dict:
-    """Launch, measure and stop each configuration in turn; write per-config results and the comparison."""
+                show_progress: bool = True, repeat: Optional[int] = None) -> dict:
+    """Launch, measure and stop each configuration in turn (`repeat` times, interleaved A B B A ...); write
+    per-config results and the comparison."""
     points = sweep_points(scenario)
     if any(c.get("remote") for c in scenario.configs) and not remote_url and not local_redis.available():
         raise CliError("remote: redis needs redis-server and redis-cli on PATH (`make redis`, or apt-get install "
                        "redis-server), or give a store with --remote-url")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[Optional[str], dict[str, dict[str, Any]]] = {label: {} for label, _ in points}
+    n = repeat or scenario.repeat
+    names = [engine_spec(scenario.engine, raw)[0] for raw in scenario.configs]
+    results: list[dict] = [{label: {} for label, _ in points} for _ in range(n)]
+    starts = []
+    for r in range(n):  # A B, B A, A B, ...: drift over time cancels out of the medians
+        for i in (range(len(names)) if r % 2 == 0 else reversed(range(len(names)))):
+            run_dir = (out_dir if n == 1 else out_dir / f"repeat-{r + 1}") / names[i]
+            starts.append(str(run_dir.relative_to(out_dir)))
+            for label, res in _run_config(scenario, scenario.configs[i], points, run_dir, port, remote_url,
+                                          show_progress).items():
+                results[r][label][names[i]] = res
+    comps = [_comparison(scenario, points, {label: {m: res[label][m] for m in names} for label in res})
+             for res in results]
+    for r, comp in enumerate(comps if n > 1 else [], 1):
+        _write(out_dir / f"repeat-{r}", comp)
+    comp = {**(combine_repeats(comps) if n > 1 else comps[0]), "starts": starts}
+    _write(out_dir, comp)
+    return comp
+
+
+def _run_config(scenario: Scenario, raw: dict[str, Any], points: list, run_dir: Path, port: Optional[int],
+                remote_url: Optional[str], show_progress: bool) -> dict[Optional[str], dict[str, Any]]:
+    """Start one configuration's engine(s), run every sweep point, stop them: {label: results}."""
+    name, spec = engine_spec(scenario.engine, raw)
+    run_dir.mkdir(parents=True, exist_ok=True)
     console = err()
-    for raw in scenario.configs:
-        name, spec = engine_spec(scenario.engine, raw)
-        run_dir = out_dir / name
-        run_dir.mkdir(parents=True, exist_ok=True)
-        with contextlib.ExitStack() as stack:
-            if raw.get("remote"):  # a fresh store per configuration: nothing left from an earlier one
-                spec.remote_url = remote_url or stack.enter_context(local_redis.RedisServer()).url
-            launches, sources, engines = [], [], []
-            for i in range(scenario.instances):
-                launch, srcs = _instance(spec, i, port)
-                launches.append(launch)
-                sources += srcs
-                log = run_dir / ("engine.log" if i == 0 else f"engine-{i}.log")
-                log.write_text("")
-                for note in launch.notes if i == 0 else []:
-                    console.print(f"note ({name}): {note}", markup=False)
-                console.print(f"[{name}] {launch.shell()}", markup=False, soft_wrap=True)
-                engines.append(Engine(launch, log_path=log))
-                stack.callback(engines[-1].stop)
-            try:
-                for engine in engines[1:]:  # started together; the first one shows the spinner
-                    engine.start()
-                took = start_and_wait(engines[0], scenario.health_timeout, f"{name}: vLLM ({spec.connector})")
-                took = max([took] + [e.wait_healthy(scenario.health_timeout) for e in engines[1:]])
-                console.print(f"[{name}] {len(engines)} engine(s) healthy after {took:.0f} s", markup=False)
-                for label, wl in points:
-                    point_dir = run_dir if label is None else run_dir / label
-                    point_dir.mkdir(parents=True, exist_ok=True)
-                    tag = name if label is None else f"{name} {label}"
-                    console.print(f"[{tag}] running {scenario.workload['type']}", markup=False)
-                    results[label][name] = _run_point(scenario, wl, launches, sources, point_dir, name,
-                                                      show_progress)
-                    summary = results[label][name]["summary"]
-                    console.print(f"[{tag}] done: TTFT p50 {_fmt((summary.ttft_s.p50 or 0) * 1000)} ms, "
-                                  f"{_fmt(summary.output_tokens_per_s)} output tokens/s, {summary.num_errors} errors",
-                                  markup=False)
-            except BaseException:
-                console.print(f"[{name}] engine log: {run_dir / 'engine.log'}", markup=False)
-                raise
+    results = {}
+    with contextlib.ExitStack() as stack:
+        if raw.get("remote"):  # a fresh store per configuration: nothing left from an earlier one
+            spec.remote_url = remote_url or stack.enter_context(local_redis.RedisServer()).url
+        launches, sources, engines = [], [], []
+        for i in range(scenario.instances):
+            launch, srcs = _instance(spec, i, port)
+            launches.append(launch)
+            sources += srcs
+            log = run_dir / ("engine.log" if i == 0 else f"engine-{i}.log")
+            log.write_text("")
+            for note in launch.notes if i == 0 else []:
+                console.print(f"note ({name}): {note}", markup=False)
+            console.print(f"[{name}] {launch.shell()}", markup=False, soft_wrap=True)
+            engines.append(Engine(launch, log_path=log))
+            stack.callback(engines[-1].stop)
+        try:
+            for engine in engines[1:]:  # started together; the first one shows the spinner
+                engine.start()
+            took = start_and_wait(engines[0], scenario.health_timeout, f"{name}: vLLM ({spec.connector})")
+            took = max([took] + [e.wait_healthy(scenario.health_timeout) for e in engines[1:]])
+            console.print(f"[{name}] {len(engines)} engine(s) healthy after {took:.0f} s", markup=False)
+            for label, wl in points:
+                point_dir = run_dir if label is None else run_dir / label
+                point_dir.mkdir(parents=True, exist_ok=True)
+                tag = name if label is None else f"{name} {label}"
+                console.print(f"[{tag}] running {scenario.workload['type']}", markup=False)
+                results[label] = _run_point(scenario, wl, launches, sources, point_dir, name, show_progress)
+                summary = results[label]["summary"]
+                console.print(f"[{tag}] done: TTFT p50 {_fmt((summary.ttft_s.p50 or 0) * 1000)} ms, "
+                              f"{_fmt(summary.output_tokens_per_s)} output tokens/s, {summary.num_errors} errors",
+                              markup=False)
+        except BaseException:
+            console.print(f"[{name}] engine log: {run_dir / 'engine.log'}", markup=False)
+            raise
+    return results
+
+
+def _comparison(scenario: Scenario, points: list, results: dict) -> dict[str, Any]:
+    """One run's comparison: one table, or one per sweep value."""
     if not scenario.sweep:
-        comp = build_comparison(scenario, results[None])
-    else:
-        (key, values), = scenario.sweep.items()
-        comp = {"scenario": scenario.name, "sweep": {"key": key, "values": values},
-                "points": [{"label": label, "value": v, **build_comparison(scenario, results[label])}
-                           for (label, _), v in zip(points, values)]}
+        return build_comparison(scenario, results[None])
+    (key, values), = scenario.sweep.items()
+    return {"scenario": scenario.name, "sweep": {"key": key, "values": values},
+            "points": [{"label": label, "value": v, **build_comparison(scenario, results[label])}
+                       for (label, _), v in zip(points, values)]}
+
+
+def _write(out_dir: Path, comp: dict[str, Any]) -> None:
     (out_dir / "comparison.json").write_text(json.dumps(comp, indent=2) + "\n")
     (out_dir / "comparison.md").write_text(comparison_text(comp))
-    return comp
 
 
 def comparison_text(comp: dict[str, Any]) -> str:
@@ -411,6 +472,9 @@ def compare(
                                                      "instances).")] = None,
     remote_url: Annotated[Optional[str], typer.Option(help="The store of `remote: redis` configs (default: a "
                                                            "fresh local redis-server each); never emptied by kvbm.")] = None,
+    repeat: Annotated[Optional[int], typer.Option(help="Start each configuration this many times, interleaved "
+                                                       "A B B A ...; the table gives medians (default: the "
+                                                       "scenario's repeat, 1).", min=1)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Launch each engine configuration of a scenario in turn, run its workload, compare them side by side."""
@@ -418,7 +482,8 @@ def compare(
     scenario = load_scenario(path)
     out_dir = out_dir or Path("runs") / f"compare-{scenario.name}"
     with sigterm_as_exception():
-        comp = run_compare(scenario, out_dir, port=port, remote_url=remote_url, show_progress=not json_out)
+        comp = run_compare(scenario, out_dir, port=port, remote_url=remote_url, show_progress=not json_out,
+                           repeat=repeat)
     if json_out:
         emit_json(comp)
         return
