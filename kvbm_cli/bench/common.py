@@ -20,24 +20,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Optional
 
 import typer
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ConfigDict, ValidationError
 
 from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli._keys import Keys
 from kvbm_cli._options import ArtifactOpt, Driver, DriverOpt, JsonOpt, ModelOpt, RunOpt, TimeoutOpt, TokenizerOpt, UrlOpt
 from kvbm_cli._output import emit_json, note, out, table
 from kvbm_cli.bench.client import Target
 from kvbm_cli.httpclient import server_model
 from kvbm_cli.results import Summary, iso_now, summarize, write_run
-
-
-class Keys(BaseModel):
-    """A typed block of a scenario file: keys spelled as the flags (kebab-case), unknown keys refused."""
-
-    model_config = ConfigDict(extra="forbid", alias_generator=lambda name: name.replace("_", "-"),
-                              populate_by_name=True)
-
-    def validate(self) -> None:
-        """Checks across keys (one CliError); a key's own bounds are in its Field."""
 
 
 class WorkloadConfig(Keys):
