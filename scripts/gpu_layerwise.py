@@ -427,6 +427,40 @@ def interleaved(fns: dict, repeats: int, setup=None) -> dict[str, float]:
     return {k: median(v) for k, v in ts.items()}
 
 
+def raw_engine(layout, gpu: torch.Tensor, pinned: torch.Tensor) -> TransferEngine:
+    """A TransferEngine (CUDA) whose G1<->G2 jobs move `gpu` <-> `pinned` in one raw memcpy instead of kvbm's
+    copy: what the job hand-off alone costs (also used by scripts/gpu_copy_probe.py)."""
+    engine = TransferEngine(layout, host_tier(layout, 1, False, "cuda"), None)
+
+    class _RawDone:
+        def __init__(self, event):
+            self.event = event
+
+        def query(self):
+            return self.event.query()
+
+        def wait_blocking(self):
+            self.event.synchronize()
+
+    def raw_start(to_host):
+        def go(ids, slots_, ready=None):
+            stream = torch.cuda.current_stream()
+            if ready is not None:
+                stream.wait_event(ready)
+            (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
+            return _RawDone(stream.record_event())
+        return go
+
+    def raw_job(to_host):
+        def go(ids, slots_, ready=None):
+            raw_start(to_host)(ids, slots_, ready).wait_blocking()
+        return go
+    engine.cuda.offload, engine.cuda.onboard = raw_job(True), raw_job(False)
+    # the engine starts G1<->G2 jobs on the submitting thread (TransferEngine._start_direct): so does this
+    engine.cuda.start_offload, engine.cuda.start_onboard = raw_start(True), raw_start(False)
+    return engine
+
+
 def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
     """kvbm's G1<->G2 paths against raw pinned memcpy of the same bytes, interleaved in one run. The paths
     kvbm uses on CUDA (its host tier is layer-major: HostTier.for_layout): layer-wise (the worker's
@@ -455,38 +489,7 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
         engine_thread = TransferEngine(layout, hosts["layer-major"], None)
         engine_thread._directable = lambda kind, job: False
     if dev != "cpu":  # the same job hand-off with a raw memcpy in place of kvbm's copy
-        engine_raw = TransferEngine(layout, host_tier(layout, 1, False, dev), None)
-
-        class _RawDone:
-            def __init__(self, event):
-                self.event = event
-
-            def query(self):
-                return self.event.query()
-
-            def wait_blocking(self):
-                self.event.synchronize()
-
-        def raw_start(to_host):
-            def go(ids, slots_, ready=None):
-                stream = torch.cuda.current_stream()
-                if ready is not None:
-                    stream.wait_event(ready)
-                (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
-                return _RawDone(stream.record_event())
-            return go
-
-        def raw_job(to_host):
-            def go(ids, slots_, ready=None):
-                stream = torch.cuda.current_stream()
-                if ready is not None:
-                    stream.wait_event(ready)
-                (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
-                stream.synchronize()
-            return go
-        engine_raw.cuda.offload, engine_raw.cuda.onboard = raw_job(True), raw_job(False)
-        # the engine starts G1<->G2 jobs on the submitting thread (TransferEngine._start_direct): so does this
-        engine_raw.cuda.start_offload, engine_raw.cuda.start_onboard = raw_start(True), raw_start(False)
+        engine_raw = raw_engine(layout, gpu, pinned)
 
     def raw_d2h():
         pinned.copy_(gpu, non_blocking=True)
