@@ -191,7 +191,8 @@ class LayerwiseCopier:
     Host time matters: a load's or store's copy engine idles until its first copy is queued, and each torch
     call (a view, a slice, a copy) costs tens of microseconds on the device machines. So the copies go
     through the CUDA driver with plain pointers, staging views are made once per (buffer, rows), and the
-    gather/scatter rows of every (layer, unit) are computed on the host in one array, uploaded once, and
+    gather/scatter rows of every (layer, unit) are computed on the host into a kept pinned buffer (_IndexBuf),
+    uploaded in one driver copy into a kept device buffer, and
     sliced once per unit."""
 
     def __init__(self, layout, host, staging_bytes: int = 64 << 20, num_buffers: int = 3):
