@@ -29,6 +29,7 @@ from kvbm.mechanism import layerwise as lw_mod  # noqa: E402
 from kvbm.mechanism.cuda_copy import FlatRows  # noqa: E402
 from kvbm.mechanism.engine_views import load_descriptions, replay  # noqa: E402
 from kvbm.policy import Tier  # noqa: E402
+from gpu_layerwise import raw_engine  # noqa: E402  (scripts/ is on sys.path: this script's folder)
 
 
 def bits_equal(a, b):
@@ -116,6 +117,7 @@ def profile_summary(fn, name):
 
 
 OLD = None  # the previous layerwise module (--old PATH), timed beside the current one
+OLD_THREAD = False  # --old-thread: its TransferEngine jobs also take the thread hand-off (before 2026-12-05b)
 
 
 def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=True):
@@ -145,43 +147,21 @@ def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=
         engine_old = TransferEngine(layout, host3, None)
         engine_old.cuda._layerwise.close()
         engine_old.cuda._layerwise = OLD.LayerwiseCopier(layout, host3)
-        if hasattr(engine_old, "_directable"):  # the old hand-off: every job runs on the kind's thread
+        if OLD_THREAD and hasattr(engine_old, "_directable"):  # the old hand-off: every job on the kind's thread
             engine_old._directable = lambda kind, job: False
+        if not hasattr(OLD.LayerwiseCopier, "store_all"):  # CudaCopier.start_offload as it was with that copier
+            old_lw = engine_old.cuda._layerwise
+
+            def old_start_offload(block_ids, slots_, ready=None, _cp=old_lw):
+                with torch.cuda.device(_cp.device):
+                    if ready is None:
+                        ready = torch.cuda.current_stream(_cp.device).record_event()
+                    return _cp.start_store(block_ids, slots_).finish(ready)
+            engine_old.cuda.start_offload = old_start_offload
     big = torch.empty(nbytes, dtype=torch.uint8, device=dev)
     host_bytes = host.tensor.view(-1).view(torch.uint8)
     big_rows = big.view(torch.int64).view(-1, layout.segment_words)
-    engine_raw = TransferEngine(layout, HostTier(1, L, layout.segment_words, layout.word, pin=True), None)
-
-    class _RawDone:
-        def __init__(self, event):
-            self.event = event
-
-        def query(self):
-            return self.event.query()
-
-        def wait_blocking(self):
-            self.event.synchronize()
-
-    def raw_start(to_host):
-        def go(ids, slots_, ready=None):
-            stream = torch.cuda.current_stream()
-            if ready is not None:
-                stream.wait_event(ready)
-            (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
-            return _RawDone(stream.record_event())
-        return go
-
-    def raw_job(to_host):
-        def go(ids, slots_, ready=None):
-            stream = torch.cuda.current_stream()
-            if ready is not None:
-                stream.wait_event(ready)
-            (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
-            stream.synchronize()
-        return go
-    engine_raw.cuda.offload, engine_raw.cuda.onboard = raw_job(True), raw_job(False)
-    # the engine starts G1<->G2 jobs on the submitting thread (TransferEngine._start_direct): so does this
-    engine_raw.cuda.start_offload, engine_raw.cuda.start_onboard = raw_start(True), raw_start(False)
+    engine_raw = raw_engine(layout, gpu, pinned)
     stores = [BlockMove(i, b, s) for i, (b, s) in enumerate(zip(src, slots))]
     loads = [BlockMove(i, b, s, Tier.G2) for i, (b, s) in enumerate(zip(dst, slots))]
     flat = FlatRows.of(layout)
@@ -441,31 +421,41 @@ def case(name, desc, repeats, lines, rows, prof_rows, zero_copy=False, profiles=
     t_all = time.perf_counter() - t
     lines.append(f"{name:<22} start_load host time {t_enq * 1e3:.2f} ms of {t_all * 1e3:.2f} ms")
     print(lines[-1], flush=True)
-    # host time of a whole-request store before its first copy can start, phase by phase (medians of 9)
-    ph: dict[str, list[float]] = {}
-    for _ in range(9):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        ids_sorted, units = lw_mod._plan(src, slots, cp.max_rows)
-        t1 = time.perf_counter()
-        cp._unit_copies(units)
-        t2 = time.perf_counter()
-        with torch.cuda.device(cp.device):
-            cp._upload_rows(ids_sorted, units, cp.store_kernel)
-        t3 = time.perf_counter()
-        st = cp.start_store(src, slots)
-        t4 = time.perf_counter()
-        st.save_layer(0)
-        t5 = time.perf_counter()
-        st.finish()
-        t6 = time.perf_counter()
-        st.synchronize()
-        for key, a, b in (("plan", t0, t1), ("unit copies", t1, t2), ("upload rows", t2, t3),
-                          ("start_store", t3, t4), ("save_layer(0)", t4, t5), ("finish (other layers)", t5, t6)):
-            ph.setdefault(key, []).append((b - a) * 1e6)
-    lines.append(f"{name:<22} store host phases (us): " +
-                 ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in ph.items()))
-    print(lines[-1], flush=True)
+    # host time of a whole-request store before its first copy can start, phase by phase (medians of 9), for
+    # this copier and the --old one
+    for tag, c, mod in [("", cp, lw_mod)] + ([("OLD ", cp_old, OLD)] if OLD is not None else []):
+        ph: dict[str, list[float]] = {}
+        for _ in range(9):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            ids_sorted, units = mod._plan(src, slots, c.max_rows)
+            t1 = time.perf_counter()
+            c._unit_copies(units)
+            t2 = time.perf_counter()
+            with torch.cuda.device(c.device):
+                up = c._upload_rows(ids_sorted, units, c.store_kernel)
+                if isinstance(up, tuple):  # (rows, kept buffer): hand the buffer back
+                    c._release_index("store", up[1])
+            t3 = time.perf_counter()
+            st = c.start_store(src, slots)
+            t4 = time.perf_counter()
+            st.save_layer(0)
+            t5 = time.perf_counter()
+            st.finish()
+            t6 = time.perf_counter()
+            st.synchronize()
+            t7 = t8 = time.perf_counter()
+            if hasattr(c, "store_all"):  # the whole-request store (CudaCopier.start_offload)
+                c.store_all(src, slots)
+                t8 = time.perf_counter()
+                torch.cuda.synchronize()
+            for key, a, b in (("plan", t0, t1), ("unit copies", t1, t2), ("upload rows", t2, t3),
+                              ("start_store", t3, t4), ("save_layer(0)", t4, t5), ("finish (other layers)", t5, t6),
+                              ("store_all", t7, t8)):
+                ph.setdefault(key, []).append((b - a) * 1e6)
+        lines.append(f"{name:<22} {tag}store host phases (us): " +
+                     ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in ph.items()))
+        print(lines[-1], flush=True)
     for e in (engine, engine_old, engine_raw):
         if e is not None:
             e.close()
@@ -480,13 +470,15 @@ def main() -> int:
     ap.add_argument("--cases", default="transfer-LBNHC-bs16,transfer-BLHNC-bs16,transfer-LBNHC-bs128")
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--old", type=Path, help="a previous kvbm/mechanism/layerwise.py to time beside the current one")
+    ap.add_argument("--old-thread", action="store_true", help="the OLD engine's jobs take the thread hand-off")
     ap.add_argument("--zero-copy", action="store_true", help="also time zero-copy UVA kernels")
     ap.add_argument("--profiles", default="", help="comma list of cases to profile")
     args = ap.parse_args()
     if args.old is not None:
         import importlib.util
 
-        global OLD
+        global OLD, OLD_THREAD
+        OLD_THREAD = args.old_thread
         spec = importlib.util.spec_from_file_location("layerwise_old", args.old)
         OLD = importlib.util.module_from_spec(spec)
         sys.modules["layerwise_old"] = OLD

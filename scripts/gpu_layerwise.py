@@ -250,6 +250,7 @@ def ttft_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
         eng_lm.wait()
         eng_lm.close()
     copiers = {k: layerwise_copier(layout, h, dev) for k, h in hosts.items()}
+    old = args.old.LayerwiseCopier(layout, hosts["layer-major"]) if args.old is not None and dev != "cpu" else None
     idx1 = torch.tensor(g1[:prefix_blocks], device=dev)
 
     def poison():
@@ -403,7 +404,7 @@ def ttft_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
                        f"{bm[f'on_{k}_total']:.4f} s  {'exact' if exact.get(f'store_{k}') else 'NOT EXACT'}")
     rows.append({"part": "ttft", **out})
     engine.close()
-    for cp in copiers.values():
+    for cp in list(copiers.values()) + [old]:
         if cp is not None:
             cp.close()
     del raw, views, layout, model, hosts, copiers, engine
@@ -427,6 +428,40 @@ def interleaved(fns: dict, repeats: int, setup=None) -> dict[str, float]:
     return {k: median(v) for k, v in ts.items()}
 
 
+def raw_engine(layout, gpu: torch.Tensor, pinned: torch.Tensor) -> TransferEngine:
+    """A TransferEngine (CUDA) whose G1<->G2 jobs move `gpu` <-> `pinned` in one raw memcpy instead of kvbm's
+    copy: what the job hand-off alone costs (also used by scripts/gpu_copy_probe.py)."""
+    engine = TransferEngine(layout, host_tier(layout, 1, False, "cuda"), None)
+
+    class _RawDone:
+        def __init__(self, event):
+            self.event = event
+
+        def query(self):
+            return self.event.query()
+
+        def wait_blocking(self):
+            self.event.synchronize()
+
+    def raw_start(to_host):
+        def go(ids, slots_, ready=None):
+            stream = torch.cuda.current_stream()
+            if ready is not None:
+                stream.wait_event(ready)
+            (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
+            return _RawDone(stream.record_event())
+        return go
+
+    def raw_job(to_host):
+        def go(ids, slots_, ready=None):
+            raw_start(to_host)(ids, slots_, ready).wait_blocking()
+        return go
+    engine.cuda.offload, engine.cuda.onboard = raw_job(True), raw_job(False)
+    # the engine starts G1<->G2 jobs on the submitting thread (TransferEngine._start_direct): so does this
+    engine.cuda.start_offload, engine.cuda.start_onboard = raw_start(True), raw_start(False)
+    return engine
+
+
 def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
     """kvbm's G1<->G2 paths against raw pinned memcpy of the same bytes, interleaved in one run. The paths
     kvbm uses on CUDA (its host tier is layer-major: HostTier.for_layout): layer-wise (the worker's
@@ -448,6 +483,7 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
     gpu.random_()
     pinned = torch.empty(nbytes, dtype=torch.uint8, pin_memory=dev != "cpu")
     copiers = {k: layerwise_copier(layout, h, dev) for k, h in hosts.items()}
+    old = args.old.LayerwiseCopier(layout, hosts["layer-major"]) if args.old is not None and dev != "cpu" else None
     stores = [BlockMove(i, b, s) for i, (b, s) in enumerate(zip(src, slots))]
     loads = [BlockMove(i, b, s, Tier.G2) for i, (b, s) in enumerate(zip(dst, slots))]
     engine_raw = engine_thread = None
@@ -455,38 +491,7 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
         engine_thread = TransferEngine(layout, hosts["layer-major"], None)
         engine_thread._directable = lambda kind, job: False
     if dev != "cpu":  # the same job hand-off with a raw memcpy in place of kvbm's copy
-        engine_raw = TransferEngine(layout, host_tier(layout, 1, False, dev), None)
-
-        class _RawDone:
-            def __init__(self, event):
-                self.event = event
-
-            def query(self):
-                return self.event.query()
-
-            def wait_blocking(self):
-                self.event.synchronize()
-
-        def raw_start(to_host):
-            def go(ids, slots_, ready=None):
-                stream = torch.cuda.current_stream()
-                if ready is not None:
-                    stream.wait_event(ready)
-                (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
-                return _RawDone(stream.record_event())
-            return go
-
-        def raw_job(to_host):
-            def go(ids, slots_, ready=None):
-                stream = torch.cuda.current_stream()
-                if ready is not None:
-                    stream.wait_event(ready)
-                (pinned.copy_(gpu, non_blocking=True) if to_host else gpu.copy_(pinned, non_blocking=True))
-                stream.synchronize()
-            return go
-        engine_raw.cuda.offload, engine_raw.cuda.onboard = raw_job(True), raw_job(False)
-        # the engine starts G1<->G2 jobs on the submitting thread (TransferEngine._start_direct): so does this
-        engine_raw.cuda.start_offload, engine_raw.cuda.start_onboard = raw_start(True), raw_start(False)
+        engine_raw = raw_engine(layout, gpu, pinned)
 
     def raw_d2h():
         pinned.copy_(gpu, non_blocking=True)
@@ -533,6 +538,8 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
                     "ref: G1->G2 TE job, thread hand-off (before)": job_off(engine_thread),
                     "ref: G1->G2 TE, block-major host": job_off(engine),
                     "ref: G1->G2 layer-wise, block-major host": lw_store("block-major")})
+        if old is not None:  # the copier before this change (--old), timed beside it
+            d2h["ref: G1->G2 layer-wise, --old copier"] = lambda: old.start_store(src, slots).finish().synchronize()
         h2d.update({"G2->G1 layer-wise": lw_load("layer-major"), "G2->G1 whole request, CudaCopier": cc_on,
                     "G2->G1 whole request, TransferEngine job": job_on(engine_lm),
                     "ref: raw H2D as a TransferEngine job": job_on(engine_raw),
@@ -575,10 +582,10 @@ def transfer_part(args, desc: dict, lines: list[str], rows: list[dict]) -> None:
     for eng in (engine, engine_lm, engine_raw, engine_thread):
         if eng is not None:
             eng.close()
-    for cp in copiers.values():
+    for cp in list(copiers.values()) + [old]:
         if cp is not None:
             cp.close()
-    del raw, views, layout, hosts, copiers, engine, engine_lm, engine_raw, engine_thread, gpu, pinned
+    del raw, views, layout, hosts, copiers, old, engine, engine_lm, engine_raw, engine_thread, gpu, pinned
     if dev != "cpu":
         torch.cuda.empty_cache()
 
@@ -760,7 +767,14 @@ def main() -> int:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="small sizes (CPU smoke test of this script)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: ttft,hooks,transfer")
+    ap.add_argument("--old", type=Path, help="a previous kvbm/mechanism/layerwise.py: part C also times its store")
     args = ap.parse_args()
+    if args.old is not None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("layerwise_old", args.old)
+        args.old = sys.modules["layerwise_old"] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(args.old)
     args.block_sizes = [16, 32, 64, 128] if not args.quick else [16, 32]
     args.repeats = 15 if not args.quick else 2
     args.ttft_repeats = 7 if not args.quick else 2

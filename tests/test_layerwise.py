@@ -17,7 +17,8 @@ from kvbm.mechanism import HostTier, KVLayout
 from kvbm.mechanism.cuda_copy import Run
 from kvbm.mechanism.engine_views import load_descriptions, replay
 from kvbm.mechanism import layerwise
-from kvbm.mechanism.layerwise import LayerwiseCopier, Unit, choose_onboard_path, layer_copies, plan_units
+from kvbm.mechanism.layerwise import (LayerwiseCopier, Unit, choose_onboard_path, gather_rows, layer_copies,
+                                      plan_units)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (torch.cuda.is_available() is False); runs on the device machine")
@@ -130,6 +131,30 @@ def test_layer_copies_are_plain_for_a_layer_major_host():
     assert [c.height for c in copies] == [4, 2] and copies[0].host_pitch == 36 * 65536
 
 
+@pytest.mark.parametrize("block_major", [True, False], ids=["block_major_host", "layer_major_host"])
+@pytest.mark.parametrize("max_rows", [4, 100], ids=["several_units", "one_unit"])
+def test_gather_rows_put_each_layer_and_unit_in_staging_order(block_major, max_rows):
+    """The rows a store gathers (a load scatters) of (layer, unit): at layer * spl * n + unit.row0 * spl, in the
+    staging buffer's order, (rows, spl) or (spl, rows); each is the flat row of that segment of that block."""
+    rng = np.random.default_rng(max_rows + block_major)
+    layers, spl, stride = 5, 2, 37
+    base = rng.integers(0, 1000, (layers, spl)).astype(np.int64)
+    ids, units = layerwise._plan(rng.permutation(200)[:15].tolist(), rng.permutation(60)[:15].tolist(), max_rows)
+    assert (len(units) > 1) == (max_rows == 4)
+    n = len(ids)
+    out = np.full(layers * spl * n + 3, -1, dtype=np.int64)  # a longer buffer: only the first rows are written
+    gather_rows(base, ids, stride, units, block_major, out[:layers * spl * n])
+    for layer in range(layers):
+        for u in units:
+            start = layer * spl * n + u.row0 * spl
+            got = out[start:start + u.rows * spl].reshape((u.rows, spl) if block_major else (spl, u.rows))
+            for i in range(u.rows):
+                for j in range(spl):
+                    want = base[layer, j] + ids[u.row0 + i] * stride
+                    assert (got[i, j] if block_major else got[j, i]) == want
+    assert (out[layers * spl * n:] == -1).all()
+
+
 def test_copier_refuses_cpu_caches():
     _, views = replay(load_descriptions()["test-LBNHC"], "cpu")
     layout = KVLayout.from_layers(views, 0)
@@ -206,6 +231,43 @@ def test_layer_stores_wait_for_the_kernel_that_wrote_the_layer():
     for layer in range(cp.num_layers):
         seg = host.segment(layer)
         assert bool((seg[:8] == layer + 1).all()), f"layer {layer} was copied before the forward wrote it"
+    cp.close()
+
+
+@needs_cuda
+@pytest.mark.parametrize("name", ["test-LBNHC", "test-BLHNC"])
+def test_kept_index_buffers_serve_overlapping_and_successive_stores(name):
+    """The gather rows live in kept pinned/device buffers: two stores open at once (one step's requests) each
+    keep their own, a buffer is reused only once its gathers are queued, and whole-request stores
+    (store_all) and loads in a row reuse them; every store lands byte-exact."""
+    raw, layout = gpu_cache(name)
+    host = HostTier.for_layout(layout, 24)
+    cp = LayerwiseCopier(layout, host, staging_bytes=3 * layout.segment_bytes, num_buffers=2)
+    a_ids, b_ids = [3, 9, 14, 22, 5], [30, 31, 2, 17, 8, 11]
+    a_slots, b_slots = [0, 1, 2, 3, 4], [10, 11, 12, 13, 14, 15]
+    want_a, want_b = pages(layout, a_ids).clone(), pages(layout, b_ids).clone()
+    compute = torch.cuda.Stream()
+    with torch.cuda.stream(compute):
+        sa, sb = cp.start_store(a_ids, a_slots), cp.start_store(b_ids, b_slots)
+        assert sa.index_buf is not sb.index_buf
+        for layer in range(cp.num_layers):
+            sa.save_layer(layer)
+            sb.save_layer(layer)
+        sa.finish(), sb.finish()
+    sa.synchronize(), sb.synchronize()
+    assert sa.index_buf is None and sb.index_buf is None  # both handed back
+    raw.random_(-128, 127)
+    for ids, slots, want in ((a_ids, a_slots, want_a), (b_ids, b_slots, want_b)):
+        cp.start_load(ids, slots).synchronize()
+        assert torch.equal(pages(layout, ids), want)
+    for rep in range(3):  # successive whole-request stores of different blocks reuse one buffer
+        ids = [(7 * rep + 5 * i) % 40 for i in range(8)]
+        want = pages(layout, ids).clone()
+        cp.store_all(ids, list(range(16, 24))).synchronize()
+        raw.random_(-128, 127)
+        cp.start_load(ids, list(range(16, 24))).synchronize()
+        assert torch.equal(pages(layout, ids), want), f"round {rep}"
+    assert 1 <= len(cp._index_pool["store"]) <= 2 and len(cp._index_pool["load"]) == 1
     cp.close()
 
 

@@ -333,10 +333,7 @@ class CudaCopier:
         the handle (query / wait_blocking); None when this copier has no such split (the chunked paths)."""
         if self._layerwise is None:
             return None
-        with torch.cuda.device(self.device):
-            if ready is None:
-                ready = torch.cuda.current_stream(self.device).record_event()
-            return self._layerwise.start_store(block_ids, slots).finish(ready)
+        return self._layerwise.store_all(block_ids, slots, ready)
 
     def start_onboard(self, block_ids: Sequence[int], slots: Sequence[int], ready=None):
         """Layer-major host tier: enqueue every copy of host `slots` -> engine pages `block_ids` now and return

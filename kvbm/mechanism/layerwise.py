@@ -24,6 +24,7 @@ Operations (the pure ones are tested on CPU):
   choose_onboard_path(num_blocks, ...)          "layerwise" or "async" (the whole-request TransferEngine job)
   plan_units(block_ids, slots, max_rows)         pure: slot-sorted ids and per-layer units of staging rows
   layer_copies(unit, seg0, spl, ...)             pure: the copies moving one layer of one unit
+  gather_rows(base, ids, stride, units, ...)     pure: the flat cache rows of every (layer, unit), staging order
   LayerwiseCopier(layout, host)                  start_load -> LayerLoad, start_store -> LayerStore, close
   LayerLoad.wait_layer(i) / wait_all() / query() / synchronize() / wait_blocking()
   LayerStore.save_layer(i) / finish() / query() / synchronize() / wait_blocking()
@@ -32,6 +33,7 @@ Operations (the pure ones are tested on CPU):
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -131,6 +133,27 @@ def layer_copies(unit: Unit, seg0: int, spl: int, num_segments: int, num_slots: 
                    r.count * sb, spl) for r in unit.runs]
 
 
+def gather_rows(base: np.ndarray, ids: np.ndarray, stride: int, units: list[Unit], block_major: bool,
+                out: np.ndarray) -> np.ndarray:
+    """Flat cache rows of every (layer, unit) in staging order, written into `out` (L * spl * n int64):
+    `base` (L, spl) is the row of block 0 of each (layer, segment), a block is `stride` rows further. Layer
+    l's rows start at l * spl * n, unit u's within it at u.row0 * spl, as (rows, spl) for a block-major host
+    tier and (spl, rows) for a layer-major one (the staging buffer's order)."""
+    L, spl = base.shape
+    n = len(ids)
+    scaled = ids * stride
+    if block_major:
+        np.add(base[:, None, :], scaled[None, :, None], out=out.reshape(L, n, spl))
+    elif len(units) <= 1:
+        np.add(base[:, :, None], scaled[None, None, :], out=out.reshape(L, spl, n))
+    else:
+        flat = out.reshape(L, spl * n)
+        for u in units:
+            part = base[:, :, None] + scaled[None, None, u.row0:u.row0 + u.rows]
+            flat[:, u.row0 * spl:(u.row0 + u.rows) * spl] = part.reshape(L, -1)
+    return out
+
+
 # ---- CUDA ---------------------------------------------------------------------------------------------------
 
 class _Ring:
@@ -148,6 +171,19 @@ class _Ring:
         return k
 
 
+class _IndexBuf:
+    """A pinned host int64 buffer and a device one of the same capacity, kept for the copier's life: a step's
+    gather/scatter rows are written by numpy straight into the pinned one and uploaded by one driver copy (no
+    per-call tensor, pin_memory allocation or torch copy before the first D2H of a store)."""
+
+    def __init__(self, device: torch.device, capacity: int):
+        self.capacity = capacity
+        self.host = torch.empty(capacity, dtype=torch.int64, pin_memory=True)
+        self.np = self.host.numpy()
+        self.dev = torch.empty(capacity, dtype=torch.int64, device=device)
+        self.uploaded: torch.cuda.Event | None = None  # the host buffer may be rewritten after this
+
+
 class LayerwiseCopier:
     """Per-layer loads and stores between a CUDA engine cache and the pinned host tier. Lives in each worker
     process; every call comes from the thread that runs the forward (vLLM's layer hooks).
@@ -155,7 +191,8 @@ class LayerwiseCopier:
     Host time matters: a load's or store's copy engine idles until its first copy is queued, and each torch
     call (a view, a slice, a copy) costs tens of microseconds on the device machines. So the copies go
     through the CUDA driver with plain pointers, staging views are made once per (buffer, rows), and the
-    gather/scatter rows of every (layer, unit) are computed on the host in one array, uploaded once, and
+    gather/scatter rows of every (layer, unit) are computed on the host into a kept pinned buffer (_IndexBuf),
+    uploaded in one driver copy into a kept device buffer, and
     sliced once per unit."""
 
     def __init__(self, layout, host, staging_bytes: int = 64 << 20, num_buffers: int = 3):
@@ -197,6 +234,10 @@ class LayerwiseCopier:
         self.store_kernel = torch.cuda.Stream(self.device)
         self.d2h = torch.cuda.Stream(self.device)
         self._rings: dict[str, _Ring] = {}
+        # index buffers free for reuse, per stream: a buffer returns here once every kernel reading its device
+        # half is queued on that stream, so a later upload on the same stream runs after them
+        self._index_pool: dict[str, list[_IndexBuf]] = {"load": [], "store": []}
+        self._index_lock = threading.Lock()
 
     def _probe_copies(self) -> list[Copy2D]:
         unit = Unit(0, 2, (Run(0, 0, 2),))
@@ -238,21 +279,43 @@ class LayerwiseCopier:
                 h, g = self._host_bytes[ho:ho + n], g_all[so:so + n]
                 (h.copy_(g, non_blocking=True) if to_host else g.copy_(h, non_blocking=True))
 
-    def _upload_rows(self, ids: np.ndarray, units: list[Unit], stream: torch.cuda.Stream) -> torch.Tensor:
+    def _take_index(self, kind: str, size: int) -> _IndexBuf:
+        with self._index_lock:
+            pool = self._index_pool[kind]
+            for i, buf in enumerate(pool):
+                if buf.capacity >= size:
+                    return pool.pop(i)
+        return _IndexBuf(self.device, 1 << max(12, (size - 1).bit_length()))
+
+    def _release_index(self, kind: str, buf: "_IndexBuf | None") -> None:
+        """Every kernel reading `buf` is queued on `kind`'s stream: later uploads on it may overwrite it."""
+        if buf is None:
+            return
+        with self._index_lock:
+            pool = self._index_pool[kind]
+            pool.append(buf)
+            if len(pool) > 4:  # keep the largest few
+                pool.sort(key=lambda b: b.capacity)
+                del pool[0]
+
+    def _upload_rows(self, ids: np.ndarray, units: list[Unit], stream: torch.cuda.Stream,
+                     kind: str = "store") -> tuple[torch.Tensor, _IndexBuf]:
         """Flat rows of every (layer, unit) in staging order, one run after the other: (layer, unit) starts at
-        layer * spl * n + unit.row0 * spl (see _rows). Computed here, uploaded in one copy on `stream`."""
-        base = self._base
-        stride = self.flat.block_stride
-        if self.block_major:  # staging (rows, spl): per unit, blocks outer
-            rows = base[:, None, :] + ids[None, :, None] * stride                     # (L, n, spl)
-        else:  # staging (spl, rows): per unit, segments outer
-            rows = base[:, :, None] + ids[None, None, :] * stride                     # (L, spl, n)
-            if len(units) > 1:
-                rows = np.concatenate([rows[:, :, u.row0:u.row0 + u.rows].reshape(self.num_layers, -1)
-                                       for u in units], axis=1)
-        with torch.cuda.stream(stream):
-            return torch.from_numpy(np.ascontiguousarray(rows).reshape(-1)).pin_memory().to(
-                self.device, non_blocking=True)
+        layer * spl * n + unit.row0 * spl (see _rows). Computed on the host into a kept pinned buffer and
+        uploaded in one driver copy on `stream`; returns (the rows on the device, their buffer: hand it back
+        with _release_index once every kernel reading it is queued on `stream`)."""
+        size = self.num_layers * self.spl * len(ids)
+        buf = self._take_index(kind, size)
+        if buf.uploaded is not None:
+            buf.uploaded.synchronize()  # its last upload has long run: this returns at once
+        gather_rows(self._base, ids, self.flat.block_stride, units, self.block_major, buf.np[:size])
+        if self._driver is not None:
+            self._driver.copy(buf.host.data_ptr(), buf.dev.data_ptr(), size * 8, False, stream.cuda_stream)
+        else:
+            with torch.cuda.stream(stream):
+                buf.dev[:size].copy_(buf.host[:size], non_blocking=True)
+        buf.uploaded = stream.record_event()
+        return buf.dev[:size], buf
 
     def _rows(self, rows: torch.Tensor, n: int, layer: int, unit: Unit) -> torch.Tensor:
         start = (layer * n + unit.row0) * self.spl
@@ -307,7 +370,7 @@ class LayerwiseCopier:
         nap_layer, nap = self._nap_layer(n), None
         ring = self._ring("load")
         copies, shift = self._unit_copies(units), self._layer_shift
-        ids = rows = None
+        ids = rows = buf = None
         with torch.cuda.device(self.device), torch.cuda.stream(self.load_kernel):
             self.load_kernel.wait_event(ready)
             for layer in range(self.num_layers):
@@ -321,7 +384,7 @@ class LayerwiseCopier:
                     loaded = self.h2d.record_event()
                     if ids is None and rows is None:  # behind the first copy: it need not wait for these
                         if self.flat is not None:
-                            rows = self._upload_rows(ids_sorted, units, self.load_kernel)
+                            rows, buf = self._upload_rows(ids_sorted, units, self.load_kernel, "load")
                         else:
                             ids = self._ids(ids_sorted, self.load_kernel)
                     self.load_kernel.wait_event(loaded)
@@ -334,6 +397,7 @@ class LayerwiseCopier:
                 if layer == nap_layer:
                     nap = torch.cuda.Event(blocking=True)
                     nap.record(self.load_kernel)
+        self._release_index("load", buf)  # every scatter reading it is queued on load_kernel
         return LayerLoad(self, events, nap)
 
     # ---- stores -------------------------------------------------------------------------------------------
@@ -341,16 +405,46 @@ class LayerwiseCopier:
     def start_store(self, block_ids: Sequence[int], slots: Sequence[int]) -> "LayerStore":
         """Plan a step's stores (engine `block_ids` -> host `slots`); layers move as the forward saves them.
         The gather rows are uploaded now, off the path of the first layer's save."""
+        store = self._new_store(block_ids, slots)
+        if store.units:
+            with torch.cuda.device(self.device):
+                self._upload_store(store)
+        return store
+
+    def store_all(self, block_ids: Sequence[int], slots: Sequence[int], written=None) -> "LayerStore":
+        """A whole-request store: every layer's gathers and copies queued now, behind `written` (default: an
+        event on the current stream), device and stream entered once (start_store + finish in one: each
+        torch context entry is host time before the first D2H)."""
+        store = self._new_store(block_ids, slots)
+        if not store.units:
+            return store
+        if written is None:
+            written = torch.cuda.current_stream(self.device).record_event()
+        store.saved = [True] * self.num_layers
+        ring = self._ring("store")
+        n, shift = len(store.ids_sorted), self._layer_shift
+        with torch.cuda.device(self.device), torch.cuda.stream(self.store_kernel):
+            self._upload_store(store)
+            self.store_kernel.wait_event(written)
+            for layer in range(self.num_layers):
+                self._gather_and_copy(store, ring, n, shift, layer)
+            self._release_index("store", store.index_buf)
+            store.index_buf = None
+        return store
+
+    def _new_store(self, block_ids: Sequence[int], slots: Sequence[int]) -> "LayerStore":
         ids_sorted, units = _plan(block_ids, slots, self.max_rows)
         store = LayerStore(self, ids_sorted, units, self._nap_layer(len(ids_sorted)))
         if units:
             store.copies = self._unit_copies(units)
-            with torch.cuda.device(self.device):
-                if self.flat is not None:
-                    store.index = self._upload_rows(ids_sorted, units, self.store_kernel)
-                else:
-                    store.ids = self._ids(ids_sorted, self.store_kernel)
         return store
+
+    def _upload_store(self, store: "LayerStore") -> None:
+        """The store's gather rows (or ids) onto the device, on store_kernel (the device entered)."""
+        if self.flat is not None:
+            store.index, store.index_buf = self._upload_rows(store.ids_sorted, store.units, self.store_kernel)
+        else:
+            store.ids = self._ids(store.ids_sorted, self.store_kernel)
 
     def _save_layers(self, store: "LayerStore", layers: Sequence[int], written=None) -> None:
         """Queue the gathers and D2H copies of `layers` behind `written` (device and stream entered once: each
@@ -363,6 +457,9 @@ class LayerwiseCopier:
             self.store_kernel.wait_event(written)
             for layer in layers:
                 self._gather_and_copy(store, ring, n, shift, layer)
+            if store.index_buf is not None and all(store.saved):  # every gather reading it is queued
+                self._release_index("store", store.index_buf)
+                store.index_buf = None
 
     def _gather_and_copy(self, store: "LayerStore", ring: _Ring, n: int, shift: int, layer: int) -> None:
         for unit, unit_copies in zip(store.units, store.copies):
@@ -429,6 +526,7 @@ class LayerStore:
         self.ids_sorted, self.units = ids_sorted, units
         self.ids: torch.Tensor | None = None
         self.index: torch.Tensor | None = None
+        self.index_buf: _IndexBuf | None = None  # the kept buffer holding `index`, until every gather is queued
         self.saved = [False] * copier.num_layers
         self.last: torch.cuda.Event | None = None
         self.copies: list[list[Copy2D]] = []  # each unit's copies for layer 0
