@@ -153,13 +153,15 @@ class Target:
         async with async_client(concurrency, self.timeout_s) as client:
             with progress("requests", not self.show_progress) as bar:
                 task = bar.add_task(f"{self.workload} {self.run}", total=total, note="")
+                errors = 0  # counted as they come: a long run must not rescan its records per request
 
                 async def send_one(spec: RequestSpec, url: Optional[str] = None, **options: Any) -> Sent:
+                    nonlocal errors
                     sent = await send(client, url or self.url.split(",")[0], self.model, spec, run=self.run,
                                       workload=self.workload, **options)
                     self.records.append(sent.record)
                     append_request(self.artifact_dir / REQUESTS_FILE, sent.record)
-                    errors = sum(r.error is not None for r in self.records)
+                    errors += sent.record.error is not None
                     ttft = sent.record.ttft_s
                     bar.update(task, advance=1, note=(f"last TTFT {ttft * 1000:.0f} ms" if ttft is not None else "")
                                + (f"  errors {errors}" if errors else ""))
