@@ -50,6 +50,9 @@ def _wrap(cls, name):
             dt, dc = time.perf_counter_ns() - t0, time.thread_time_ns() - c0
             s = STATS.setdefault(key, [0, 0, 0])
             s[0] += 1; s[1] += dt; s[2] += dc
+            if name in ("step", "execute_model"):  # wall-time histogram, 250 us buckets (last: >= 25 ms)
+                h = STATS.setdefault(key + ".hist", [0] * 101)
+                h[min(100, dt // 250_000)] += 1
             if name in ("step", "execute_model", "build_connector_meta", "get_finished"):
                 _dump()
     wrapper._prof = True
@@ -89,3 +92,21 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 if DIR:
     sys.meta_path.insert(0, _Finder())
+    import gc
+
+    _GC_T0 = {}
+
+    def _gc_timer(phase, info):
+        """Garbage-collector pauses per generation ("gc.gen<N>": calls, wall ns, longest pause ns in the CPU slot)."""
+        if phase == "start":
+            _GC_T0[info["generation"]] = time.perf_counter_ns()
+            return
+        t0 = _GC_T0.pop(info["generation"], None)
+        if t0 is not None:
+            dt = time.perf_counter_ns() - t0
+            s = STATS.setdefault(f"gc.gen{info['generation']}", [0, 0, 0])
+            s[0] += 1
+            s[1] += dt
+            s[2] = max(s[2], dt)
+
+    gc.callbacks.append(_gc_timer)

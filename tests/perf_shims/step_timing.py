@@ -17,7 +17,10 @@ def deltas(prof_dir: str, t0: float, t1: float) -> dict[str, dict[str, tuple[int
             continue
         a, b = before[-1]["stats"], after[-1]["stats"]
         rows = {}
-        for name, (n, wall, cpu) in b.items():
+        for name, counts in b.items():
+            if len(counts) != 3:  # a wall-time histogram (".hist"), read with histograms()
+                continue
+            n, wall, cpu = counts
             n0, wall0, cpu0 = a.get(name, (0, 0, 0))
             if n > n0:
                 rows[name] = (n - n0, (wall - wall0) / (n - n0) / 1e3, (cpu - cpu0) / (n - n0) / 1e3)
