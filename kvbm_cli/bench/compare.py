@@ -45,6 +45,7 @@ import json
 import math
 import re
 import statistics
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -57,9 +58,10 @@ from kvbm_cli._output import emit_json, err, markdown, out
 from kvbm_cli import prom
 from kvbm_cli._data import data_dir
 from kvbm_cli._errors import CliError
-from kvbm_cli.bench.hit_rate import HitRateConfig, run_hit_rate
-from kvbm_cli.bench.multi_round import MultiRoundConfig, explain_reuse, reuse_accounting, run_multi_round
-from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
+from kvbm_cli.bench.common import WorkloadConfig, run_workload
+from kvbm_cli.bench.hit_rate import HitRateConfig
+from kvbm_cli.bench.multi_round import MultiRoundConfig, explain_reuse, reuse_accounting
+from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig
 from kvbm_cli.collect import background
 from kvbm_cli.engine import free_port as _free_port
 from kvbm_cli.engine import Engine, EngineSpec, Launch, build_launch, sigterm_as_exception, start_and_wait
@@ -67,11 +69,11 @@ from kvbm.mechanism.remote import local_server as local_redis
 from kvbm_cli.results import read_run
 
 SCENARIO_DIR = data_dir("scenarios")
-DEFAULT_SCENARIO = "prefix-reuse-cpu.yaml"
 _VLLM_COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:external_prefix_cache_queries",
                   "vllm:external_prefix_cache_hits", "vllm:prompt_tokens", "vllm:generation_tokens",
                   "vllm:num_preemptions")
-_VLLM_MEANS = ("vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds")
+_TTFT = "vllm:time_to_first_token_seconds"
+_VLLM_HISTOGRAMS = (_TTFT, "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds")
 
 
 class Scenario(BaseModel):
@@ -98,10 +100,10 @@ def _problem(exc: ValidationError, where: str) -> str:
     return f"{key}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
 
 
-def _workload_config(wl: dict[str, Any]) -> PrefixReuseConfig | MultiRoundConfig:
+def _workload_config(wl: dict[str, Any]) -> WorkloadConfig:
     wl = dict(wl)
     kind = wl.pop("type", None)
-    cls = {"prefix-reuse": PrefixReuseConfig, "multi-round": MultiRoundConfig, "hit-rate": HitRateConfig}.get(kind)
+    cls = {c.name: c for c in (PrefixReuseConfig, MultiRoundConfig, HitRateConfig)}.get(kind)
     if cls is None:
         raise CliError(f"workload.type: must be prefix-reuse, multi-round or hit-rate, not {kind!r}")
     try:
@@ -164,7 +166,7 @@ def load_scenario(path: Path) -> Scenario:
     return scenario
 
 
-def sweep_points(scenario: Scenario) -> list[tuple[Optional[str], PrefixReuseConfig | MultiRoundConfig]]:
+def sweep_points(scenario: Scenario) -> list[tuple[Optional[str], WorkloadConfig]]:
     """[(label, workload config)]: one per value of the scenario's sweep ("concurrency-8"), or [(None, config)]."""
     if not scenario.sweep:
         return [(None, _workload_config(scenario.workload))]
@@ -184,42 +186,34 @@ def sweep_points(scenario: Scenario) -> list[tuple[Optional[str], PrefixReuseCon
 
 def default_scenario() -> Path:
     """The shipped scenarios/prefix-reuse-cpu.yaml."""
-    return SCENARIO_DIR / DEFAULT_SCENARIO
+    return SCENARIO_DIR / "prefix-reuse-cpu.yaml"
 
 
 # --- vLLM's /metrics ---------------------------------------------------------------------------------------
 
 def metrics_delta(before: dict, after: dict) -> dict[str, Any]:
     """What the run added to vLLM's counters, and its TTFT histogram (sum, count, bucket-estimated quantiles)."""
-    d: dict[str, Any] = {}
-    for name in _VLLM_COUNTERS:
-        d[name] = prom.total(after, name + "_total") - prom.total(before, name + "_total")
-    for source in ("device", "host", "disk", "external_unspecified"):
-        key = "vllm:prompt_tokens_cached_by_source_total"
-        d[f"vllm:prompt_tokens_cached_by_source{{{source}}}"] = (prom.total(after, key, source=source)
-                                                               - prom.total(before, key, source=source))
-    kvbm = {}
+    def added(name: str, **match: str) -> float:
+        return prom.total(after, name, **match) - prom.total(before, name, **match)
+
+    d: dict[str, Any] = {name: added(name + "_total") for name in _VLLM_COUNTERS}
+    d |= {f"vllm:prompt_tokens_cached_by_source{{{s}}}": added("vllm:prompt_tokens_cached_by_source_total", source=s)
+          for s in ("device", "host", "disk", "external_unspecified")}
+    d["kvbm"] = kvbm = {}
     for name, values in after.items():
         if name.startswith("vllm:kvbm_") and name.endswith("_total"):
             for labels, v in values:
                 tag = ",".join(f"{k}={w}" for k, w in sorted(labels.items()) if k not in ("engine", "model_name"))
                 prev = sum(bv for bl, bv in before.get(name, []) if bl == labels)
                 kvbm[f"{name}{{{tag}}}"] = v - prev
-    d["kvbm"] = kvbm
-    hb, ha = prom.histogram(before, "vllm:time_to_first_token_seconds"), prom.histogram(after, "vllm:time_to_first_token_seconds")
-    before_b = dict(hb["buckets"])
-    buckets = [(le, c - before_b.get(le, 0.0)) for le, c in ha["buckets"]]
-    count = ha["count"] - hb["count"]
-    d["vllm:time_to_first_token_seconds"] = {
-        "sum": ha["sum"] - hb["sum"], "count": count,
-        "mean": (ha["sum"] - hb["sum"]) / count if count else None,
-        "p50": prom.histogram_quantile(0.5, buckets), "p90": prom.histogram_quantile(0.9, buckets),
-        "p99": prom.histogram_quantile(0.99, buckets),
-        "buckets": [[le if not math.isinf(le) else "+Inf", c] for le, c in buckets]}
-    for name in _VLLM_MEANS:
+    for name in _VLLM_HISTOGRAMS:
         b, a = prom.histogram(before, name), prom.histogram(after, name)
         n = a["count"] - b["count"]
         d[name] = {"sum": a["sum"] - b["sum"], "count": n, "mean": (a["sum"] - b["sum"]) / n if n else None}
+    before_buckets = dict(prom.histogram(before, _TTFT)["buckets"])
+    buckets = [(le, c - before_buckets.get(le, 0.0)) for le, c in prom.histogram(after, _TTFT)["buckets"]]
+    d[_TTFT] |= {f"p{round(q * 100)}": prom.histogram_quantile(q, buckets) for q in (0.5, 0.9, 0.99)}
+    d[_TTFT]["buckets"] = [[le if not math.isinf(le) else "+Inf", c] for le, c in buckets]
     return d
 
 
@@ -429,30 +423,25 @@ def comparison_text(comp: dict[str, Any]) -> str:
 
 def _scrape(launches: list[Launch]) -> prom.Metrics:
     """vLLM's /metrics of every engine of a configuration, samples with the same labels summed."""
-    summed: dict[str, dict[tuple, float]] = {}
+    summed: dict[str, Counter] = defaultdict(Counter)
     for launch in launches:
         for name, samples in prom.scrape(launch.url).items():
             for labels, v in samples:
-                key = tuple(sorted(labels.items()))
-                summed.setdefault(name, {})[key] = summed.get(name, {}).get(key, 0.0) + v
+                summed[name][tuple(sorted(labels.items()))] += v
     return {name: [(dict(k), v) for k, v in samples.items()] for name, samples in summed.items()}
 
 
-def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, launches: list[Launch],
+def _run_point(scenario: Scenario, wl: WorkloadConfig, launches: list[Launch],
                sources: list[str], run_dir: Path, name: str, show_progress: bool) -> dict[str, Any]:
     """One workload run on running engines (a round-robin client over several): results in run_dir;
     {"summary", "vllm_metrics"}."""
     launch = launches[0]
     before = _scrape(launches)
     engine = launch.engine_info() | ({"instances": [x.url for x in launches]} if len(launches) > 1 else {})
-    common_kw = dict(url=",".join(x.url for x in launches), model=None, tokenizer=None, artifact_dir=run_dir,
-                     run=name, engine=engine, show_progress=show_progress)
-    run = run_prefix_reuse if isinstance(wl, PrefixReuseConfig) else run_multi_round
     with background(sources, run_dir / "metrics.csv"):  # vLLM's and KVBM's series, for kvbm report
-        if isinstance(wl, HitRateConfig):
-            summary = run_hit_rate(wl, driver=scenario.driver.value, **common_kw)
-        else:
-            summary = run(wl, driver=scenario.driver.value, **common_kw)
+        summary = run_workload(wl, url=",".join(x.url for x in launches), model=None, tokenizer=None,
+                               artifact_dir=run_dir, run=name, engine=engine, show_progress=show_progress,
+                               driver=scenario.driver.value)
     delta = metrics_delta(before, _scrape(launches))
     if isinstance(wl, MultiRoundConfig):  # which queried tokens could have been in a cache at all
         block = int(launch.spec.block_size or 128)

@@ -11,7 +11,7 @@ requests/s against the baseline at each hit rate. Hit requests carry the primed 
 Operations:
   HitRateConfig              the options (field names = flag names)
   make_requests(cfg, tok)    prime + flush (warm-up) and measured requests; same seed, same prompts
-  run_hit_rate, hit_rate     run them into requests.jsonl + summary.json; the command
+  hit_rate                   the command (common.run_workload runs it into requests.jsonl + summary.json)
 """
 
 from __future__ import annotations
@@ -88,5 +88,4 @@ def make_requests(cfg: HitRateConfig, tok: PromptTokenizer) -> list[RequestSpec]
     return specs
 
 
-run_hit_rate = common.run_workload
 hit_rate = common.workload_command(HitRateConfig)

@@ -8,7 +8,7 @@ and a finished user is replaced until `--time` is up (without it: no replacement
 rounds at QPS 2 runs first, as in long_input_short_output_run.sh (left out of the statistics).
 
 Operations:
-  MultiRoundConfig, run_multi_round, multi_round   the options (LMBenchmark's flags), the run, the command
+  MultiRoundConfig, multi_round   the options (LMBenchmark's flags; `drive` runs it), the command
   reuse_accounting(records, ...), explain_reuse    which prompt tokens could have come from a cache, which did
 """
 
@@ -101,7 +101,6 @@ class MultiRoundConfig(common.WorkloadConfig):
             await asyncio.gather(*users)
 
 
-run_multi_round = common.run_workload
 multi_round = common.workload_command(MultiRoundConfig)
 
 

@@ -8,7 +8,7 @@ head belongs to the prefix, its tail to the suffix). Prefixes are picked at rand
 Operations:
   PrefixReuseConfig, make_requests(cfg, tok)   the options (field names = flag names), the requests (warm-up
                                                first; same seed, same prompts)
-  run_prefix_reuse, prefix_reuse               run it with the chosen driver into the result files; the command
+  prefix_reuse                                 the command (common.run_workload runs it with the chosen driver)
 """
 
 from __future__ import annotations
@@ -90,5 +90,4 @@ def make_requests(cfg: PrefixReuseConfig, tok: PromptTokenizer) -> list[RequestS
     return specs
 
 
-run_prefix_reuse = common.run_workload
 prefix_reuse = common.workload_command(PrefixReuseConfig)
