@@ -88,7 +88,7 @@ class Scenario(BaseModel):
     configs: list[dict[str, Any]]
     driver: Driver = Driver.native
     health_timeout: float = Field(600.0, alias="health-timeout")
-    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict, max_length=1)
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     instances: int = Field(1, ge=1, le=8)
     repeat: int = Field(1, ge=1)
 
@@ -170,7 +170,9 @@ def sweep_points(scenario: Scenario) -> list[tuple[Optional[str], WorkloadConfig
     """[(label, workload config)]: one per value of the scenario's sweep ("concurrency-8"), or [(None, config)]."""
     if not scenario.sweep:
         return [(None, _workload_config(scenario.workload))]
-    (key, values), = scenario.sweep.items()  # one key, one value or more (the model's bounds)
+    if len(scenario.sweep) != 1:
+        raise CliError(f"scenario {scenario.name}: sweep takes one workload key, not {len(scenario.sweep)}")
+    (key, values), = scenario.sweep.items()  # one value or more: the model's bound
     labels = [f"{key}-{v}" for v in values]
     if len(set(labels)) != len(labels):
         raise CliError(f"scenario {scenario.name}: sweep {key} values must be unique")
