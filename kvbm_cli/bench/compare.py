@@ -73,6 +73,9 @@ _VLLM_COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:e
                   "vllm:external_prefix_cache_hits", "vllm:prompt_tokens", "vllm:generation_tokens",
                   "vllm:num_preemptions")
 _TTFT = "vllm:time_to_first_token_seconds"
+_CACHE_COUNTERS = {"g1_hit_tokens": "vllm:prefix_cache_hits", "g1_query_tokens": "vllm:prefix_cache_queries",
+                   "kvbm_hit_tokens": "vllm:external_prefix_cache_hits",
+                   "kvbm_query_tokens": "vllm:external_prefix_cache_queries"}  # the cache table's columns
 _VLLM_HISTOGRAMS = (_TTFT, "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds")
 
 
@@ -248,16 +251,10 @@ def build_comparison(scenario: Scenario, results: dict[str, dict[str, Any]]) -> 
         gains = {n: None if not values[base] or not values[n] else
                  (values[base] / values[n] if better == "lower" else values[n] / values[base]) for n in names[1:]}
         rows.append({"metric": label, "better": better, "values": values, "gain_vs_" + base: gains})
-    extra = []
-    for n in names:
-        m = results[n]["vllm_metrics"]
-        q, h = m.get("vllm:prefix_cache_queries") or 0, m.get("vllm:prefix_cache_hits") or 0
-        eq, eh = m.get("vllm:external_prefix_cache_queries") or 0, m.get("vllm:external_prefix_cache_hits") or 0
-        extra.append({"config": n, "errors": results[n]["summary"].num_errors,
-                      "requests": results[n]["summary"].num_requests,
-                      "g1_hit_tokens": h, "g1_query_tokens": q, "kvbm_hit_tokens": eh, "kvbm_query_tokens": eq,
-                      "vllm_ttft": m.get("vllm:time_to_first_token_seconds"), "reuse": m.get("reuse")})
-    return {"scenario": scenario.name, "baseline": base, "configs": names, "rows": rows, "cache": extra}
+    cache = [{"config": n, "errors": results[n]["summary"].num_errors, "requests": results[n]["summary"].num_requests,
+              **{key: m.get(counter) or 0 for key, counter in _CACHE_COUNTERS.items()},
+              "vllm_ttft": m.get(_TTFT), "reuse": m.get("reuse")} for n in names for m in [results[n]["vllm_metrics"]]]
+    return {"scenario": scenario.name, "baseline": base, "configs": names, "rows": rows, "cache": cache}
 
 
 def _fmt(v: Optional[float]) -> str:
