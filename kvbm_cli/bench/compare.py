@@ -45,6 +45,7 @@ import json
 import math
 import re
 import statistics
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -57,21 +58,24 @@ from kvbm_cli._output import emit_json, err, markdown, out
 from kvbm_cli import prom
 from kvbm_cli._data import data_dir
 from kvbm_cli._errors import CliError
-from kvbm_cli.bench.hit_rate import HitRateConfig, run_hit_rate
-from kvbm_cli.bench.multi_round import MultiRoundConfig, explain_reuse, reuse_accounting, run_multi_round
-from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig, run_prefix_reuse
+from kvbm_cli.bench.common import WorkloadConfig, run_workload
+from kvbm_cli.bench.hit_rate import HitRateConfig
+from kvbm_cli.bench.multi_round import MultiRoundConfig, explain_reuse, reuse_accounting
+from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig
 from kvbm_cli.collect import background
-from kvbm_cli.engine import free_port as _free_port
-from kvbm_cli.engine import Engine, EngineSpec, Launch, build_launch, sigterm_as_exception, start_and_wait
+from kvbm_cli.engine import Engine, EngineSpec, Launch, build_launch, free_port, sigterm_as_exception, start_and_wait
 from kvbm.mechanism.remote import local_server as local_redis
 from kvbm_cli.results import read_run
 
 SCENARIO_DIR = data_dir("scenarios")
-DEFAULT_SCENARIO = "prefix-reuse-cpu.yaml"
 _VLLM_COUNTERS = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:external_prefix_cache_queries",
                   "vllm:external_prefix_cache_hits", "vllm:prompt_tokens", "vllm:generation_tokens",
                   "vllm:num_preemptions")
-_VLLM_MEANS = ("vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds")
+_TTFT = "vllm:time_to_first_token_seconds"
+_CACHE_COUNTERS = {"g1_hit_tokens": "vllm:prefix_cache_hits", "g1_query_tokens": "vllm:prefix_cache_queries",
+                   "kvbm_hit_tokens": "vllm:external_prefix_cache_hits",
+                   "kvbm_query_tokens": "vllm:external_prefix_cache_queries"}  # the cache table's columns
+_VLLM_HISTOGRAMS = (_TTFT, "vllm:inter_token_latency_seconds", "vllm:e2e_request_latency_seconds")
 
 
 class Scenario(BaseModel):
@@ -86,7 +90,7 @@ class Scenario(BaseModel):
     configs: list[dict[str, Any]]
     driver: Driver = Driver.native
     health_timeout: float = Field(600.0, alias="health-timeout")
-    sweep: dict[str, list[Any]] = Field(default_factory=dict)
+    sweep: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(default_factory=dict)
     instances: int = Field(1, ge=1, le=8)
     repeat: int = Field(1, ge=1)
 
@@ -98,10 +102,10 @@ def _problem(exc: ValidationError, where: str) -> str:
     return f"{key}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
 
 
-def _workload_config(wl: dict[str, Any]) -> PrefixReuseConfig | MultiRoundConfig:
+def _workload_config(wl: dict[str, Any]) -> WorkloadConfig:
     wl = dict(wl)
     kind = wl.pop("type", None)
-    cls = {"prefix-reuse": PrefixReuseConfig, "multi-round": MultiRoundConfig, "hit-rate": HitRateConfig}.get(kind)
+    cls = {c.name: c for c in (PrefixReuseConfig, MultiRoundConfig, HitRateConfig)}.get(kind)
     if cls is None:
         raise CliError(f"workload.type: must be prefix-reuse, multi-round or hit-rate, not {kind!r}")
     try:
@@ -164,15 +168,13 @@ def load_scenario(path: Path) -> Scenario:
     return scenario
 
 
-def sweep_points(scenario: Scenario) -> list[tuple[Optional[str], PrefixReuseConfig | MultiRoundConfig]]:
+def sweep_points(scenario: Scenario) -> list[tuple[Optional[str], WorkloadConfig]]:
     """[(label, workload config)]: one per value of the scenario's sweep ("concurrency-8"), or [(None, config)]."""
     if not scenario.sweep:
         return [(None, _workload_config(scenario.workload))]
     if len(scenario.sweep) != 1:
         raise CliError(f"scenario {scenario.name}: sweep takes one workload key, not {len(scenario.sweep)}")
-    (key, values), = scenario.sweep.items()
-    if not values:
-        raise CliError(f"scenario {scenario.name}: sweep {key} needs at least one value")
+    (key, values), = scenario.sweep.items()  # one value or more: the model's bound
     labels = [f"{key}-{v}" for v in values]
     if len(set(labels)) != len(labels):
         raise CliError(f"scenario {scenario.name}: sweep {key} values must be unique")
@@ -184,42 +186,34 @@ def sweep_points(scenario: Scenario) -> list[tuple[Optional[str], PrefixReuseCon
 
 def default_scenario() -> Path:
     """The shipped scenarios/prefix-reuse-cpu.yaml."""
-    return SCENARIO_DIR / DEFAULT_SCENARIO
+    return SCENARIO_DIR / "prefix-reuse-cpu.yaml"
 
 
 # --- vLLM's /metrics ---------------------------------------------------------------------------------------
 
 def metrics_delta(before: dict, after: dict) -> dict[str, Any]:
     """What the run added to vLLM's counters, and its TTFT histogram (sum, count, bucket-estimated quantiles)."""
-    d: dict[str, Any] = {}
-    for name in _VLLM_COUNTERS:
-        d[name] = prom.total(after, name + "_total") - prom.total(before, name + "_total")
-    for source in ("device", "host", "disk", "external_unspecified"):
-        key = "vllm:prompt_tokens_cached_by_source_total"
-        d[f"vllm:prompt_tokens_cached_by_source{{{source}}}"] = (prom.total(after, key, source=source)
-                                                               - prom.total(before, key, source=source))
-    kvbm = {}
+    def added(name: str, **match: str) -> float:
+        return prom.total(after, name, **match) - prom.total(before, name, **match)
+
+    d: dict[str, Any] = {name: added(name + "_total") for name in _VLLM_COUNTERS}
+    d |= {f"vllm:prompt_tokens_cached_by_source{{{s}}}": added("vllm:prompt_tokens_cached_by_source_total", source=s)
+          for s in ("device", "host", "disk", "external_unspecified")}
+    d["kvbm"] = kvbm = {}
     for name, values in after.items():
         if name.startswith("vllm:kvbm_") and name.endswith("_total"):
             for labels, v in values:
                 tag = ",".join(f"{k}={w}" for k, w in sorted(labels.items()) if k not in ("engine", "model_name"))
                 prev = sum(bv for bl, bv in before.get(name, []) if bl == labels)
                 kvbm[f"{name}{{{tag}}}"] = v - prev
-    d["kvbm"] = kvbm
-    hb, ha = prom.histogram(before, "vllm:time_to_first_token_seconds"), prom.histogram(after, "vllm:time_to_first_token_seconds")
-    before_b = dict(hb["buckets"])
-    buckets = [(le, c - before_b.get(le, 0.0)) for le, c in ha["buckets"]]
-    count = ha["count"] - hb["count"]
-    d["vllm:time_to_first_token_seconds"] = {
-        "sum": ha["sum"] - hb["sum"], "count": count,
-        "mean": (ha["sum"] - hb["sum"]) / count if count else None,
-        "p50": prom.histogram_quantile(0.5, buckets), "p90": prom.histogram_quantile(0.9, buckets),
-        "p99": prom.histogram_quantile(0.99, buckets),
-        "buckets": [[le if not math.isinf(le) else "+Inf", c] for le, c in buckets]}
-    for name in _VLLM_MEANS:
+    for name in _VLLM_HISTOGRAMS:
         b, a = prom.histogram(before, name), prom.histogram(after, name)
         n = a["count"] - b["count"]
         d[name] = {"sum": a["sum"] - b["sum"], "count": n, "mean": (a["sum"] - b["sum"]) / n if n else None}
+    before_buckets = dict(prom.histogram(before, _TTFT)["buckets"])
+    buckets = [(le, c - before_buckets.get(le, 0.0)) for le, c in prom.histogram(after, _TTFT)["buckets"]]
+    d[_TTFT] |= {f"p{round(q * 100)}": prom.histogram_quantile(q, buckets) for q in (0.5, 0.9, 0.99)}
+    d[_TTFT]["buckets"] = [[le if not math.isinf(le) else "+Inf", c] for le, c in buckets]
     return d
 
 
@@ -256,16 +250,10 @@ def build_comparison(scenario: Scenario, results: dict[str, dict[str, Any]]) -> 
         gains = {n: None if not values[base] or not values[n] else
                  (values[base] / values[n] if better == "lower" else values[n] / values[base]) for n in names[1:]}
         rows.append({"metric": label, "better": better, "values": values, "gain_vs_" + base: gains})
-    extra = []
-    for n in names:
-        m = results[n]["vllm_metrics"]
-        q, h = m.get("vllm:prefix_cache_queries") or 0, m.get("vllm:prefix_cache_hits") or 0
-        eq, eh = m.get("vllm:external_prefix_cache_queries") or 0, m.get("vllm:external_prefix_cache_hits") or 0
-        extra.append({"config": n, "errors": results[n]["summary"].num_errors,
-                      "requests": results[n]["summary"].num_requests,
-                      "g1_hit_tokens": h, "g1_query_tokens": q, "kvbm_hit_tokens": eh, "kvbm_query_tokens": eq,
-                      "vllm_ttft": m.get("vllm:time_to_first_token_seconds"), "reuse": m.get("reuse")})
-    return {"scenario": scenario.name, "baseline": base, "configs": names, "rows": rows, "cache": extra}
+    cache = [{"config": n, "errors": results[n]["summary"].num_errors, "requests": results[n]["summary"].num_requests,
+              **{key: m.get(counter) or 0 for key, counter in _CACHE_COUNTERS.items()},
+              "vllm_ttft": m.get(_TTFT), "reuse": m.get("reuse")} for n in names for m in [results[n]["vllm_metrics"]]]
+    return {"scenario": scenario.name, "baseline": base, "configs": names, "rows": rows, "cache": cache}
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -321,11 +309,11 @@ def combine_repeats(comps: list[dict[str, Any]]) -> dict[str, Any]:
 def _instance(spec: EngineSpec, i: int, port: Optional[int]) -> tuple[Launch, list[str]]:
     """Engine `i` of a configuration: its Launch and the metrics sources (vLLM's, and KVBM's own when on)."""
     spec = spec.model_copy(deep=True)
-    spec.port = port + i if port else _free_port()
+    spec.port = port + i if port else free_port()
     spec.host = spec.host or "127.0.0.1"
     sources = []
     if spec.connector == "kvbm":  # KVBM's own metrics too, recorded beside the results
-        kvbm_port = int((i == 0 and spec.env.get("DYN_KVBM_METRICS_PORT")) or _free_port())
+        kvbm_port = int((i == 0 and spec.env.get("DYN_KVBM_METRICS_PORT")) or free_port())
         spec.env = dict(spec.env) | {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(kvbm_port)}
         sources.append(f"http://127.0.0.1:{kvbm_port}")
     launch = build_launch(spec)
@@ -429,30 +417,25 @@ def comparison_text(comp: dict[str, Any]) -> str:
 
 def _scrape(launches: list[Launch]) -> prom.Metrics:
     """vLLM's /metrics of every engine of a configuration, samples with the same labels summed."""
-    summed: dict[str, dict[tuple, float]] = {}
+    summed: dict[str, Counter] = defaultdict(Counter)
     for launch in launches:
         for name, samples in prom.scrape(launch.url).items():
             for labels, v in samples:
-                key = tuple(sorted(labels.items()))
-                summed.setdefault(name, {})[key] = summed.get(name, {}).get(key, 0.0) + v
+                summed[name][tuple(sorted(labels.items()))] += v
     return {name: [(dict(k), v) for k, v in samples.items()] for name, samples in summed.items()}
 
 
-def _run_point(scenario: Scenario, wl: PrefixReuseConfig | MultiRoundConfig, launches: list[Launch],
+def _run_point(scenario: Scenario, wl: WorkloadConfig, launches: list[Launch],
                sources: list[str], run_dir: Path, name: str, show_progress: bool) -> dict[str, Any]:
     """One workload run on running engines (a round-robin client over several): results in run_dir;
     {"summary", "vllm_metrics"}."""
     launch = launches[0]
     before = _scrape(launches)
     engine = launch.engine_info() | ({"instances": [x.url for x in launches]} if len(launches) > 1 else {})
-    common_kw = dict(url=",".join(x.url for x in launches), model=None, tokenizer=None, artifact_dir=run_dir,
-                     run=name, engine=engine, show_progress=show_progress)
-    run = run_prefix_reuse if isinstance(wl, PrefixReuseConfig) else run_multi_round
     with background(sources, run_dir / "metrics.csv"):  # vLLM's and KVBM's series, for kvbm report
-        if isinstance(wl, HitRateConfig):
-            summary = run_hit_rate(wl, driver=scenario.driver.value, **common_kw)
-        else:
-            summary = run(wl, driver=scenario.driver.value, **common_kw)
+        summary = run_workload(wl, url=",".join(x.url for x in launches), model=None, tokenizer=None,
+                               artifact_dir=run_dir, run=name, engine=engine, show_progress=show_progress,
+                               driver=scenario.driver.value)
     delta = metrics_delta(before, _scrape(launches))
     if isinstance(wl, MultiRoundConfig):  # which queried tokens could have been in a cache at all
         block = int(launch.spec.block_size or 128)

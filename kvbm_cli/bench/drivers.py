@@ -38,30 +38,22 @@ def find_tool(driver: str) -> str:
 
 
 def tool_command(exe: str, cfg: Any, *, url: str, model: str, tokenizer: str, out: Path) -> list[str]:
-    """aiperf's genai-perf-style flags for a PrefixReuseConfig."""
-    cmd = [exe, "profile", "-m", model, "--url", url, "--endpoint-type", cfg.endpoint_type, "--tokenizer", tokenizer,
-           "--synthetic-input-tokens-mean", str(cfg.synthetic_input_tokens_mean),
-           "--synthetic-input-tokens-stddev", str(cfg.synthetic_input_tokens_stddev),
-           "--request-count", str(cfg.request_count), "--warmup-request-count", str(cfg.warmup_request_count),
-           "--random-seed", str(cfg.random_seed), "--artifact-dir", str(out)]
-    if cfg.streaming:
-        cmd.append("--streaming")
+    """aiperf's genai-perf-style flags for a PrefixReuseConfig, whose fields are named as those flags."""
+    names = ["endpoint_type", "synthetic_input_tokens_mean", "synthetic_input_tokens_stddev", "request_count",
+             "warmup_request_count", "random_seed", "request_rate" if cfg.request_rate else "concurrency"]
     if cfg.num_prefix_prompts:
-        cmd += ["--prefix-prompt-length", str(cfg.prefix_prompt_length), "--num-prefix-prompts",
-                str(cfg.num_prefix_prompts)]
+        names += ["prefix_prompt_length", "num_prefix_prompts"]
     if cfg.output_tokens_mean is not None:
-        cmd += ["--output-tokens-mean", str(cfg.output_tokens_mean)]
-        if cfg.output_tokens_stddev:
-            cmd += ["--output-tokens-stddev", str(cfg.output_tokens_stddev)]
-        if cfg.ignore_eos:
-            cmd += ["--extra-inputs", "ignore_eos:true"]
-            if not cfg.output_tokens_stddev:
-                cmd += ["--extra-inputs", f"min_tokens:{cfg.output_tokens_mean}"]
-    if cfg.request_rate:
-        cmd += ["--request-rate", str(cfg.request_rate)]
-    else:
-        cmd += ["--concurrency", str(cfg.concurrency or 1)]
-    return cmd + ["--ui", "none"]
+        names += ["output_tokens_mean"] + (["output_tokens_stddev"] if cfg.output_tokens_stddev else [])
+    values = cfg.model_dump() | {"concurrency": cfg.concurrency or 1}
+    cmd = [exe, "profile", "-m", model, "--url", url, "--tokenizer", tokenizer, "--artifact-dir", str(out)]
+    for name in names:
+        cmd += ["--" + name.replace("_", "-"), str(values[name])]
+    if cfg.output_tokens_mean is not None and cfg.ignore_eos:
+        cmd += ["--extra-inputs", "ignore_eos:true"]
+        if not cfg.output_tokens_stddev:
+            cmd += ["--extra-inputs", f"min_tokens:{cfg.output_tokens_mean}"]
+    return cmd + (["--streaming"] if cfg.streaming else []) + ["--ui", "none"]
 
 
 def _metric(metrics: dict, name: str) -> Any:

@@ -11,7 +11,6 @@ requests/s against the baseline at each hit rate. Hit requests carry the primed 
 Operations:
   HitRateConfig              the options (field names = flag names)
   make_requests(cfg, tok)    prime + flush (warm-up) and measured requests; same seed, same prompts
-  run_hit_rate, hit_rate     run them into requests.jsonl + summary.json; the command
 """
 
 from __future__ import annotations
@@ -86,7 +85,3 @@ def make_requests(cfg: HitRateConfig, tok: PromptTokenizer) -> list[RequestSpec]
         prefix = primed[pid] if pid is not None else build_prefix(tok, ep, cfg.prefix_tokens, rng)
         specs.append(spec(f"req-{k}", prefix, cfg.input_tokens, max_tokens=cfg.output_tokens, prefix_id=pid))
     return specs
-
-
-run_hit_rate = common.run_workload
-hit_rate = common.workload_command(HitRateConfig)

@@ -8,7 +8,7 @@ and a finished user is replaced until `--time` is up (without it: no replacement
 rounds at QPS 2 runs first, as in long_input_short_output_run.sh (left out of the statistics).
 
 Operations:
-  MultiRoundConfig, run_multi_round, multi_round   the options (LMBenchmark's flags), the run, the command
+  MultiRoundConfig                                  the options (LMBenchmark's flags) and the run (`drive`)
   reuse_accounting(records, ...), explain_reuse    which prompt tokens could have come from a cache, which did
 """
 
@@ -21,7 +21,7 @@ import random
 import time
 from typing import Any, Optional
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from kvbm_cli.bench import common
 from kvbm_cli.bench.client import RequestSpec, Target
@@ -39,16 +39,11 @@ class MultiRoundConfig(common.WorkloadConfig):
     user_history_prompt: int = Field(20000, ge=0, description="Tokens of each user's own context.")
     answer_len: int = Field(100, ge=1, description="Tokens per answer (exact).")
     init_user_id: int = Field(0, description="User ids start after this.")
-    time: Optional[float] = Field(100.0, gt=0, description="Seconds to keep starting requests (users are replaced "
+    time: Optional[float] = Field(100.0, ge=0, description="Seconds to keep starting requests (users are replaced "
                                                            "as they finish); 0: until the first users finish.")
     warmup: bool = Field(True, description="1 user, 2 rounds at QPS 2 first.")
     request_with_user_id: bool = Field(True, description="Send each user's id as the x-user-id header.")
     random_seed: int = Field(0, description="Seed of the prompt words.")
-
-    @field_validator("time", mode="before")
-    @classmethod
-    def _zero_is_none(cls, value: Any) -> Any:
-        return value or None
 
     async def drive(self, tok: PromptTokenizer, target: Target) -> None:
         """One task per user, timed as LMBenchmark's UserSessionManager: a user asks its next question `gap` s after
@@ -84,7 +79,7 @@ class MultiRoundConfig(common.WorkloadConfig):
             if self.warmup:
                 await user(self.init_user_id, 2, 0.5, warmup=True)
             start = time.monotonic()
-            deadline = start + self.time if self.time is not None else None
+            deadline = start + self.time if self.time else None
             users = set()
             for i in range(self.num_users):  # placed as if the run had been going for a whole session (ramp-up)
                 offset = (self.num_users - i) * join_gap
@@ -99,10 +94,6 @@ class MultiRoundConfig(common.WorkloadConfig):
                     last_join = now
                 await asyncio.sleep(0.02)
             await asyncio.gather(*users)
-
-
-run_multi_round = common.run_workload
-multi_round = common.workload_command(MultiRoundConfig)
 
 
 def reuse_accounting(records: list, shared_system_prompt: int, block_size: int = 128,

@@ -8,7 +8,6 @@ head belongs to the prefix, its tail to the suffix). Prefixes are picked at rand
 Operations:
   PrefixReuseConfig, make_requests(cfg, tok)   the options (field names = flag names), the requests (warm-up
                                                first; same seed, same prompts)
-  run_prefix_reuse, prefix_reuse               run it with the chosen driver into the result files; the command
 """
 
 from __future__ import annotations
@@ -88,7 +87,3 @@ def make_requests(cfg: PrefixReuseConfig, tok: PromptTokenizer) -> list[RequestS
         specs.append(RequestSpec(request_id=rid, endpoint=ep, max_tokens=n_out, prompt=text,
                                  expected_input_tokens=n_total, prefix_id=pid, warmup=warm))
     return specs
-
-
-run_prefix_reuse = common.run_workload
-prefix_reuse = common.workload_command(PrefixReuseConfig)

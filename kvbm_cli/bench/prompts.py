@@ -8,7 +8,7 @@ Operations:
   PromptTokenizer(source)   .count(endpoint, text), .head_tail(endpoint) (tokens the template adds around the
                             message), .words(rng, n) (n random one-token words)
   build_prefix(tok, endpoint, n_tokens, rng)                 n_tokens with the template's head before it
-  build_prompt(tok, endpoint, prefix, prefix_tokens, n, rng) prefix + random words: n tokens (else PromptError)
+  build_prompt(tok, endpoint, prefix, prefix_tokens, n, rng) prefix + random words: n tokens (else CliError, exit 2)
 """
 
 from __future__ import annotations
@@ -23,10 +23,6 @@ from kvbm_cli._errors import CliError
 _SENTINEL = "\x00KVBM-CONTENT\x00"
 
 
-class PromptError(CliError):
-    """A prompt of the requested length cannot be built (exit 2)."""
-
-
 class PromptTokenizer:
     """The model's tokenizer and chat template, as the server applies them."""
 
@@ -38,13 +34,13 @@ class PromptTokenizer:
         try:
             self.hf = AutoTokenizer.from_pretrained(self.source, local_files_only=True)
         except (OSError, ValueError):
-            raise PromptError(f"tokenizer not found: {source} is neither a model directory with a tokenizer nor a "
-                              "model in the local Hugging Face cache; pass --tokenizer DIR") from None
+            raise CliError(f"tokenizer not found: {source} is neither a model directory with a tokenizer nor a "
+                           "model in the local Hugging Face cache; pass --tokenizer DIR") from None
         self.tok = self.hf.backend_tokenizer  # the `tokenizers` object: fast encode and decode
 
     def _render(self, content: str) -> str:
         if not self.hf.chat_template:
-            raise PromptError(f"the tokenizer of {self.source} has no chat template; use --endpoint-type completions")
+            raise CliError(f"the tokenizer of {self.source} has no chat template; use --endpoint-type completions")
         return self.hf.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                            add_generation_prompt=True)
 
@@ -69,8 +65,8 @@ class PromptTokenizer:
                  if re.fullmatch(r" [a-z]{2,12}", text := self.tok.decode([i]))
                  and self.tok.encode(text, add_special_tokens=False).ids == [i]]
         if len(words) < 20:
-            raise PromptError(f"the tokenizer of {self.source} has too few one-token words ({len(words)}) to build "
-                              "prompts of exact length")
+            raise CliError(f"the tokenizer of {self.source} has too few one-token words ({len(words)}) to build "
+                           "prompts of exact length")
         return sorted(words)
 
     def words(self, rng: random.Random, n: int) -> str:
@@ -85,12 +81,12 @@ def build_prompt(tok: PromptTokenizer, endpoint: str, prefix_text: str, prefix_t
     _, tail = tok.head_tail(endpoint)
     n_suffix = n_total - prefix_tokens - tail
     if n_suffix < 0:
-        raise PromptError(f"a {n_total}-token prompt cannot hold the {prefix_tokens}-token prefix and the "
-                          f"template's {tail} closing tokens")
+        raise CliError(f"a {n_total}-token prompt cannot hold the {prefix_tokens}-token prefix and the "
+                       f"template's {tail} closing tokens")
     text = prefix_text + tok.words(rng, n_suffix)
     got = tok.count(endpoint, text)
     if got != n_total:
-        raise PromptError(f"built a {got}-token prompt instead of {n_total}: the tokenizer merges across words")
+        raise CliError(f"built a {got}-token prompt instead of {n_total}: the tokenizer merges across words")
     return text
 
 
@@ -98,6 +94,6 @@ def build_prefix(tok: PromptTokenizer, endpoint: str, n_tokens: int, rng: random
     """Text whose tokens, with the template's head before it, are exactly `n_tokens`."""
     head, _ = tok.head_tail(endpoint)
     if n_tokens < head:
-        raise PromptError(f"--prefix-prompt-length {n_tokens} is shorter than the chat template's head "
-                          f"({head} tokens)")
+        raise CliError(f"--prefix-prompt-length {n_tokens} is shorter than the chat template's head "
+                       f"({head} tokens)")
     return tok.words(rng, n_tokens - head)

@@ -63,9 +63,9 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
                        progress: Callable[[str], None] = lambda msg: None) -> list[PathResult]:
     """Measure every path on a cache of `layers` in vLLM's layout for `device` (see the module docstring).
 
-    CUDA only: `gpu_chunk_bytes` (staging per chunk); `host_block_major=False` (a segment-major host tier, as
-    for CPU caches, instead of HostTier.for_layout's block-major one) with `copy_2d=False` (one copy per
-    segment instead of one 2D copy per host-slot run). `scattered_slots`: random, non-consecutive host slots.
+    CUDA only: `gpu_chunk_bytes` (staging per chunk); `host_block_major=True` (a block-major host tier instead
+    of HostTier.for_layout's segment-major one); `copy_2d=False` (one copy per segment instead of one 2D copy per
+    host-slot run). `scattered_slots`: random, non-consecutive host slots.
     """
     import torch
 
@@ -78,11 +78,8 @@ def run_transfer_bench(*, layers: int, kv_heads: int, head_dim: int, block_size:
     caches, block_dim = engine_cache(layers, kv_heads, head_dim, block_size, cache_blocks, device, dtype)
     layout = KVLayout.from_layers(caches, block_dim=block_dim)
     host_slots = num_blocks * 2 if scattered_slots else num_blocks
-    if host_block_major is None:
-        host = HostTier.for_layout(layout, host_slots)
-    else:
-        host = HostTier(host_slots, layout.num_segments, layout.segment_words, layout.word,
-                        block_major=host_block_major)
+    host = HostTier(host_slots, layout.num_segments, layout.segment_words, layout.word,
+                    block_major=bool(host_block_major))  # segment-major unless asked: as HostTier.for_layout
     block_ids = torch.randperm(cache_blocks)[:num_blocks].tolist()
     slots = torch.randperm(host_slots)[:num_blocks].tolist() if scattered_slots else list(range(num_blocks))
     nbytes = num_blocks * layout.block_bytes
@@ -193,7 +190,6 @@ def transfer(
     as_json: JsonOpt = False,
 ) -> None:
     """Measure offload/onboard throughput of each tier path against the raw copy of the same bytes."""
-    io = DiskIO(io).value
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise CliError(f"--device {device} is not cpu or cuda")
     if device != "cpu":
@@ -209,7 +205,7 @@ def transfer(
     show = (lambda msg: note(f"measuring {msg} ...")) if sys.stderr.isatty() and not as_json else (lambda m: None)
     results = run_transfer_bench(layers=layers, kv_heads=kv_heads, head_dim=head_dim, block_size=block_size,
                                  num_blocks=blocks, directory=directory, direct=not buffered, repeats=repeats, io=io,
-                                 device=device, progress=show)
+                                 device=device, progress=show)  # io: a str enum, equal to its value
     if as_json:
         emit_json([asdict(r) | {"ratio": r.ratio} for r in results])
         return

@@ -4,10 +4,11 @@ the summary), registered here as one group."""
 from __future__ import annotations
 
 from kvbm_cli._options import group
-from kvbm_cli.bench import compare, hit_rate, multi_round, prefix_reuse, soak, transfer, ttft
+from kvbm_cli.bench import common, compare, hit_rate, multi_round, prefix_reuse, soak, transfer, ttft
 
 bench_app = group("Drive workloads and measure: transfer throughput, TTFT, prefix reuse, multi-round QA, hit rate, soak.")
-for name, command in (("transfer", transfer.transfer), ("ttft", ttft.ttft), ("prefix-reuse", prefix_reuse.prefix_reuse),
-                      ("multi-round", multi_round.multi_round), ("hit-rate", hit_rate.hit_rate), ("compare", compare.compare),
-                      ("soak", soak.soak)):
+workloads = (prefix_reuse.PrefixReuseConfig, multi_round.MultiRoundConfig, hit_rate.HitRateConfig)
+for name, command in (("transfer", transfer.transfer), ("ttft", ttft.ttft),
+                      *((w.name, common.workload_command(w)) for w in workloads),  # options from its fields
+                      ("compare", compare.compare), ("soak", soak.soak)):
     bench_app.command(name)(command)
