@@ -313,14 +313,13 @@ class Engine:
 
     def _pump(self) -> None:
         assert self.proc and self.proc.stdout
-        log = open(self.log_path, "a", encoding="utf-8", errors="replace") if self.log_path else None
+        log = open(self.log_path, "a", encoding="utf-8", errors="replace", buffering=1) if self.log_path else None
         with log or contextlib.nullcontext():
             for raw in self.proc.stdout:
                 line = raw.decode("utf-8", errors="replace").rstrip("\n")
                 self.tail.append(line)
-                if log:
+                if log:  # line-buffered: a reader of the log sees each line at once
                     log.write(line + "\n")
-                    log.flush()
                 if self.on_line:
                     self.on_line(line)
 
@@ -351,14 +350,11 @@ class Engine:
         """SIGTERM the process group, SIGKILL what is left after `grace_s`."""
         if not self.proc:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=grace_s)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # engine-core and workers may outlive the API server
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):  # SIGKILL: what outlives the server
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=wait_s)
         if self._reader:
             self._reader.join(timeout=5)
 

@@ -3,7 +3,7 @@
 Operations:
   get(url, timeout) / healthy(base_url)   GET (httpx.HTTPError unless 2xx) / True when GET /health answers 200
   server_model(base_url)                  (id, root) of the server's first model: its served name, what it loaded
-  metrics_url(url) / metrics_text(url)    a /metrics URL (added to a base URL) / the Prometheus text there
+  metrics_url(url)                        a /metrics URL (added to a base URL)
   async_client(concurrency, timeout)      an AsyncClient sized for `concurrency` streams
 """
 
@@ -42,15 +42,8 @@ def server_model(base_url: str, timeout: float = 10.0) -> tuple[str, str]:
 
 def metrics_url(url: str) -> str:
     """'http://h:8000' or 'h:8000' -> 'http://h:8000/metrics'; a URL with a path is kept as given."""
-    if "://" not in url:
-        url = "http://" + url
-    scheme, rest = url.split("://", 1)
-    host, _, path = rest.partition("/")
-    return f"{scheme}://{host}/{path or 'metrics'}"
-
-
-def metrics_text(url: str, timeout: float = 10.0) -> str:
-    return get(metrics_url(url), timeout).text
+    url = httpx.URL(url if "://" in url else "http://" + url)
+    return str(url.copy_with(path="/metrics" if url.path == "/" else url.path))
 
 
 def async_client(concurrency: int, timeout_s: float) -> httpx.AsyncClient:

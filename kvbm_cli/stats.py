@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 from scipy.special import betainc
@@ -34,12 +35,10 @@ def hd_weights(n: int, p: float) -> np.ndarray:
 
 def quantile(x, p: float, method: str = "hd") -> float:
     """The p-quantile of `x`: Harrell-Davis ("hd", the default) or numpy's linear interpolation ("sample")."""
-    arr = np.sort(np.asarray(x, dtype=float))
+    arr = np.asarray(x, dtype=float)
     if arr.size == 0:
         return float("nan")
-    if method == "sample" or arr.size == 1:
-        return float(np.quantile(arr, p))
-    return float(arr @ hd_weights(arr.size, p))
+    return float(np.quantile(arr, p)) if method == "sample" else Statistic("quantile", p)(arr)
 
 
 def summary(x) -> dict[str, float]:
@@ -60,7 +59,7 @@ class Statistic:
     denominator) pairs: e.g. output tokens and seconds, giving tokens per second over all requests).
     """
 
-    kind: str
+    kind: Literal["quantile", "mean", "ratio_of_sums"]
     p: float = 0.5
 
     def __call__(self, sample: np.ndarray) -> float:
@@ -72,9 +71,7 @@ class Statistic:
             return np.sort(samples, axis=1) @ hd_weights(samples.shape[1], self.p)
         if self.kind == "mean":
             return samples.mean(axis=1)
-        if self.kind == "ratio_of_sums":
-            return samples[..., 0].sum(axis=1) / samples[..., 1].sum(axis=1)
-        raise ValueError(f"unknown statistic {self.kind!r}")
+        return samples[..., 0].sum(axis=1) / samples[..., 1].sum(axis=1)  # ratio_of_sums
 
 
 @dataclass(frozen=True)
