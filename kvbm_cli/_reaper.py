@@ -52,11 +52,9 @@ def _stop_group(child: subprocess.Popen) -> None:
     def members() -> list[psutil.Process]:
         found = []
         for p in psutil.process_iter():
-            try:
+            with contextlib.suppress(OSError, psutil.Error):  # it exited meanwhile
                 if p.pid != me and os.getpgid(p.pid) == group and p.status() != psutil.STATUS_ZOMBIE:
                     found.append(p)
-            except (OSError, psutil.Error):
-                continue
         return found
 
     os.killpg(group, signal.SIGTERM)

@@ -9,7 +9,7 @@ Operations:
   collect(urls, out_csv, should_stop, ...)    scrape every `interval_s` until should_stop(), then once more; also
                                               until an Event (collect_during), in a thread (background), or until
                                               a duration, a file, a process's exit or Ctrl-C (collect_until)
-  default_urls() / csv_path(out)              vLLM on 8000 and KVBM's exporter / where metrics.csv goes
+  default_urls()                              vLLM on 8000 and KVBM's exporter
   parse_time(text) / run_window(run_dir)      unix seconds from ISO 8601 / a bench run's (start, end)
   query_prometheus(url, out_csv, start, end)  the same series from a Prometheus server (/api/v1/query_range)
 """
@@ -174,11 +174,6 @@ def default_urls() -> list[str]:
     """vLLM's API server on 8000 and KVBM's exporter on DYN_KVBM_METRICS_PORT (default 6880), on localhost."""
     port = os.environ.get("DYN_KVBM_METRICS_PORT", "6880").strip() or "6880"
     return ["http://127.0.0.1:8000/metrics", f"http://127.0.0.1:{port}/metrics"]
-
-
-def csv_path(out_arg: Path) -> Path:
-    """A .csv path is used as is; anything else is a run directory that gets metrics.csv."""
-    return out_arg if out_arg.suffix.lower() == ".csv" else out_arg / "metrics.csv"
 
 
 def parse_time(text: str) -> float:

@@ -64,8 +64,7 @@ def serve(
     launch = build_launch(spec)
     if dry_run and json_out:
         emit_json({"argv": launch.argv, "env_set": {k: shown(k, v) for k, v in launch.env_set.items()},
-                   "env_unset": launch.env_unset, "url": launch.url,
-                   "notes": launch.notes})
+                   "env_unset": launch.env_unset, "url": launch.url, "notes": launch.notes})
         return
     for line in launch.notes:
         note(f"note: {line}")
