@@ -5,7 +5,6 @@ The file, `<run-dir>/metrics.csv`, has one row per sample: t (unix seconds), sou
 key, joined with ';'), value. pandas reads it with `pd.read_csv`; `kvbm report` plots it.
 
 Operations:
-  scrape(client, url, match)                  one scrape: [(name, labels, value)] of matching samples
   collect(urls, out_csv, should_stop, ...)    scrape every `interval_s` until should_stop(), then once more; also
                                               until an Event (collect_during), in a thread (background), or until
                                               a duration, a file, a process's exit or Ctrl-C (collect_until)
@@ -53,15 +52,6 @@ def parse_labels(text: str) -> dict[str, str]:
     return {key: re.sub(r"\\(.)", r"\1", value) for key, value in pairs}
 
 
-def scrape(client: httpx.Client, url: str, match: str = DEFAULT_MATCH) -> list[tuple[str, str, float]]:
-    """Fetch `url` once; the samples whose name matches `match` (re.search), without `_created` series."""
-    resp = client.get(url)
-    resp.raise_for_status()
-    pattern = re.compile(match)
-    return [(name, format_labels(labels), value) for name, samples in prom.parse(resp.text).items()
-            if pattern.search(name) for labels, value in samples]
-
-
 @dataclass
 class CollectResult:
     """What a collection wrote: samples per source, failed scrapes per source and the last error."""
@@ -90,7 +80,7 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
     A source that cannot be reached is retried on the next tick (the server may still be starting);
     `on_error(url, message)` is called the first time each source fails.
     """
-    urls = [metrics_url(u) for u in urls]
+    urls, pattern = [metrics_url(u) for u in urls], re.compile(match)
     result = CollectResult(Path(out_csv), scrapes={u: 0 for u in urls}, failures={u: 0 for u in urls})
     existed = result.out_csv.exists()
     f, writer = _open_csv(result.out_csv)
@@ -103,7 +93,7 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
                 for url in urls:
                     t = round(time.time(), 3)
                     try:
-                        rows = scrape(client, url, match)
+                        samples = prom.parse(client.get(url).raise_for_status().text)
                     except (httpx.HTTPError, ValueError) as exc:
                         result.failures[url] += 1
                         message = f"{type(exc).__name__}: {exc}"
@@ -111,7 +101,9 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
                             on_error(url, message)
                         result.last_error[url] = message
                         continue
-                    writer.writerows((t, url, name, labels, floatToGoString(value)) for name, labels, value in rows)
+                    rows = [(t, url, name, format_labels(labels), floatToGoString(value))  # names matching `match`
+                            for name, values in samples.items() if pattern.search(name) for labels, value in values]
+                    writer.writerows(rows)
                     result.rows += len(rows)
                     result.scrapes[url] += 1
                 f.flush()

@@ -18,9 +18,7 @@ HTTPError = httpx.HTTPError
 
 def get(url: str, timeout: float = 10.0, **params) -> httpx.Response:
     """GET `url`; httpx.HTTPError on a connection failure or a status that is not 2xx."""
-    resp = httpx.get(url, timeout=timeout, params=params or None)
-    resp.raise_for_status()
-    return resp
+    return httpx.get(url, timeout=timeout, params=params or None).raise_for_status()
 
 
 def healthy(base_url: str, timeout: float = 2.0) -> bool:
