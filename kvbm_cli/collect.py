@@ -6,8 +6,8 @@ key, joined with ';'), value. pandas reads it with `pd.read_csv`; `kvbm report` 
 
 Operations:
   collect(urls, out_csv, should_stop, ...)    scrape every `interval_s` until should_stop(), then once more; also
-                                              until an Event (collect_during), in a thread (background), or until
-                                              a duration, a file, a process's exit or Ctrl-C (collect_until)
+                                              in a thread while a body runs (background), or until a duration, a
+                                              file, a process's exit or Ctrl-C (collect_until)
   default_urls()                              vLLM on 8000 and KVBM's exporter
   parse_time(text) / run_window(run_dir)      unix seconds from ISO 8601 / a bench run's (start, end)
   query_prometheus(url, out_csv, start, end)  the same series from a Prometheus server (/api/v1/query_range)
@@ -117,22 +117,15 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
     return result
 
 
-def collect_during(urls: Sequence[str], out_csv: str | os.PathLike[str], stop_event: threading.Event, *,
-                   interval_s: float = 1.0, match: str = DEFAULT_MATCH,
-                   on_error: Callable[[str, str], None] | None = None) -> CollectResult:
-    """`collect` until `stop_event` is set (run it in a thread beside a workload); ends with a final scrape."""
-    return collect(urls, out_csv, stop_event.is_set, interval_s=interval_s, match=match, wait=stop_event.wait,
-                   on_error=on_error)
-
-
 @contextlib.contextmanager
 def background(urls: Sequence[str], out_csv: str | os.PathLike[str], *, interval_s: float = 1.0,
                match: str = DEFAULT_MATCH) -> Iterator[dict[str, CollectResult]]:
     """Collect in a daemon thread while the body runs; the yielded dict gets "result" when the body ends."""
     stop = threading.Event()
     box: dict[str, CollectResult] = {}
-    thread = threading.Thread(target=lambda: box.__setitem__("result", collect_during(
-        urls, out_csv, stop, interval_s=interval_s, match=match)), name="kvbm-metrics-collect", daemon=True)
+    thread = threading.Thread(target=lambda: box.__setitem__("result", collect(
+        urls, out_csv, stop.is_set, interval_s=interval_s, match=match, wait=stop.wait)), name="kvbm-metrics-collect",
+        daemon=True)
     thread.start()
     try:
         yield box
