@@ -127,28 +127,11 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     if spec.kv_cache_memory_bytes is not None and spec.gpu_cache_gb is not None:
         raise CliError("give --kv-cache-memory-bytes or --gpu-cache-gb, not both (both size vLLM's own KV cache)")
     kv_bytes = spec.kv_cache_memory_bytes if spec.gpu_cache_gb is None else int(spec.gpu_cache_gb * BYTES_PER_GB)
-
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    if spec.host:
-        argv += ["--host", spec.host]
-    argv += ["--port", str(spec.port)]
-    if tiny:  # its seeded random weights load in a second; older copies without them use vLLM's dummy loader
-        if not (Path(model) / "model.safetensors").is_file():
-            argv += ["--load-format", "dummy"]
-        argv += ["--enforce-eager"]
-    if spec.gpu_memory_utilization is not None:
-        argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
-        if cpu:
-            notes.append("--gpu-memory-utilization has no effect on vLLM's CPU build: size G1 with "
-                         "--kv-cache-memory-bytes or --gpu-cache-gb")
-    if kv_bytes is not None:
-        argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
-    if spec.block_size is not None:
-        if cpu and spec.block_size % 32:
-            raise CliError(f"--block-size {spec.block_size}: vLLM's CPU build needs a positive multiple of 32")
-        argv += ["--block-size", str(spec.block_size)]
-    if spec.enable_prefix_caching is not None:
-        argv += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
+    if cpu and spec.gpu_memory_utilization is not None:
+        notes.append("--gpu-memory-utilization has no effect on vLLM's CPU build: size G1 with "
+                     "--kv-cache-memory-bytes or --gpu-cache-gb")
+    if cpu and spec.block_size is not None and spec.block_size % 32:
+        raise CliError(f"--block-size {spec.block_size}: vLLM's CPU build needs a positive multiple of 32")
     max_len = spec.max_model_len
     if max_len is None and tiny:
         max_len = DEFAULT_MAX_MODEL_LEN
@@ -159,8 +142,17 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
                 raise CliError(f"G1 of {kv_bytes} bytes holds no full {block}-token block of the tiny model "
                                f"({TINY_KV_BYTES_PER_TOKEN * block} bytes each)")
             max_len = min(max_len, capacity)
-    if max_len is not None:
-        argv += ["--max-model-len", str(max_len)]
+
+    values = {"--host": spec.host or None, "--port": spec.port, "--gpu-memory-utilization": spec.gpu_memory_utilization,
+              "--kv-cache-memory-bytes": kv_bytes, "--block-size": spec.block_size, "--max-model-len": max_len}
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    argv += [arg for flag, value in values.items() if value is not None for arg in (flag, str(value))]
+    if tiny:  # its seeded random weights load in a second; older copies without them use vLLM's dummy loader
+        if not (Path(model) / "model.safetensors").is_file():
+            argv += ["--load-format", "dummy"]
+        argv += ["--enforce-eager"]
+    if spec.enable_prefix_caching is not None:
+        argv += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
     if spec.connector == "kvbm":
         argv += ["--kv-transfer-config", KV_TRANSFER_CONFIG]
     served = model

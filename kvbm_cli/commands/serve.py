@@ -82,8 +82,7 @@ def serve(
             engine.proc.wait()
             raise EngineFailed(engine.failure())
         except KeyboardInterrupt:
-            note("stopping the engine ...")
-            engine.stop()
+            note("stopping the engine ...")  # `finally` stops it
             raise typer.Exit(EXIT_INTERRUPTED)
         finally:
             engine.stop()
