@@ -240,14 +240,10 @@ def series(run: Run, name: str) -> pd.Series:
         return pd.Series(dtype=float)
     # One scrape of one source shares one t: sum its label sets there. Several sources (e.g. two KVBM
     # instances) are scraped at slightly different times: align on the union of times, carry values forward.
-    t0 = run.metrics["t"].min()
-    per_source = [g.groupby("t")["value"].sum() for _, g in frame.groupby("source")]
-    if len(per_source) == 1:
-        values = per_source[0]
-    else:
-        values = pd.concat(per_source, axis=1).sort_index().ffill().sum(axis=1, min_count=1)
-    values.index = values.index - t0
-    return values.sort_index()
+    by_source = frame.pivot_table(index="t", columns="source", values="value", aggfunc="sum")  # sorted by t
+    values = by_source.ffill().sum(axis=1, min_count=1)
+    values.index = values.index - run.metrics["t"].min()
+    return values
 
 
 def kvbm_totals(run: Run) -> dict[str, float]:
