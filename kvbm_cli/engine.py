@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -94,10 +94,9 @@ class Launch:
 
     def shell(self) -> str:
         """One copy-pasteable shell line (secrets masked)."""
-        parts = [f"-u {k}" for k in self.env_unset]
+        unset = ["env", *(f"-u {k}" for k in self.env_unset)] if self.env_unset else []
         assigns = [f"{k}={shlex.quote(shown(k, v))}" for k, v in self.env_set.items()]
-        prefix = (["env", *parts] if parts else []) + assigns
-        return " ".join(prefix + [shlex.quote(a) for a in self.argv])
+        return " ".join(unset + assigns + [shlex.join(self.argv)])
 
     def engine_info(self, environ: Optional[dict[str, str]] = None) -> dict:
         """What summary.json records under "engine"."""
@@ -277,18 +276,18 @@ class EngineFailed(CheckFailed):
     """The engine stopped or never became healthy (one line, exit 1)."""
 
 
+@dataclass(eq=False)
 class Engine:
     """A vLLM server process group: start, wait for /health, stop. The log goes to a file and/or a callback."""
 
-    def __init__(self, launch: Launch, *, log_path: Optional[Path] = None,
-                 on_line: Optional[Callable[[str], None]] = None, die_with_parent: bool = True):
-        self.launch = launch
-        self.die_with_parent = die_with_parent
-        self.log_path = log_path
-        self.on_line = on_line
-        self.proc: Optional[subprocess.Popen] = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=400)
-        self._reader: Optional[threading.Thread] = None
+    launch: Launch
+    _: KW_ONLY
+    log_path: Optional[Path] = None
+    on_line: Optional[Callable[[str], None]] = None
+    die_with_parent: bool = True
+    proc: Optional[subprocess.Popen] = field(default=None, init=False)
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=400), init=False)
+    _reader: Optional[threading.Thread] = field(default=None, init=False)
 
     def start(self) -> None:
         spec = self.launch.spec

@@ -26,8 +26,6 @@ from scipy.special import betainc
 @lru_cache(maxsize=256)
 def hd_weights(n: int, p: float) -> np.ndarray:
     """Harrell-Davis weights for the p-quantile of n sorted values (they sum to 1; read-only, they are cached)."""
-    if n < 1 or not 0.0 < p < 1.0:
-        raise ValueError(f"Harrell-Davis weights need n >= 1 values and 0 < p < 1 (got n={n}, p={p})")
     weights = np.diff(betainc(p * (n + 1), (1.0 - p) * (n + 1), np.arange(n + 1) / n))  # regularized incomplete beta
     weights.flags.writeable = False
     return weights
@@ -95,9 +93,7 @@ def bootstrap_ratio(a, b, stat: Statistic, *, n_boot: int = 2000, confidence: fl
     `a` and `b` are 1-D samples (or (n, 2) pairs for ratio_of_sums). Deterministic for a given `seed`.
     Resampled in chunks so memory stays small for large samples.
     """
-    arr_a, arr_b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(arr_a) < 2 or len(arr_b) < 2:
-        raise ValueError(f"need at least 2 values on each side (got {len(arr_a)} and {len(arr_b)})")
+    arr_a, arr_b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)  # callers ensure 2 or more values each
     stat_a, stat_b = stat(arr_a), stat(arr_b)
     rng = np.random.default_rng(seed)
     ratios = np.empty(n_boot)
