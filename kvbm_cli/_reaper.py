@@ -72,10 +72,8 @@ def supervise(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     child = subprocess.Popen(argv)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # _stop: this process was told to stop
         child.wait()
-    except KeyboardInterrupt:
-        pass
     _stop_group(child)
     code = child.returncode if child.returncode is not None else -signal.SIGTERM
     return code if code >= 0 else 128 - code
