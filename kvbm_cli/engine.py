@@ -303,7 +303,6 @@ class Engine:
         self._reader.start()
 
     def _pump(self) -> None:
-        assert self.proc and self.proc.stdout
         log = open(self.log_path, "a", encoding="utf-8", errors="replace", buffering=1) if self.log_path else None
         with log or contextlib.nullcontext():
             for raw in self.proc.stdout:
@@ -322,7 +321,6 @@ class Engine:
 
     def wait_healthy(self, timeout_s: float, tick: Callable[[float], None] = lambda elapsed: None) -> float:
         """Block until /health answers; returns the seconds it took. Raises EngineFailed on exit or timeout."""
-        assert self.proc
         start = time.monotonic()
         while True:
             if self.proc.poll() is not None:
