@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 
 from kvbm.config import BYTES_PER_GB, ENV_VARS, KvbmConfig, check_disk_dir
 from kvbm.errors import ConfigError, StorageError
@@ -264,11 +265,9 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
     if config is None and not checks:
         checks.append(Check("DYN_KVBM_* variables", "fail", whole))
     elif config is not None:
-        set_vars = [r["name"] for r in rows if r["raw"] is not None]
-        checks.append(Check("DYN_KVBM_* variables", "ok", f"{len(set_vars)} set, all parse" +
+        num_set = sum(r["raw"] is not None for r in rows)
+        checks.append(Check("DYN_KVBM_* variables", "ok", f"{num_set} set, all parse" +
                             ("" if config.host_requested else "; no CPU tier (set DYN_KVBM_CPU_CACHE_GB to offload)")))
-    import psutil
-
     mem = psutil.virtual_memory()
     cpu_bytes = int((config.cpu_cache_gb or 0) * BYTES_PER_GB) * workers if config else 0
     if config and config.cpu_cache_gb:

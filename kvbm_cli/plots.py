@@ -109,10 +109,8 @@ def hit_rates(runs: list[Run], path: Path) -> Path | None:
         curves = []
         for i, ((hits, queries), label) in enumerate(HIT_COUNTERS.items()):
             h, q = series(run, hits), series(run, queries)
-            if len(h) and len(q):
-                both = pd.concat([h - h.iloc[0], q - q.iloc[0]], axis=1).dropna()
-                rate = (both.iloc[:, 0] / both.iloc[:, 1].where(both.iloc[:, 1] > 0)).dropna()
-                curves.append((rate, label, styles[i]))
+            if len(h) and len(q):  # hits per query since the first scrape, once any query was made
+                curves.append((((h - h.iloc[0]) / (q - q.iloc[0]).where(q > q.iloc[0])).dropna(), label, styles[i]))
         for i, (gauge, label) in enumerate(HIT_GAUGES.items()):
             curves.append((series(run, gauge), label, styles[2 + i]))
         for values, label, style in curves:
@@ -151,9 +149,9 @@ def throughput_points(summaries: list[dict]) -> dict[str, list[tuple[float, floa
     """{config (run name): [(hit rate, requests/s)] sorted by hit rate} from hit-rate run summaries."""
     points: dict[str, list[tuple[float, float]]] = {}
     for s in summaries:
-        if s.get("workload") != "hit-rate" or s.get("requests_per_s") is None:
-            continue
-        points.setdefault(str(s.get("run")), []).append((float(s["config"]["hit_rate"]), float(s["requests_per_s"])))
+        if s.get("workload") == "hit-rate" and s.get("requests_per_s") is not None:
+            point = (float(s["config"]["hit_rate"]), float(s["requests_per_s"]))
+            points.setdefault(str(s.get("run")), []).append(point)
     return {name: sorted(p) for name, p in points.items()}
 
 
