@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 from prometheus_client.utils import floatToGoString
 
 from kvbm_cli import prom
@@ -63,13 +64,14 @@ class CollectResult:
     last_error: dict[str, str] = field(default_factory=dict)
 
 
-def _open_csv(out_csv: Path):
+@contextlib.contextmanager
+def _csv_rows(out_csv: Path):
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    f = open(out_csv, "a", newline="")
-    writer = csv.writer(f)
-    if f.tell() == 0:  # a new or empty file
-        writer.writerow(COLUMNS)
-    return f, writer
+    with open(out_csv, "a", newline="") as f:
+        writer = csv.writer(f)
+        if f.tell() == 0:  # a new or empty file
+            writer.writerow(COLUMNS)
+        yield f, writer
 
 
 def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: Callable[[], bool], *,
@@ -83,9 +85,9 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
     urls, pattern = [metrics_url(u) for u in urls], re.compile(match)
     result = CollectResult(Path(out_csv), scrapes={u: 0 for u in urls}, failures={u: 0 for u in urls})
     existed = result.out_csv.exists()
-    f, writer = _open_csv(result.out_csv)
     try:
-        with httpx.Client(timeout=max(1.0, min(5.0, interval_s * 2))) as client:
+        timeout = max(1.0, min(5.0, interval_s * 2))
+        with _csv_rows(result.out_csv) as (f, writer), httpx.Client(timeout=timeout) as client:
             last = False
             while True:
                 last = last or should_stop()
@@ -111,7 +113,6 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
                     break
                 wait(max(0.0, interval_s - (time.monotonic() - tick)))
     finally:
-        f.close()
         if result.rows == 0 and not existed:
             result.out_csv.unlink(missing_ok=True)  # no header-only file when nothing answered
     return result
@@ -184,8 +185,6 @@ def run_window(run_dir: Path) -> tuple[float, float] | None:
 
 def pid_alive(pid: int) -> bool:
     """Whether `pid` runs (an exited child nobody has reaped yet, a zombie, counts as ended)."""
-    import psutil
-
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -219,8 +218,7 @@ def query_prometheus(prom_url: str, out_csv: str | os.PathLike[str], start: floa
         raise ValueError(f"Prometheus answered {resp.status_code}: {body.get('error', body)}")
     pattern = re.compile(match)
     result = CollectResult(Path(out_csv))
-    f, writer = _open_csv(result.out_csv)
-    try:
+    with _csv_rows(result.out_csv) as (_, writer):
         for series in body["data"]["result"]:
             labels = dict(series["metric"])
             name = labels.pop("__name__", "")
@@ -234,6 +232,4 @@ def query_prometheus(prom_url: str, out_csv: str | os.PathLike[str], start: floa
             for t, value in series["values"]:
                 writer.writerow((round(float(t), 3), source, name, text, floatToGoString(float(value))))
                 result.rows += 1
-    finally:
-        f.close()
     return result
