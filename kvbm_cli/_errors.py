@@ -42,11 +42,8 @@ _TABLE: list[tuple[type[BaseException], str, int]] = [
 ]
 
 
-def report(exc: BaseException) -> int:
+def report(exc: Exception) -> int:
     """Print `exc` as one line on stderr and return its exit code."""
-    if isinstance(exc, KeyboardInterrupt):
-        print("kvbm: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
     if isinstance(exc, CliError):
         print(f"kvbm: {exc}", file=sys.stderr)
         return exc.code
@@ -67,18 +64,17 @@ def run_app(app) -> None:
 
     try:
         result = app(standalone_mode=False)
-    except SystemExit:
-        raise
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except (KeyboardInterrupt, typer.Abort):
-        sys.exit(report(KeyboardInterrupt()))
+        print("kvbm: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     except typer.TyperException as exc:  # click's own errors (typer vendors click): bad option, missing value
         ctx = getattr(exc, "ctx", None)
         where = f" (see {ctx.command_path} --help)" if ctx is not None else ""
         print(f"kvbm: usage: {exc.format_message()}{where}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
-    except BaseException as exc:  # noqa: BLE001 - the CLI edge: everything becomes one line
+    except Exception as exc:  # noqa: BLE001 - the CLI edge: every error becomes one line (SystemExit passes)
         if os.environ.get("KVBM_DEBUG", "").lower() in ("1", "true", "yes"):
             raise
         sys.exit(report(exc))

@@ -57,18 +57,15 @@ _ALIASES = {"meta-llama/Llama-3.1-8B": "meta-llama/Llama-3.1-8B-Instruct",
             "llama-3.1-8b": "meta-llama/Llama-3.1-8B-Instruct",
             "llama-3.1-70b": "meta-llama/Llama-3.1-70B-Instruct",
             "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3"}
+# lower case: the HF id, the name after its '/', or an alias -> the HF id
+_NAMES = {key.lower(): model_id for model_id in BUILTIN_CONFIGS for key in (model_id, model_id.split("/", 1)[1])} | {
+    alias.lower(): target for alias, target in _ALIASES.items()}
 
 
 def find_builtin(name: str) -> tuple[str, dict[str, Any]] | None:
     """The (HF id, config) of a built-in model named by HF id, alias or short name; None when unknown."""
-    wanted = name.strip().lower()
-    for alias, target in _ALIASES.items():
-        if wanted == alias.lower():
-            return target, BUILTIN_CONFIGS[target]
-    for model_id, config in BUILTIN_CONFIGS.items():
-        if wanted in (model_id.lower(), model_id.split("/", 1)[1].lower()):
-            return model_id, config
-    return None
+    model_id = _NAMES.get(name.strip().lower())
+    return None if model_id is None else (model_id, BUILTIN_CONFIGS[model_id])
 
 
 def _hf_hub_dir() -> Path:

@@ -52,11 +52,9 @@ def _stop_group(child: subprocess.Popen) -> None:
     def members() -> list[psutil.Process]:
         found = []
         for p in psutil.process_iter():
-            try:
+            with contextlib.suppress(OSError, psutil.Error):  # it exited meanwhile
                 if p.pid != me and os.getpgid(p.pid) == group and p.status() != psutil.STATUS_ZOMBIE:
                     found.append(p)
-            except (OSError, psutil.Error):
-                continue
         return found
 
     os.killpg(group, signal.SIGTERM)
@@ -74,10 +72,8 @@ def supervise(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     child = subprocess.Popen(argv)
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # _stop: this process was told to stop
         child.wait()
-    except KeyboardInterrupt:
-        pass
     _stop_group(child)
     code = child.returncode if child.returncode is not None else -signal.SIGTERM
     return code if code >= 0 else 128 - code

@@ -5,11 +5,10 @@ The file, `<run-dir>/metrics.csv`, has one row per sample: t (unix seconds), sou
 key, joined with ';'), value. pandas reads it with `pd.read_csv`; `kvbm report` plots it.
 
 Operations:
-  scrape(client, url, match)                  one scrape: [(name, labels, value)] of matching samples
   collect(urls, out_csv, should_stop, ...)    scrape every `interval_s` until should_stop(), then once more; also
-                                              until an Event (collect_during), in a thread (background), or until
-                                              a duration, a file, a process's exit or Ctrl-C (collect_until)
-  default_urls() / csv_path(out)              vLLM on 8000 and KVBM's exporter / where metrics.csv goes
+                                              in a thread while a body runs (background), or until a duration, a
+                                              file, a process's exit or Ctrl-C (collect_until)
+  default_urls()                              vLLM on 8000 and KVBM's exporter
   parse_time(text) / run_window(run_dir)      unix seconds from ISO 8601 / a bench run's (start, end)
   query_prometheus(url, out_csv, start, end)  the same series from a Prometheus server (/api/v1/query_range)
 """
@@ -30,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import psutil
 from prometheus_client.utils import floatToGoString
 
 from kvbm_cli import prom
@@ -53,15 +53,6 @@ def parse_labels(text: str) -> dict[str, str]:
     return {key: re.sub(r"\\(.)", r"\1", value) for key, value in pairs}
 
 
-def scrape(client: httpx.Client, url: str, match: str = DEFAULT_MATCH) -> list[tuple[str, str, float]]:
-    """Fetch `url` once; the samples whose name matches `match` (re.search), without `_created` series."""
-    resp = client.get(url)
-    resp.raise_for_status()
-    pattern = re.compile(match)
-    return [(name, format_labels(labels), value) for name, samples in prom.parse(resp.text).items()
-            if pattern.search(name) for labels, value in samples]
-
-
 @dataclass
 class CollectResult:
     """What a collection wrote: samples per source, failed scrapes per source and the last error."""
@@ -73,13 +64,14 @@ class CollectResult:
     last_error: dict[str, str] = field(default_factory=dict)
 
 
-def _open_csv(out_csv: Path):
+@contextlib.contextmanager
+def _csv_rows(out_csv: Path):
     out_csv.parent.mkdir(parents=True, exist_ok=True)
-    f = open(out_csv, "a", newline="")
-    writer = csv.writer(f)
-    if f.tell() == 0:  # a new or empty file
-        writer.writerow(COLUMNS)
-    return f, writer
+    with open(out_csv, "a", newline="") as f:
+        writer = csv.writer(f)
+        if f.tell() == 0:  # a new or empty file
+            writer.writerow(COLUMNS)
+        yield f, writer
 
 
 def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: Callable[[], bool], *,
@@ -90,14 +82,12 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
     A source that cannot be reached is retried on the next tick (the server may still be starting);
     `on_error(url, message)` is called the first time each source fails.
     """
-    if interval_s <= 0:
-        raise ValueError("interval_s must be positive")
-    urls = [metrics_url(u) for u in urls]
+    urls, pattern = [metrics_url(u) for u in urls], re.compile(match)
     result = CollectResult(Path(out_csv), scrapes={u: 0 for u in urls}, failures={u: 0 for u in urls})
     existed = result.out_csv.exists()
-    f, writer = _open_csv(result.out_csv)
     try:
-        with httpx.Client(timeout=max(1.0, min(5.0, interval_s * 2))) as client:
+        timeout = max(1.0, min(5.0, interval_s * 2))
+        with _csv_rows(result.out_csv) as (f, writer), httpx.Client(timeout=timeout) as client:
             last = False
             while True:
                 last = last or should_stop()
@@ -105,7 +95,7 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
                 for url in urls:
                     t = round(time.time(), 3)
                     try:
-                        rows = scrape(client, url, match)
+                        samples = prom.parse(client.get(url).raise_for_status().text)
                     except (httpx.HTTPError, ValueError) as exc:
                         result.failures[url] += 1
                         message = f"{type(exc).__name__}: {exc}"
@@ -113,7 +103,9 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
                             on_error(url, message)
                         result.last_error[url] = message
                         continue
-                    writer.writerows((t, url, name, labels, floatToGoString(value)) for name, labels, value in rows)
+                    rows = [(t, url, name, format_labels(labels), floatToGoString(value))  # names matching `match`
+                            for name, values in samples.items() if pattern.search(name) for labels, value in values]
+                    writer.writerows(rows)
                     result.rows += len(rows)
                     result.scrapes[url] += 1
                 f.flush()
@@ -121,18 +113,9 @@ def collect(urls: Sequence[str], out_csv: str | os.PathLike[str], should_stop: C
                     break
                 wait(max(0.0, interval_s - (time.monotonic() - tick)))
     finally:
-        f.close()
         if result.rows == 0 and not existed:
             result.out_csv.unlink(missing_ok=True)  # no header-only file when nothing answered
     return result
-
-
-def collect_during(urls: Sequence[str], out_csv: str | os.PathLike[str], stop_event: threading.Event, *,
-                   interval_s: float = 1.0, match: str = DEFAULT_MATCH,
-                   on_error: Callable[[str, str], None] | None = None) -> CollectResult:
-    """`collect` until `stop_event` is set (run it in a thread beside a workload); ends with a final scrape."""
-    return collect(urls, out_csv, stop_event.is_set, interval_s=interval_s, match=match, wait=stop_event.wait,
-                   on_error=on_error)
 
 
 @contextlib.contextmanager
@@ -141,8 +124,9 @@ def background(urls: Sequence[str], out_csv: str | os.PathLike[str], *, interval
     """Collect in a daemon thread while the body runs; the yielded dict gets "result" when the body ends."""
     stop = threading.Event()
     box: dict[str, CollectResult] = {}
-    thread = threading.Thread(target=lambda: box.__setitem__("result", collect_during(
-        urls, out_csv, stop, interval_s=interval_s, match=match)), name="kvbm-metrics-collect", daemon=True)
+    thread = threading.Thread(target=lambda: box.__setitem__("result", collect(
+        urls, out_csv, stop.is_set, interval_s=interval_s, match=match, wait=stop.wait)), name="kvbm-metrics-collect",
+        daemon=True)
     thread.start()
     try:
         yield box
@@ -178,11 +162,6 @@ def default_urls() -> list[str]:
     return ["http://127.0.0.1:8000/metrics", f"http://127.0.0.1:{port}/metrics"]
 
 
-def csv_path(out_arg: Path) -> Path:
-    """A .csv path is used as is; anything else is a run directory that gets metrics.csv."""
-    return out_arg if out_arg.suffix.lower() == ".csv" else out_arg / "metrics.csv"
-
-
 def parse_time(text: str) -> float:
     """Unix seconds, or an ISO 8601 time (UTC when no zone is given)."""
     with contextlib.suppress(ValueError):
@@ -206,8 +185,6 @@ def run_window(run_dir: Path) -> tuple[float, float] | None:
 
 def pid_alive(pid: int) -> bool:
     """Whether `pid` runs (an exited child nobody has reaped yet, a zombie, counts as ended)."""
-    import psutil
-
     try:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -228,8 +205,6 @@ def query_prometheus(prom_url: str, out_csv: str | os.PathLike[str], start: floa
     `source` is the series' scrape target as a URL (http://<instance>/metrics), the labels drop `job` and
     `instance`. The step grows when needed to stay under Prometheus's 11,000 points per series.
     """
-    if end <= start:
-        raise ValueError(f"empty time range: start {start} >= end {end}")
     step = max(step_s, (end - start) / 10_000)
     base = prom_url.rstrip("/") if "://" in prom_url else "http://" + prom_url.rstrip("/")
     resp = httpx.get(base + "/api/v1/query_range", timeout=timeout_s, params={
@@ -243,8 +218,7 @@ def query_prometheus(prom_url: str, out_csv: str | os.PathLike[str], start: floa
         raise ValueError(f"Prometheus answered {resp.status_code}: {body.get('error', body)}")
     pattern = re.compile(match)
     result = CollectResult(Path(out_csv))
-    f, writer = _open_csv(result.out_csv)
-    try:
+    with _csv_rows(result.out_csv) as (_, writer):
         for series in body["data"]["result"]:
             labels = dict(series["metric"])
             name = labels.pop("__name__", "")
@@ -258,6 +232,4 @@ def query_prometheus(prom_url: str, out_csv: str | os.PathLike[str], start: floa
             for t, value in series["values"]:
                 writer.writerow((round(float(t), 3), source, name, text, floatToGoString(float(value))))
                 result.rows += 1
-    finally:
-        f.close()
     return result

@@ -43,8 +43,7 @@ def docker_client():
         client.ping()
     except Exception as exc:  # noqa: BLE001 - DockerException, requests' and urllib3's connection errors
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if len(reason) > 160:
-            reason = reason[:157] + "..."
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
         raise CheckFailed(f"no Docker engine reachable at {where} ({reason}): start Docker or set DOCKER_HOST, "
                           "or run `docker compose -f dashboards/docker-compose.yml up -d` where Docker runs") from None
     return client

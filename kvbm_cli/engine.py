@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Literal, Optional
@@ -94,10 +94,9 @@ class Launch:
 
     def shell(self) -> str:
         """One copy-pasteable shell line (secrets masked)."""
-        parts = [f"-u {k}" for k in self.env_unset]
+        unset = ["env", *(f"-u {k}" for k in self.env_unset)] if self.env_unset else []
         assigns = [f"{k}={shlex.quote(shown(k, v))}" for k, v in self.env_set.items()]
-        prefix = (["env", *parts] if parts else []) + assigns
-        return " ".join(prefix + [shlex.quote(a) for a in self.argv])
+        return " ".join(unset + assigns + [shlex.join(self.argv)])
 
     def engine_info(self, environ: Optional[dict[str, str]] = None) -> dict:
         """What summary.json records under "engine"."""
@@ -127,28 +126,11 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
     if spec.kv_cache_memory_bytes is not None and spec.gpu_cache_gb is not None:
         raise CliError("give --kv-cache-memory-bytes or --gpu-cache-gb, not both (both size vLLM's own KV cache)")
     kv_bytes = spec.kv_cache_memory_bytes if spec.gpu_cache_gb is None else int(spec.gpu_cache_gb * BYTES_PER_GB)
-
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
-    if spec.host:
-        argv += ["--host", spec.host]
-    argv += ["--port", str(spec.port)]
-    if tiny:  # its seeded random weights load in a second; older copies without them use vLLM's dummy loader
-        if not (Path(model) / "model.safetensors").is_file():
-            argv += ["--load-format", "dummy"]
-        argv += ["--enforce-eager"]
-    if spec.gpu_memory_utilization is not None:
-        argv += ["--gpu-memory-utilization", str(spec.gpu_memory_utilization)]
-        if cpu:
-            notes.append("--gpu-memory-utilization has no effect on vLLM's CPU build: size G1 with "
-                         "--kv-cache-memory-bytes or --gpu-cache-gb")
-    if kv_bytes is not None:
-        argv += ["--kv-cache-memory-bytes", str(kv_bytes)]
-    if spec.block_size is not None:
-        if cpu and spec.block_size % 32:
-            raise CliError(f"--block-size {spec.block_size}: vLLM's CPU build needs a positive multiple of 32")
-        argv += ["--block-size", str(spec.block_size)]
-    if spec.enable_prefix_caching is not None:
-        argv += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
+    if cpu and spec.gpu_memory_utilization is not None:
+        notes.append("--gpu-memory-utilization has no effect on vLLM's CPU build: size G1 with "
+                     "--kv-cache-memory-bytes or --gpu-cache-gb")
+    if cpu and spec.block_size is not None and spec.block_size % 32:
+        raise CliError(f"--block-size {spec.block_size}: vLLM's CPU build needs a positive multiple of 32")
     max_len = spec.max_model_len
     if max_len is None and tiny:
         max_len = DEFAULT_MAX_MODEL_LEN
@@ -159,8 +141,17 @@ def build_launch(spec: EngineSpec, environ: Optional[dict[str, str]] = None, *, 
                 raise CliError(f"G1 of {kv_bytes} bytes holds no full {block}-token block of the tiny model "
                                f"({TINY_KV_BYTES_PER_TOKEN * block} bytes each)")
             max_len = min(max_len, capacity)
-    if max_len is not None:
-        argv += ["--max-model-len", str(max_len)]
+
+    values = {"--host": spec.host or None, "--port": spec.port, "--gpu-memory-utilization": spec.gpu_memory_utilization,
+              "--kv-cache-memory-bytes": kv_bytes, "--block-size": spec.block_size, "--max-model-len": max_len}
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model]
+    argv += [arg for flag, value in values.items() if value is not None for arg in (flag, str(value))]
+    if tiny:  # its seeded random weights load in a second; older copies without them use vLLM's dummy loader
+        if not (Path(model) / "model.safetensors").is_file():
+            argv += ["--load-format", "dummy"]
+        argv += ["--enforce-eager"]
+    if spec.enable_prefix_caching is not None:
+        argv += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
     if spec.connector == "kvbm":
         argv += ["--kv-transfer-config", KV_TRANSFER_CONFIG]
     served = model
@@ -285,18 +276,18 @@ class EngineFailed(CheckFailed):
     """The engine stopped or never became healthy (one line, exit 1)."""
 
 
+@dataclass(eq=False)
 class Engine:
     """A vLLM server process group: start, wait for /health, stop. The log goes to a file and/or a callback."""
 
-    def __init__(self, launch: Launch, *, log_path: Optional[Path] = None,
-                 on_line: Optional[Callable[[str], None]] = None, die_with_parent: bool = True):
-        self.launch = launch
-        self.die_with_parent = die_with_parent
-        self.log_path = log_path
-        self.on_line = on_line
-        self.proc: Optional[subprocess.Popen] = None
-        self.tail: collections.deque[str] = collections.deque(maxlen=400)
-        self._reader: Optional[threading.Thread] = None
+    launch: Launch
+    _: KW_ONLY
+    log_path: Optional[Path] = None
+    on_line: Optional[Callable[[str], None]] = None
+    die_with_parent: bool = True
+    proc: Optional[subprocess.Popen] = field(default=None, init=False)
+    tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=400), init=False)
+    _reader: Optional[threading.Thread] = field(default=None, init=False)
 
     def start(self) -> None:
         spec = self.launch.spec
@@ -312,15 +303,13 @@ class Engine:
         self._reader.start()
 
     def _pump(self) -> None:
-        assert self.proc and self.proc.stdout
-        log = open(self.log_path, "a", encoding="utf-8", errors="replace") if self.log_path else None
+        log = open(self.log_path, "a", encoding="utf-8", errors="replace", buffering=1) if self.log_path else None
         with log or contextlib.nullcontext():
             for raw in self.proc.stdout:
                 line = raw.decode("utf-8", errors="replace").rstrip("\n")
                 self.tail.append(line)
-                if log:
+                if log:  # line-buffered: a reader of the log sees each line at once
                     log.write(line + "\n")
-                    log.flush()
                 if self.on_line:
                     self.on_line(line)
 
@@ -332,7 +321,6 @@ class Engine:
 
     def wait_healthy(self, timeout_s: float, tick: Callable[[float], None] = lambda elapsed: None) -> float:
         """Block until /health answers; returns the seconds it took. Raises EngineFailed on exit or timeout."""
-        assert self.proc
         start = time.monotonic()
         while True:
             if self.proc.poll() is not None:
@@ -351,14 +339,11 @@ class Engine:
         """SIGTERM the process group, SIGKILL what is left after `grace_s`."""
         if not self.proc:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=grace_s)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)  # engine-core and workers may outlive the API server
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5)):  # SIGKILL: what outlives the server
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, sig)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=wait_s)
         if self._reader:
             self._reader.join(timeout=5)
 

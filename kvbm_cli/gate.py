@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,22 +53,21 @@ class MetricSpec:
     unit: str
 
 
+METRICS = tuple(f"{b}_{s}" for b in _BASES for s in _STATS) + ("output_tokens_per_s",)
+
+
 def metric_spec(name: str, direction: str | None = None) -> MetricSpec:
     """The spec for `name` (e.g. ttft_p50, e2e_mean, output_tokens_per_s); `direction` overrides the default."""
     if direction not in (None, LOWER, HIGHER):
         raise CliError(f"direction {direction!r} for {name}: use 'lower' or 'higher' (which way is better)")
-    if name == "output_tokens_per_s":
-        return MetricSpec(name, "throughput", Statistic("ratio_of_sums"), direction or HIGHER, "tok/s")
-    match = re.fullmatch(r"(ttft|itl|e2e|tpot|tps)_(p50|p90|p99|mean)", name)
-    if not match:
+    if name not in METRICS:
         raise CliError(f"unknown metric {name!r}: use ttft|itl|e2e|tpot|tps with _p50|_p90|_p99|_mean, "
                        "or output_tokens_per_s (e.g. --metric ttft_p50)")
-    base, stat = match.groups()
+    if name == "output_tokens_per_s":
+        return MetricSpec(name, "throughput", Statistic("ratio_of_sums"), direction or HIGHER, "tok/s")
+    base, stat = name.split("_")
     unit, better = _BASES[base]
     return MetricSpec(name, base, _STATS[stat], direction or better, unit)
-
-
-METRICS = tuple(f"{b}_{s}" for b in _BASES for s in _STATS) + ("output_tokens_per_s",)
 
 
 def _num(value) -> float:  # None -> nan

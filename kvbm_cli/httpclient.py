@@ -3,7 +3,7 @@
 Operations:
   get(url, timeout) / healthy(base_url)   GET (httpx.HTTPError unless 2xx) / True when GET /health answers 200
   server_model(base_url)                  (id, root) of the server's first model: its served name, what it loaded
-  metrics_url(url) / metrics_text(url)    a /metrics URL (added to a base URL) / the Prometheus text there
+  metrics_url(url)                        a /metrics URL (added to a base URL)
   async_client(concurrency, timeout)      an AsyncClient sized for `concurrency` streams
 """
 
@@ -18,9 +18,7 @@ HTTPError = httpx.HTTPError
 
 def get(url: str, timeout: float = 10.0, **params) -> httpx.Response:
     """GET `url`; httpx.HTTPError on a connection failure or a status that is not 2xx."""
-    resp = httpx.get(url, timeout=timeout, params=params or None)
-    resp.raise_for_status()
-    return resp
+    return httpx.get(url, timeout=timeout, params=params or None).raise_for_status()
 
 
 def healthy(base_url: str, timeout: float = 2.0) -> bool:
@@ -42,15 +40,8 @@ def server_model(base_url: str, timeout: float = 10.0) -> tuple[str, str]:
 
 def metrics_url(url: str) -> str:
     """'http://h:8000' or 'h:8000' -> 'http://h:8000/metrics'; a URL with a path is kept as given."""
-    if "://" not in url:
-        url = "http://" + url
-    scheme, rest = url.split("://", 1)
-    host, _, path = rest.partition("/")
-    return f"{scheme}://{host}/{path or 'metrics'}"
-
-
-def metrics_text(url: str, timeout: float = 10.0) -> str:
-    return get(metrics_url(url), timeout).text
+    url = httpx.URL(url if "://" in url else "http://" + url)
+    return str(url.copy_with(path="/metrics" if url.path == "/" else url.path))
 
 
 def async_client(concurrency: int, timeout_s: float) -> httpx.AsyncClient:

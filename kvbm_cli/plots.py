@@ -8,6 +8,7 @@ Operations:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +43,22 @@ def _log_if_wide(ax, values: pd.Series, axis: str = "x") -> None:
         (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
 
 
+def _cdf(runs: list[Run], path: Path, seconds: Callable[[Run], list], title: str, xlabel: str, ylabel: str) -> Path:
+    """One step curve per run of the values (in seconds) `seconds(run)` gives, drawn in ms."""
+    fig, ax = _plt().subplots(figsize=(7, 4.2))
+    samples = [np.asarray(seconds(run), dtype=float) * 1000 for run in runs]
+    for i, (run, values) in enumerate(zip(runs, samples)):
+        values = values[np.isfinite(values)]
+        if len(values):
+            ax.ecdf(values, color=f"C{i}", label=f"{run.name} (p50 {np.median(values):.1f} ms, n={len(values)})")
+    _log_if_wide(ax, pd.Series(np.concatenate(samples)))
+    return _save(fig, ax, path, title, xlabel, ylabel, loc="lower right")
+
+
 def ttft_cdf(runs: list[Run], path: Path) -> Path:
     """The distribution of time to first token, one step curve per run."""
-    fig, ax = _plt().subplots(figsize=(7, 4.2))
-    for i, run in enumerate(runs):
-        values = run.requests["ttft_s"].astype(float).dropna() * 1000
-        if len(values):
-            ax.ecdf(values, color=f"C{i}", label=f"{run.name} (n={len(values)})")
-    _log_if_wide(ax, pd.concat([r.requests["ttft_s"] for r in runs]).astype(float))
-    return _save(fig, ax, path, "TTFT CDF", "time to first token (ms)", "fraction of requests", loc="lower right")
+    return _cdf(runs, path, lambda run: run.requests["ttft_s"], "TTFT CDF", "time to first token (ms)",
+                "fraction of requests")
 
 
 def ttft_over_time(runs: list[Run], path: Path) -> Path:
@@ -69,17 +77,8 @@ def ttft_over_time(runs: list[Run], path: Path) -> Path:
 
 def itl(runs: list[Run], path: Path) -> Path:
     """The distribution of inter-token latencies over all output tokens."""
-    fig, ax = _plt().subplots(figsize=(7, 4.2))
-    everything = []
-    for i, run in enumerate(runs):
-        values = np.asarray([v for lst in run.requests["itl_s"] for v in lst], dtype=float) * 1000
-        values = values[np.isfinite(values)]
-        everything.append(values)
-        if len(values):
-            ax.ecdf(values, color=f"C{i}", label=f"{run.name} (p50 {np.median(values):.1f} ms, n={len(values)})")
-    _log_if_wide(ax, pd.Series(np.concatenate(everything)))
-    return _save(fig, ax, path, "ITL CDF (all output tokens)", "inter-token latency (ms)", "fraction of tokens",
-                 loc="lower right")
+    return _cdf(runs, path, lambda run: [v for lst in run.requests["itl_s"] for v in lst],
+                "ITL CDF (all output tokens)", "inter-token latency (ms)", "fraction of tokens")
 
 
 def throughput(runs: list[Run], path: Path) -> Path:
@@ -110,10 +109,8 @@ def hit_rates(runs: list[Run], path: Path) -> Path | None:
         curves = []
         for i, ((hits, queries), label) in enumerate(HIT_COUNTERS.items()):
             h, q = series(run, hits), series(run, queries)
-            if len(h) and len(q):
-                both = pd.concat([h - h.iloc[0], q - q.iloc[0]], axis=1).dropna()
-                rate = (both.iloc[:, 0] / both.iloc[:, 1].where(both.iloc[:, 1] > 0)).dropna()
-                curves.append((rate, label, styles[i]))
+            if len(h) and len(q):  # hits per query since the first scrape, once any query was made
+                curves.append((((h - h.iloc[0]) / (q - q.iloc[0]).where(q > q.iloc[0])).dropna(), label, styles[i]))
         for i, (gauge, label) in enumerate(HIT_GAUGES.items()):
             curves.append((series(run, gauge), label, styles[2 + i]))
         for values, label, style in curves:
@@ -152,9 +149,9 @@ def throughput_points(summaries: list[dict]) -> dict[str, list[tuple[float, floa
     """{config (run name): [(hit rate, requests/s)] sorted by hit rate} from hit-rate run summaries."""
     points: dict[str, list[tuple[float, float]]] = {}
     for s in summaries:
-        if s.get("workload") != "hit-rate" or s.get("requests_per_s") is None:
-            continue
-        points.setdefault(str(s.get("run")), []).append((float(s["config"]["hit_rate"]), float(s["requests_per_s"])))
+        if s.get("workload") == "hit-rate" and s.get("requests_per_s") is not None:
+            point = (float(s["config"]["hit_rate"]), float(s["requests_per_s"]))
+            points.setdefault(str(s.get("run")), []).append(point)
     return {name: sorted(p) for name, p in points.items()}
 
 

@@ -31,7 +31,7 @@ def parse(text: str) -> Metrics:
 def scrape(url: str) -> Metrics:
     """The samples at `url` (a base URL gets /metrics); empty when nothing answers."""
     try:
-        return parse(httpclient.metrics_text(url))
+        return parse(httpclient.get(httpclient.metrics_url(url)).text)
     except (httpclient.HTTPError, OSError, ValueError):
         return {}
 

@@ -9,7 +9,7 @@ Operations:
   RequestRecord, Stats, Summary          pydantic models of the two files; stats_of(values), summarize(records)
   write_requests / append_request / read_requests   requests.jsonl (append flushes: a dying run keeps its lines)
   measured_requests(run)                 the requests gate and report count (no warm-up, no failures)
-  write_summary / write_run / read_run   summary.json / both files of one artifact dir
+  write_run / read_run                   both files of one artifact dir
   load_run(path) -> Run                  a run directory as DataFrames (requests, metrics.csv) for reports
   series(run, name) / kvbm_totals(run)   one metric over time / counter increases per tier pair
 """
@@ -167,14 +167,10 @@ def measured_requests(run: str | Path) -> list[RequestRecord]:
     return [r for r in read_requests(find_requests(run)) if not r.warmup and not r.error]
 
 
-def write_summary(path: str | Path, summary: Summary) -> None:
-    Path(path).write_text(json.dumps(summary.model_dump(mode="json"), indent=2) + "\n", encoding="utf-8")
-
-
 def write_run(artifact_dir: str | Path, records: Iterable[RequestRecord], summary: Summary) -> None:
     (d := Path(artifact_dir)).mkdir(parents=True, exist_ok=True)
     write_requests(d / REQUESTS_FILE, records)
-    write_summary(d / SUMMARY_FILE, summary)
+    (d / SUMMARY_FILE).write_text(summary.model_dump_json(indent=2) + "\n", encoding="utf-8")
 
 
 def read_run(artifact_dir: str | Path) -> tuple[list[RequestRecord], Summary]:
@@ -244,14 +240,10 @@ def series(run: Run, name: str) -> pd.Series:
         return pd.Series(dtype=float)
     # One scrape of one source shares one t: sum its label sets there. Several sources (e.g. two KVBM
     # instances) are scraped at slightly different times: align on the union of times, carry values forward.
-    t0 = run.metrics["t"].min()
-    per_source = [g.groupby("t")["value"].sum() for _, g in frame.groupby("source")]
-    if len(per_source) == 1:
-        values = per_source[0]
-    else:
-        values = pd.concat(per_source, axis=1).sort_index().ffill().sum(axis=1, min_count=1)
-    values.index = values.index - t0
-    return values.sort_index()
+    by_source = frame.pivot_table(index="t", columns="source", values="value", aggfunc="sum")  # sorted by t
+    values = by_source.ffill().sum(axis=1, min_count=1)
+    values.index = values.index - run.metrics["t"].min()
+    return values
 
 
 def kvbm_totals(run: Run) -> dict[str, float]:

@@ -5,7 +5,7 @@ Operations:
                                     sum of order statistics; quantile() equals scipy.stats.mstats.hdquantiles
   quantile(x, p, method=)           one quantile ("hd" Harrell-Davis, or "sample" as numpy computes it)
   summary(x)                        mean, p50, p90, p99, min, max, n of a sample
-  bootstrap_ratio(a, b, stat, ...)  stat(b) / stat(a) with a percentile bootstrap confidence interval
+  bootstrap_ratio(a, b, stat, ...)  stat(b) / stat(a) with a percentile bootstrap interval (scipy.stats.bootstrap)
   Statistic                         what to compute on one sample: a quantile, the mean, or a ratio of sums
 
 Harrell-Davis averages neighbouring order statistics, so at n=30 it spreads much less than the sample median
@@ -17,16 +17,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 import numpy as np
 from scipy.special import betainc
+from scipy.stats import bootstrap
 
 
 @lru_cache(maxsize=256)
 def hd_weights(n: int, p: float) -> np.ndarray:
     """Harrell-Davis weights for the p-quantile of n sorted values (they sum to 1; read-only, they are cached)."""
-    if n < 1 or not 0.0 < p < 1.0:
-        raise ValueError(f"Harrell-Davis weights need n >= 1 values and 0 < p < 1 (got n={n}, p={p})")
     weights = np.diff(betainc(p * (n + 1), (1.0 - p) * (n + 1), np.arange(n + 1) / n))  # regularized incomplete beta
     weights.flags.writeable = False
     return weights
@@ -34,12 +34,10 @@ def hd_weights(n: int, p: float) -> np.ndarray:
 
 def quantile(x, p: float, method: str = "hd") -> float:
     """The p-quantile of `x`: Harrell-Davis ("hd", the default) or numpy's linear interpolation ("sample")."""
-    arr = np.sort(np.asarray(x, dtype=float))
+    arr = np.asarray(x, dtype=float)
     if arr.size == 0:
         return float("nan")
-    if method == "sample" or arr.size == 1:
-        return float(np.quantile(arr, p))
-    return float(arr @ hd_weights(arr.size, p))
+    return float(np.quantile(arr, p)) if method == "sample" else Statistic("quantile", p)(arr)
 
 
 def summary(x) -> dict[str, float]:
@@ -60,21 +58,19 @@ class Statistic:
     denominator) pairs: e.g. output tokens and seconds, giving tokens per second over all requests).
     """
 
-    kind: str
+    kind: Literal["quantile", "mean", "ratio_of_sums"]
     p: float = 0.5
 
     def __call__(self, sample: np.ndarray) -> float:
-        return float(self.batch(np.asarray(sample, dtype=float)[None, ...])[0])
+        return float(self.batch(np.moveaxis(np.asarray(sample, dtype=float), 0, -1)[..., None, :])[0])
 
     def batch(self, samples: np.ndarray) -> np.ndarray:
-        """The statistic of each row of `samples` (shape (B, n) or (B, n, 2) for ratio_of_sums)."""
+        """The statistic of each row of `samples`: shape (B, n), or (2, B, n) for ratio_of_sums (scipy's layout)."""
         if self.kind == "quantile":
-            return np.sort(samples, axis=1) @ hd_weights(samples.shape[1], self.p)
+            return np.sort(samples, axis=-1) @ hd_weights(samples.shape[-1], self.p)
         if self.kind == "mean":
-            return samples.mean(axis=1)
-        if self.kind == "ratio_of_sums":
-            return samples[..., 0].sum(axis=1) / samples[..., 1].sum(axis=1)
-        raise ValueError(f"unknown statistic {self.kind!r}")
+            return samples.mean(axis=-1)
+        return samples[0].sum(axis=-1) / samples[1].sum(axis=-1)  # ratio_of_sums
 
 
 @dataclass(frozen=True)
@@ -93,27 +89,13 @@ class RatioCI:
 
 def bootstrap_ratio(a, b, stat: Statistic, *, n_boot: int = 2000, confidence: float = 0.95,
                     seed: int = 0) -> RatioCI:
-    """stat(b) / stat(a) and its percentile bootstrap interval, resampling a and b independently.
-
-    `a` and `b` are 1-D samples (or (n, 2) pairs for ratio_of_sums). Deterministic for a given `seed`.
-    Resampled in chunks so memory stays small for large samples.
-    """
+    """stat(b) / stat(a) and its percentile bootstrap interval (scipy.stats.bootstrap), resampling a and b
+    independently; `a` and `b` are 1-D samples (or (n, 2) pairs for ratio_of_sums). Deterministic for a `seed`."""
     arr_a, arr_b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(arr_a) < 2 or len(arr_b) < 2:
-        raise ValueError(f"need at least 2 values on each side (got {len(arr_a)} and {len(arr_b)})")
     stat_a, stat_b = stat(arr_a), stat(arr_b)
-    rng = np.random.default_rng(seed)
-    ratios = np.empty(n_boot)
-    chunk = max(1, min(n_boot, 2_000_000 // max(len(arr_a), len(arr_b))))
-    for start in range(0, n_boot, chunk):
-        k = min(chunk, n_boot - start)
-        ra = stat.batch(arr_a[rng.integers(0, len(arr_a), size=(k, len(arr_a)))])
-        rb = stat.batch(arr_b[rng.integers(0, len(arr_b), size=(k, len(arr_b)))])
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratios[start:start + k] = rb / ra
-    alpha = (1.0 - confidence) / 2.0
-    finite = ratios[np.isfinite(ratios)]
-    low, high = (float(v) for v in (np.quantile(finite, [alpha, 1.0 - alpha]) if finite.size else [np.nan] * 2))
     with np.errstate(divide="ignore", invalid="ignore"):
+        ci = bootstrap((arr_a, arr_b), lambda x, y, axis: stat.batch(y) / stat.batch(x), n_resamples=n_boot,
+                       batch=max(1, 2_000_000 // max(len(arr_a), len(arr_b))),  # bounds the memory
+                       confidence_level=confidence, method="percentile", axis=0, rng=seed).confidence_interval
         ratio = float(np.float64(stat_b) / np.float64(stat_a))
-    return RatioCI(ratio, low, high, stat_a, stat_b, len(arr_a), len(arr_b), confidence)
+    return RatioCI(ratio, float(ci.low), float(ci.high), stat_a, stat_b, len(arr_a), len(arr_b), confidence)

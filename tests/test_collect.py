@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from kvbm_cli.collect import (collect_during, format_labels, metrics_url, parse_labels, promql_name_selector,
+from kvbm_cli.collect import (background, format_labels, metrics_url, parse_labels, promql_name_selector,
                               query_prometheus)
 from kvbm_runner import run_kvbm
 from prom_server import dashboard_exprs, prometheus_bin, prometheus_server, query_range, wait_for_targets
@@ -96,16 +96,11 @@ def test_labels_round_trip_with_separators():
     assert metrics_url("http://h:1/custom") == "http://h:1/custom"
 
 
-def test_collect_during_writes_long_format_beside_a_workload(exporter, tmp_path):
+def test_background_collection_writes_long_format_beside_a_workload(exporter, tmp_path):
     out = tmp_path / "run" / "metrics.csv"
-    stop = threading.Event()
-    box = {}
-    thread = threading.Thread(target=lambda: box.setdefault("r", collect_during([exporter], out, stop, interval_s=0.3)))
-    thread.start()
-    time.sleep(1.5)
-    stop.set()
-    thread.join(timeout=10)
-    result = box["r"]
+    with background([exporter], out, interval_s=0.3) as box:
+        time.sleep(1.5)
+    result = box["result"]
     assert result.scrapes[f"http://{exporter}/metrics"] >= 4 and result.failures[f"http://{exporter}/metrics"] == 0
     frame = pd.read_csv(out, keep_default_na=False)
     assert list(frame.columns) == ["t", "source", "name", "labels", "value"]

@@ -70,13 +70,10 @@ def store(
     as_json: JsonOpt = False,
 ) -> None:
     """Can the shared tier (G4) use this store: reachable, version, maxmemory and policy, latency, throughput."""
-    from kvbm.mechanism.remote import redacted
-
     if not url:
         raise CliError("give --url redis://host:port/0 (or set DYN_KVBM_REMOTE_URL)")
     checks, facts = store_checks(url, secret=os.environ.get("DYN_KVBM_REMOTE_SECRET") or None, blocks=blocks)
-    _show(checks, f"kvbm doctor store {redacted(url)}", f"shared store {redacted(url)}", facts,
-          as_json)
+    _show(checks, f"kvbm doctor store {facts['url']}", f"shared store {facts['url']}", facts, as_json)
 
 
 @doctor_app.callback(invoke_without_command=True)

@@ -49,9 +49,10 @@ def collect(
         re.compile(match)
     except re.error as exc:
         raise CliError(f"--match {match!r} is not a regular expression ({exc})") from None
-    target = collector.csv_path(out_arg)
+    as_csv = out_arg.suffix.lower() == ".csv"  # else a run directory, which gets metrics.csv
+    target = out_arg if as_csv else out_arg / "metrics.csv"
     if prometheus:
-        window = collector.run_window(out_arg) if out_arg.suffix.lower() != ".csv" else None
+        window = None if as_csv else collector.run_window(out_arg)
         t_end = collector.parse_time(end) if end else (window[1] + 2 * interval if window else time.time())
         t_start = collector.parse_time(start) if start else (window[0] - 2 * interval if window else t_end - since)
         if t_end <= t_start:

@@ -27,9 +27,7 @@ def report(
     if json_out:
         emit_json({k: v for k, v in result.items() if k != "table"})
         return
-    console = out()
     table = result["table"]
-    console.print(markdown(list(table[0]), [row.values() for row in table]), markup=False, soft_wrap=True)
-    for line in result["findings"]:
-        console.print(f"- {line}", markup=False, soft_wrap=True)
-    console.print(f"wrote {', '.join(result['files'])} to {result['out']}", markup=False, soft_wrap=True)
+    lines = [markdown(list(table[0]), [row.values() for row in table]), *[f"- {x}" for x in result["findings"]],
+             f"wrote {', '.join(result['files'])} to {result['out']}"]
+    out().print("\n".join(lines), markup=False, soft_wrap=True)

@@ -64,8 +64,7 @@ def serve(
     launch = build_launch(spec)
     if dry_run and json_out:
         emit_json({"argv": launch.argv, "env_set": {k: shown(k, v) for k, v in launch.env_set.items()},
-                   "env_unset": launch.env_unset, "url": launch.url,
-                   "notes": launch.notes})
+                   "env_unset": launch.env_unset, "url": launch.url, "notes": launch.notes})
         return
     for line in launch.notes:
         note(f"note: {line}")
@@ -83,8 +82,7 @@ def serve(
             engine.proc.wait()
             raise EngineFailed(engine.failure())
         except KeyboardInterrupt:
-            note("stopping the engine ...")
-            engine.stop()
+            note("stopping the engine ...")  # `finally` stops it
             raise typer.Exit(EXIT_INTERRUPTED)
         finally:
             engine.stop()
