@@ -267,3 +267,26 @@ def test_histogram_quantiles_as_prometheus_estimates_them():
     assert t["p50"] == pytest.approx(0.05) and t["p90"] == pytest.approx(0.09)
     assert d["vllm:prefix_cache_hits"] == 256.0
     assert prom.histogram_quantile(0.25, [(0.01, 0), (0.05, 10), (0.1, 20)]) == pytest.approx(0.03)
+
+
+def test_compare_names_a_config_whose_client_got_tokens_in_bursts():
+    """A config whose client measured tokens far closer together than vLLM made them (its API server fell behind
+    and flushed whole streams) gets a line saying so under the table; a config streamed as made gets none."""
+    from kvbm_cli.results import Stats, Summary
+
+    def result(client_itl_s: float, server_itl_s: float) -> dict:
+        s = Stats(mean=0.1, p50=0.1, p90=0.1)
+        summary = Summary(run="r", workload="prefix-reuse", url="http://x", model="m", started_at="t", duration_s=1.0,
+                          num_requests=2, num_errors=0, ttft_s=s, itl_s=Stats(mean=client_itl_s), e2e_s=s,
+                          output_tokens_per_s=1.0, input_tokens_per_s=1.0, requests_per_s=1.0)
+        return {"summary": summary, "vllm_metrics": {"vllm:inter_token_latency_seconds": {"mean": server_itl_s}}}
+
+    scenario = compare.load_scenario(compare.default_scenario())
+    comp = compare.build_comparison(scenario, {"baseline": result(0.00018, 0.0026), "kvbm": result(0.0029, 0.0028)})
+    text = compare.comparison_markdown(comp)
+    assert "- baseline: tokens reached the client in bursts (client ITL mean 0.18 ms against the engine's 2.60 ms)" \
+        in text
+    assert "- kvbm: tokens reached" not in text
+    smooth = compare.comparison_markdown(compare.build_comparison(
+        scenario, {"baseline": result(0.0025, 0.0026), "kvbm": result(0.0029, 0.0028)}))
+    assert "in bursts" not in smooth  # the negative control: the same table without a starved server

@@ -252,8 +252,26 @@ def build_comparison(scenario: Scenario, results: dict[str, dict[str, Any]]) -> 
         rows.append({"metric": label, "better": better, "values": values, "gain_vs_" + base: gains})
     cache = [{"config": n, "errors": results[n]["summary"].num_errors, "requests": results[n]["summary"].num_requests,
               **{key: m.get(counter) or 0 for key, counter in _CACHE_COUNTERS.items()},
-              "vllm_ttft": m.get(_TTFT), "reuse": m.get("reuse")} for n in names for m in [results[n]["vllm_metrics"]]]
+              "vllm_ttft": m.get(_TTFT), "reuse": m.get("reuse"), "itl_ms": _itl_ms(results[n])}
+             for n in names for m in [results[n]["vllm_metrics"]]]
     return {"scenario": scenario.name, "baseline": base, "configs": names, "rows": rows, "cache": cache}
+
+
+def _itl_ms(result: dict[str, Any]) -> Optional[list[float]]:
+    """[client ITL mean, vLLM's ITL mean] in ms, when both were measured."""
+    client, server = result["summary"].itl_s.mean, _server_mean("vllm:inter_token_latency_seconds")(result)
+    return [client * 1000, server * 1000] if client is not None and server else None
+
+
+def _burst_note(c: dict[str, Any]) -> Optional[str]:
+    """A config whose client saw tokens far closer together than the engine made them got them in bursts: its
+    API server fell behind (on a few shared cores, vLLM's busy-waiting engine core starves it), so its client-side
+    latencies and concurrent throughput measure that, not the engine (README "Why the client's figures split")."""
+    client, server = c.get("itl_ms") or (None, None)
+    if client is None or client >= 0.5 * server:
+        return None
+    return (f"\n- {c['config']}: tokens reached the client in bursts (client ITL mean {client:.2f} ms against the "
+            f"engine's {server:.2f} ms): its API server fell behind, so read the vLLM rows for this config")
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -280,7 +298,8 @@ def comparison_markdown(comp: dict[str, Any]) -> str:
            if comp.get("repeats") else ""), "",
         markdown(["config", "requests", "errors", "G1 hit tokens / queried", "KVBM hit tokens / queried",
                   "vLLM TTFT histogram: count, mean, ~p50, ~p90 (ms)"], cache),
-        *[f"\n- {c['config']}: {explain_reuse(c['reuse'])}" for c in comp["cache"] if c.get("reuse")]]) + "\n"
+        *[f"\n- {c['config']}: {explain_reuse(c['reuse'])}" for c in comp["cache"] if c.get("reuse")],
+        *filter(None, map(_burst_note, comp["cache"]))]) + "\n"
 
 
 def _median(xs: list) -> Optional[float]:
