@@ -4,7 +4,7 @@ Operations:
   out() / err() / note(text)  rich consoles for stdout and stderr (120 columns in a pipe) / one line on stderr
   emit_json(obj)              one JSON object on stdout: what every --json prints
   progress(kind, disable)     a progress bar on stderr ("bytes", "requests" or "spinner"), off unless a terminal
-  table(title, columns) / markdown(columns, rows)   a rich Table / a GitHub Markdown table ("name>": right-aligned)
+  table(title, columns, rows) / markdown(columns, rows)   a rich Table / a Markdown table ("name>": right-aligned)
 """
 
 from __future__ import annotations
@@ -35,11 +35,13 @@ def emit_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
-def table(title: str, columns: list[str]) -> Table:
-    """A table titled `title`; a column written "name>" is right-aligned."""
+def table(title: str, columns: list[str], rows: Iterable[Iterable[Any]] = ()) -> Table:
+    """A table titled `title` holding `rows`; a column written "name>" is right-aligned."""
     t = Table(title=title, title_justify="left")
     for col in columns:
         t.add_column(col.rstrip(">"), justify="right" if col.endswith(">") else "left", overflow="fold")
+    for row in rows:
+        t.add_row(*row)
     return t
 
 

@@ -141,12 +141,11 @@ def workload_command(cls: type[WorkloadConfig]) -> Callable[..., None]:
             emit_json(summary.model_dump(mode="json"))
             return
         columns = ("mean", "p50", "p90", "p99", "min", "max")
-        rows = table(f"{summary.workload} · {summary.run} · {summary.num_requests} requests, {summary.num_errors} "
-                     f"errors, {summary.duration_s:.1f} s", ["metric", *(c + ">" for c in columns)])
-        for name, stats in (("TTFT ms", summary.ttft_s), ("ITL ms", summary.itl_s), ("E2E ms", summary.e2e_s)):
-            rows.add_row(name, *("-" if getattr(stats, c) is None else f"{getattr(stats, c) * 1000:.1f}"
-                                 for c in columns))
-        out().print(rows)
+        stats = {"TTFT ms": summary.ttft_s, "ITL ms": summary.itl_s, "E2E ms": summary.e2e_s}
+        out().print(table(f"{summary.workload} · {summary.run} · {summary.num_requests} requests, {summary.num_errors} "
+                          f"errors, {summary.duration_s:.1f} s", ["metric", *(c + ">" for c in columns)],
+                          [(name, *("-" if getattr(s, c) is None else f"{getattr(s, c) * 1000:.1f}" for c in columns))
+                           for name, s in stats.items()]))
         out().print(f"output {summary.output_tokens_per_s:.1f} tok/s · input {summary.input_tokens_per_s:.1f} "
                     f"tok/s · {summary.requests_per_s:.2f} req/s · results in {artifact_dir}",
                     markup=False, soft_wrap=True)

@@ -197,13 +197,11 @@ def soak(
         emit_json({"rows": [asdict(r) for r in result.rows], "totals": result.totals, "errors": result.errors[:50],
                    "rss_start_mb": result.rss_start_mb, "rss_end_mb": result.rss_end_mb})
     else:
-        rows = table(f"soak {url} ({cfg.minutes:g} min, {cfg.concurrency} clients, {cfg.disconnect_fraction:.0%} "
-                     "disconnect)", ["minute>", "requests>", "completed>", "disconnected>", "errors>", "TTFT p50 ms>",
-                                     "TTFT p99 ms>", "RSS MB>"])
-        for r in result.rows:
-            rows.add_row(str(r.minute + 1), str(r.requests), str(r.completed), str(r.disconnected), str(r.errors),
-                         _fmt(r.ttft_p50_ms), _fmt(r.ttft_p99_ms), _fmt(r.rss_mb))
-        out().print(rows)
+        out().print(table(f"soak {url} ({cfg.minutes:g} min, {cfg.concurrency} clients, {cfg.disconnect_fraction:.0%} "
+                          "disconnect)", ["minute>", "requests>", "completed>", "disconnected>", "errors>",
+                                          "TTFT p50 ms>", "TTFT p99 ms>", "RSS MB>"],
+                          [(str(r.minute + 1), str(r.requests), str(r.completed), str(r.disconnected), str(r.errors),
+                            _fmt(r.ttft_p50_ms), _fmt(r.ttft_p99_ms), _fmt(r.rss_mb)) for r in result.rows]))
         out().print(f"RSS {_fmt(result.rss_start_mb)} -> {_fmt(result.rss_end_mb)} MB; totals {result.totals}")
         for line in result.errors[:10]:
             err().print(f"error: {line}")

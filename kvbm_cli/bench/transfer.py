@@ -210,10 +210,8 @@ def transfer(
         emit_json([asdict(r) | {"ratio": r.ratio} for r in results])
         return
     nbytes = results[0].nbytes
-    t = table(f"kvbm bench transfer ({device}): {blocks} blocks x {nbytes // blocks // 1024} KiB = "
-              f"{nbytes / 2**20:.0f} MiB per measurement, median of {repeats}",
-              ["path", "reference", "kvbm GB/s>", "raw GB/s>", "ratio>"])
-    for r in results:
-        style = "green" if r.ratio >= 0.8 else "yellow"
-        t.add_row(r.path, r.reference, f"{r.ours_gbps:.2f}", f"{r.raw_gbps:.2f}", f"[{style}]{r.ratio:.2f}[/{style}]")
-    out().print(t)
+    out().print(table(f"kvbm bench transfer ({device}): {blocks} blocks x {nbytes // blocks // 1024} KiB = "
+                      f"{nbytes / 2**20:.0f} MiB per measurement, median of {repeats}",
+                      ["path", "reference", "kvbm GB/s>", "raw GB/s>", "ratio>"],
+                      [(r.path, r.reference, f"{r.ours_gbps:.2f}", f"{r.raw_gbps:.2f}",
+                        f"[{'green' if r.ratio >= 0.8 else 'yellow'}]{r.ratio:.2f}[/]") for r in results]))

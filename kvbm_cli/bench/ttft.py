@@ -127,11 +127,9 @@ def ttft(
     if as_json:
         emit_json(rows)
         return
-    t = table(f"kvbm bench ttft: {prefix_tokens}-token prefix + {suffix_tokens} new tokens, {trials} trials, "
-              f"G1 {g1_blocks} blocks of {block_size} tokens",
-              ["case", "TTFT p50 (ms)>", "speedup vs recompute>", "trials (ms)", "note"])
-    for r in rows:
-        t.add_row(r["case"], f"{r['ttft_p50_ms']:.1f}", f"{r['speedup_vs_recompute']:.2f}x",
-                  " ".join(f"{t:.0f}" for t in r["ttft_ms"]), r["note"])
-    out().print(t)
+    out().print(table(f"kvbm bench ttft: {prefix_tokens}-token prefix + {suffix_tokens} new tokens, {trials} trials, "
+                      f"G1 {g1_blocks} blocks of {block_size} tokens",
+                      ["case", "TTFT p50 (ms)>", "speedup vs recompute>", "trials (ms)", "note"],
+                      [(r["case"], f"{r['ttft_p50_ms']:.1f}", f"{r['speedup_vs_recompute']:.2f}x",
+                        " ".join(f"{t:.0f}" for t in r["ttft_ms"]), r["note"]) for r in rows]))
     out().print(f"logs and ttft.json in {log_dir}", markup=False, soft_wrap=True)

@@ -29,11 +29,9 @@ def _show(checks: list[Check], title: str, subject: str, extra: dict[str, Any], 
     if as_json:
         emit_json({"ok": ok, "verdict": line, "checks": [asdict(c) for c in checks], **extra})
     else:
-        rows = table(title, ["check", "status", "detail", "fix"])
         style = {"ok": "green", "warn": "yellow", "fail": "bold red", "info": "dim"}
-        for c in checks:
-            rows.add_row(c.name, f"[{style[c.status]}]{c.status}[/]", c.detail, c.fix)
-        out().print(rows)
+        out().print(table(title, ["check", "status", "detail", "fix"],
+                          [(c.name, f"[{style[c.status]}]{c.status}[/]", c.detail, c.fix) for c in checks]))
         if ok:
             out().print(line)
     if not ok:
@@ -88,8 +86,7 @@ def doctor(
         return
     checks, rows = env_checks(dict(os.environ), port, workers)
     if not as_json:
-        variables = table("DYN_KVBM_* variables", ["variable", "set to", "in effect", "meaning"])
-        for r in rows:
-            variables.add_row(r["name"], "-" if r["raw"] is None else repr(r["raw"]), r["value"], r["meaning"])
-        out().print(variables)
+        out().print(table("DYN_KVBM_* variables", ["variable", "set to", "in effect", "meaning"],
+                          [(r["name"], "-" if r["raw"] is None else repr(r["raw"]), r["value"], r["meaning"])
+                           for r in rows]))
     _show(checks, "kvbm doctor", "environment", {"variables": rows}, as_json)

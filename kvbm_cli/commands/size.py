@@ -25,21 +25,17 @@ def _render(r: dict[str, Any]) -> None:
     console, m = out(), r["model"]
     shape = (f"MLA latent {m['mla_latent_dim']} x {m['num_layers']} layers" if m["mla_latent_dim"] else
              f"{m['attention']}, {m['num_layers']} layers x {r['kv_heads_per_rank']} KV heads x {m['head_dim']}")
-    head = table(f"KV cache of {m['name']} ({shape}, {r['kv_dtype']}, tp {r['tp']})", ["quantity", "value>"])
-    head.add_row("KV bytes per token" + (" (per rank)" if r["tp"] > 1 else ""),
-                 f"{r['kv_bytes_per_token']:,} ({r['kv_bytes_per_token'] / 1024:,.1f} KiB)")
-    head.add_row(f"KV bytes per block ({r['block_size']} tokens)",
-                 f"{r['kv_bytes_per_block']:,} ({r['kv_bytes_per_block'] / 2**20:,.2f} MiB)")
-    head.add_row(f"one prefix of {r['prefix_len']:,} tokens", _gb(r["prefix_bytes"]))
-    head.add_row("model weights (per rank)", _gb(r["gpu"]["weight_bytes_per_rank"]))
-    console.print(head)
-
-    tiers = table(f"Tiers (per rank; prefixes of {r['prefix_len']:,} tokens)",
-                  ["tier", "size>", "blocks>", "tokens>", "prefixes>", "setting"])
-    for t in r["tiers"]:
-        tiers.add_row(t["tier"].upper(), _gb(t["bytes"]), f"{t['num_blocks']:,}", f"{t['num_tokens']:,}",
-                      f"{t['num_prefixes']:,}", t["setting"])
-    console.print(tiers)
+    console.print(table(f"KV cache of {m['name']} ({shape}, {r['kv_dtype']}, tp {r['tp']})", ["quantity", "value>"], [
+        ("KV bytes per token" + (" (per rank)" if r["tp"] > 1 else ""),
+         f"{r['kv_bytes_per_token']:,} ({r['kv_bytes_per_token'] / 1024:,.1f} KiB)"),
+        (f"KV bytes per block ({r['block_size']} tokens)",
+         f"{r['kv_bytes_per_block']:,} ({r['kv_bytes_per_block'] / 2**20:,.2f} MiB)"),
+        (f"one prefix of {r['prefix_len']:,} tokens", _gb(r["prefix_bytes"])),
+        ("model weights (per rank)", _gb(r["gpu"]["weight_bytes_per_rank"]))]))
+    console.print(table(f"Tiers (per rank; prefixes of {r['prefix_len']:,} tokens)",
+                        ["tier", "size>", "blocks>", "tokens>", "prefixes>", "setting"],
+                        [(t["tier"].upper(), _gb(t["bytes"]), f"{t['num_blocks']:,}", f"{t['num_tokens']:,}",
+                          f"{t['num_prefixes']:,}", t["setting"]) for t in r["tiers"]]))
     g, gpu_tier = r["gpu"], r["tiers"][0]
     console.print(f"GPU memory  = Model Size + Active Blocks x Block Size = {_gb(g['weight_bytes_per_rank'])} + "
                   f"{gpu_tier['num_blocks']:,} x {r['kv_bytes_per_block'] / 1e6:,.2f} MB = "
@@ -54,13 +50,12 @@ def _render(r: dict[str, Any]) -> None:
 
     if "fit" in r:
         f = r["fit"]
-        fit = table(f"To hold {f['num_prefixes']:,} prefixes of {f['prefix_len']:,} tokens in one tier",
-                    ["tier", "needs>", "setting"])
-        fit.add_row("GPU", f"{f['gpu_memory_gb']:,.2f} GB", f"--gpu-memory-utilization {f['gpu_utilization']:.2f}"
-                    + (" (more than the GPU has)" if f["gpu_utilization"] > 1 else ""))
-        fit.add_row("CPU", f"{f['cpu_cache_gb']:,.2f} GB", f"DYN_KVBM_CPU_CACHE_GB={f['cpu_cache_gb']:.1f}")
-        fit.add_row("Disk", f"{f['disk_cache_gb']:,.2f} GB", f"DYN_KVBM_DISK_CACHE_GB={f['disk_cache_gb']:.1f}")
-        console.print(fit)
+        console.print(table(f"To hold {f['num_prefixes']:,} prefixes of {f['prefix_len']:,} tokens in one tier",
+                            ["tier", "needs>", "setting"], [
+            ("GPU", f"{f['gpu_memory_gb']:,.2f} GB", f"--gpu-memory-utilization {f['gpu_utilization']:.2f}"
+             + (" (more than the GPU has)" if f["gpu_utilization"] > 1 else "")),
+            ("CPU", f"{f['cpu_cache_gb']:,.2f} GB", f"DYN_KVBM_CPU_CACHE_GB={f['cpu_cache_gb']:.1f}"),
+            ("Disk", f"{f['disk_cache_gb']:,.2f} GB", f"DYN_KVBM_DISK_CACHE_GB={f['disk_cache_gb']:.1f}")]))
 
     be = table(f"Onboard or recompute a {r['prefix_len']:,}-token prefix ({r['compute']['source']})",
                ["tier", "bandwidth>", "onboard>", "recompute>", "speedup>", "pays from>", "bandwidth from"])
