@@ -7,7 +7,7 @@ Layout of an artifact dir:
 
 Operations:
   RequestRecord, Stats, Summary          pydantic models of the two files; stats_of(values), summarize(records)
-  write_requests / append_request / read_requests   requests.jsonl (append flushes: a dying run keeps its lines)
+  write_requests / read_requests         requests.jsonl (mode "a" appends and flushes: a dying run keeps its lines)
   measured_requests(run)                 the requests gate and report count (no warm-up, no failures)
   write_run / read_run                   both files of one artifact dir
   load_run(path) -> Run                  a run directory as DataFrames (requests, metrics.csv) for reports
@@ -132,10 +132,6 @@ def write_requests(path: str | Path, records: Iterable[RequestRecord], mode: str
     """Write `records` as JSON lines (replacing the file, or appending with mode "a")."""
     with open(path, mode, encoding="utf-8") as f:
         f.writelines(r.model_dump_json() + "\n" for r in records)
-
-
-def append_request(path: str | Path, record: RequestRecord) -> None:
-    write_requests(path, [record], "a")
 
 
 def read_requests(path: str | Path) -> list[RequestRecord]:

@@ -21,7 +21,7 @@ import httpx
 
 from kvbm_cli._output import progress
 from kvbm_cli.httpclient import async_client
-from kvbm_cli.results import REQUESTS_FILE, RequestRecord, append_request
+from kvbm_cli.results import REQUESTS_FILE, RequestRecord, write_requests
 
 
 @dataclass
@@ -160,7 +160,7 @@ class Target:
                     sent = await send(client, url or self.url.split(",")[0], self.model, spec, run=self.run,
                                       workload=self.workload, **options)
                     self.records.append(sent.record)
-                    append_request(self.artifact_dir / REQUESTS_FILE, sent.record)
+                    write_requests(self.artifact_dir / REQUESTS_FILE, [sent.record], "a")
                     errors += sent.record.error is not None
                     ttft = sent.record.ttft_s
                     bar.update(task, advance=1, note=(f"last TTFT {ttft * 1000:.0f} ms" if ttft is not None else "")
