@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import sys
 
+from pydantic import ValidationError
+
 from kvbm.errors import ConfigError, KvbmError, StorageError, TransferError
 
 EXIT_FAILED = 1
@@ -29,6 +31,18 @@ class CheckFailed(CliError):
 
     def __init__(self, message: str):
         super().__init__(message, EXIT_FAILED)
+
+
+_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+
+
+def flag_error(exc: ValidationError) -> CliError:
+    """The first problem of options validated by a pydantic model, as one line naming the flag."""
+    e = exc.errors()[0]
+    flag = "--" + "-".join(str(p) for p in e["loc"]).replace("_", "-")
+    if e["type"] in _BOUNDS:
+        return CliError(f"{flag} must be {_BOUNDS[e['type']]} {next(iter(e['ctx'].values()))}, not {e['input']}")
+    return CliError(f"{flag}: {e['msg']}")
 
 
 # Ordered: the first matching class decides the prefix and the exit code.

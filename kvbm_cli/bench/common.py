@@ -22,7 +22,7 @@ from typing import Annotated, Any, ClassVar, Optional
 import typer
 from pydantic import ConfigDict, ValidationError
 
-from kvbm_cli._errors import CheckFailed, CliError
+from kvbm_cli._errors import CheckFailed, CliError, flag_error
 from kvbm_cli._keys import Keys
 from kvbm_cli._options import ArtifactOpt, Driver, DriverOpt, JsonOpt, ModelOpt, RunOpt, TimeoutOpt, TokenizerOpt, UrlOpt
 from kvbm_cli._output import emit_json, note, out, table
@@ -91,9 +91,6 @@ def run_workload(cfg: WorkloadConfig, *, url: str, model: Optional[str], tokeniz
     return summary
 
 
-_BOUNDS = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
-
-
 def flags(cls: type[Keys]) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Decorate `command(cfg, **own_options)`: the Typer command gets one option per field of `cls` (--field-name,
     the field's description as help) before its own, and `command` gets the checked `cls` built from them."""
@@ -108,13 +105,8 @@ def flags(cls: type[Keys]) -> Callable[[Callable[..., None]], Callable[..., None
         def wrapper(**options: Any) -> None:
             try:
                 cfg = cls(**{name: options.pop(name) for name in cls.model_fields})
-            except ValidationError as exc:  # the first problem, as one line naming the flag
-                e = exc.errors()[0]
-                flag = "--" + "-".join(str(p) for p in e["loc"]).replace("_", "-")
-                if e["type"] in _BOUNDS:
-                    raise CliError(f"{flag} must be {_BOUNDS[e['type']]} {next(iter(e['ctx'].values()))}, "
-                                   f"not {e['input']}") from None
-                raise CliError(f"{flag}: {e['msg']}") from None
+            except ValidationError as exc:
+                raise flag_error(exc) from None
             cfg.validate()
             command(cfg, **options)
 

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from pydantic import ValidationError
 
-from kvbm_cli._errors import EXIT_INTERRUPTED, CliError
+from kvbm_cli._errors import EXIT_INTERRUPTED, flag_error
 from kvbm_cli._options import BlockSizeOpt, Connector, HealthTimeoutOpt, JsonOpt, ModelOpt, PortOpt
 from kvbm_cli._output import emit_json, note, out
 from kvbm_cli.engine import Engine, EngineFailed, EngineSpec, build_launch, shown, sigterm_as_exception, start_and_wait
@@ -59,8 +59,7 @@ def serve(
     try:
         spec = EngineSpec(**options | {"connector": connector, "vllm_args": list(ctx.args)})
     except ValidationError as exc:  # a bound of EngineSpec's fields (the same check for scenario files)
-        e = exc.errors()[0]
-        raise CliError(f"--{str(e['loc'][0]).replace('_', '-')} {e['input']}: {e['msg']}") from None
+        raise flag_error(exc) from None
     launch = build_launch(spec)
     if dry_run and json_out:
         emit_json({"argv": launch.argv, "env_set": {k: shown(k, v) for k, v in launch.env_set.items()},
