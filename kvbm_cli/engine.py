@@ -272,6 +272,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def kvbm_metrics_on(spec: EngineSpec, port: int = 0) -> str:
+    """Set `spec` to serve KVBM's own metrics on `port` (a free one by default); return their URL."""
+    spec.env = spec.env | {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(port := port or free_port())}
+    return f"http://127.0.0.1:{port}"
+
+
 class EngineFailed(CheckFailed):
     """The engine stopped or never became healthy (one line, exit 1)."""
 

@@ -63,7 +63,8 @@ from kvbm_cli.bench.hit_rate import HitRateConfig
 from kvbm_cli.bench.multi_round import MultiRoundConfig, explain_reuse, reuse_accounting
 from kvbm_cli.bench.prefix_reuse import PrefixReuseConfig
 from kvbm_cli.collect import background
-from kvbm_cli.engine import Engine, EngineSpec, Launch, build_launch, free_port, sigterm_as_exception, start_and_wait
+from kvbm_cli.engine import (Engine, EngineSpec, Launch, build_launch, free_port, kvbm_metrics_on, sigterm_as_exception,
+                             start_and_wait)
 from kvbm.mechanism.remote import local_server as local_redis
 from kvbm_cli.results import read_run
 
@@ -332,9 +333,7 @@ def _instance(spec: EngineSpec, i: int, port: Optional[int]) -> tuple[Launch, li
     spec.host = spec.host or "127.0.0.1"
     sources = []
     if spec.connector == "kvbm":  # KVBM's own metrics too, recorded beside the results
-        kvbm_port = int((i == 0 and spec.env.get("DYN_KVBM_METRICS_PORT")) or free_port())
-        spec.env = dict(spec.env) | {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": str(kvbm_port)}
-        sources.append(f"http://127.0.0.1:{kvbm_port}")
+        sources.append(kvbm_metrics_on(spec, int((i == 0 and spec.env.get("DYN_KVBM_METRICS_PORT")) or 0)))
     launch = build_launch(spec)
     return launch, [launch.url, *sources]
 

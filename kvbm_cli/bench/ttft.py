@@ -28,7 +28,7 @@ from kvbm_cli import prom
 from kvbm_cli._errors import CheckFailed, CliError
 from kvbm_cli._options import JsonOpt, ModelOpt
 from kvbm_cli._output import emit_json, out, table
-from kvbm_cli.engine import Engine, EngineSpec, build_launch, free_port, start_and_wait
+from kvbm_cli.engine import Engine, EngineSpec, build_launch, free_port, kvbm_metrics_on, start_and_wait
 
 
 def first_token_seconds(url: str, model: str, tokens: list[int], max_tokens: int = 2) -> float:
@@ -65,10 +65,8 @@ def run_ttft_bench(*, model_dir: Path, vocab: int, block_size: int, prefix_token
                        "DYN_KVBM_DISK_CACHE_GB": "0.5", "DYN_KVBM_DISK_CACHE_DIR": str(log_dir),
                        "DYN_KVBM_DISABLE_DISK_OFFLOAD_FILTER": "true"}, "kvbm_onboard_blocks_d2d")]
     for label, env, counter in engines:
-        metrics = f"http://127.0.0.1:{free_port()}"
-        if counter:
-            env |= {"DYN_KVBM_METRICS": "true", "DYN_KVBM_METRICS_PORT": metrics.rsplit(":", 1)[1]}
         spec = EngineSpec(connector="kvbm" if counter else "none", port=free_port(), env=env, **shared)
+        metrics = kvbm_metrics_on(spec) if counter else ""
         engine = Engine(build_launch(spec), log_path=log_dir / f"{label}.log")
         try:
             start_and_wait(engine, health_timeout, label)
