@@ -382,7 +382,7 @@ def store_checks(url: str, *, secret: str | None = None, blocks: int = 16) -> tu
                       "set DYN_KVBM_REMOTE_URL / --url to redis://[user:password@]host:port/db, rediss://... or "
                       "file:///shared/dir")], facts
     checks = [Check("url", "ok", shown)]
-    try:
+    with contextlib.closing(store):
         try:
             store._ping()
         except ValueError as exc:
@@ -404,14 +404,10 @@ def store_checks(url: str, *, secret: str | None = None, blocks: int = 16) -> tu
                                           if maxmem else f"no limit (used {used:.2f} GB)", "set maxmemory (e.g. CONFIG "
                                           "SET maxmemory 64gb) so the store evicts instead of growing until the host "
                                           "runs out of memory"))
-                if policy == "noeviction":
-                    checks.append(Check("maxmemory-policy", "warn", "noeviction: once full, every write fails",
-                                        "CONFIG SET maxmemory-policy allkeys-lru (KV blocks are a cache)"))
-                elif str(policy).startswith("volatile"):
-                    checks.append(Check("maxmemory-policy", "warn", f"{policy}: evicts only keys with a TTL, kvbm's "
-                                        "have none", "CONFIG SET maxmemory-policy allkeys-lru"))
-                else:
-                    checks.append(Check("maxmemory-policy", "ok", str(policy)))
+                why = ("once full, every write fails" if policy == "noeviction" else "evicts only keys with a TTL, "
+                       "kvbm's have none" if str(policy).startswith("volatile") else "")
+                checks.append(Check.judge("maxmemory-policy", not why, f"{policy}: {why}" if why else str(policy),
+                                          "CONFIG SET maxmemory-policy allkeys-lru (KV blocks are a cache)"))
             except Exception as exc:
                 checks.append(Check("server", "warn", f"INFO / CONFIG GET not allowed: {scrub(str(exc), url)}",
                                     "give the ACL user +info and +config|get to see maxmemory here"))
@@ -420,9 +416,9 @@ def store_checks(url: str, *, secret: str | None = None, blocks: int = 16) -> tu
             checks.append(Check("directory", "ok", f"{store.root}: {usage.free / 1e9:.1f} GB free of "
                                 f"{usage.total / 1e9:.1f} GB"))
             facts["free_bytes"] = usage.free
-        checks.append(Check("secret", "ok", "DYN_KVBM_REMOTE_SECRET set: every value carries an HMAC-SHA256") if secret
-                      else Check("secret", "warn", "DYN_KVBM_REMOTE_SECRET unset: values are trusted as they are",
-                                 "set DYN_KVBM_REMOTE_SECRET (the same on every engine) if others can write to the store"))
+        checks.append(Check.judge("secret", bool(secret), "DYN_KVBM_REMOTE_SECRET " + (
+            "set: every value carries an HMAC-SHA256" if secret else "unset: values are trusted as they are"),
+            "set DYN_KVBM_REMOTE_SECRET (the same on every engine) if others can write to the store"))
         latency = facts["round_trip_ms"] = statistics.median(timeit.repeat(store._ping, number=1, repeat=20)) * 1e3
         checks.append(Check.judge("round trip", latency < 5, f"{latency:.3f} ms median of 20 pings",
                                   "a store this far away costs a G4 lookup more than a step; use a nearer one"))
@@ -430,5 +426,3 @@ def store_checks(url: str, *, secret: str | None = None, blocks: int = 16) -> tu
         checks += [_throughput(store, size, blocks, rng, facts) for size in DEFAULT_STORE_SIZES]
         facts["stats"] = store.stats()
         return checks, facts
-    finally:
-        store.close()

@@ -17,23 +17,20 @@ import pandas as pd
 from kvbm_cli.results import HIT_COUNTERS, HIT_GAUGES, TIER_PAIRS, Run, series
 
 
-def _plt():
-    import matplotlib
+def _axes(width: float = 8, height: float = 4.2, **subplots):
+    """The axes of a figure outside pyplot: no backend to pick, nothing to close."""
+    from matplotlib.figure import Figure  # here: matplotlib is slow to import and only reports need it
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return Figure(figsize=(width, height)).subplots(**subplots)
 
 
-def _save(fig, ax, path: Path, title: str, xlabel: str, ylabel: str, **legend) -> Path:
-    """Label `ax`, draw its grid and legend, write the figure to `path` and close it."""
+def _save(ax, path: Path, title: str, xlabel: str, ylabel: str, **legend) -> Path:
+    """Label `ax`, draw its grid and legend, write its figure to `path`."""
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     ax.legend(**legend)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _plt().close(fig)
+    ax.figure.tight_layout()
+    ax.figure.savefig(path, dpi=110)
     return path
 
 
@@ -45,14 +42,14 @@ def _log_if_wide(ax, values: pd.Series, axis: str = "x") -> None:
 
 def _cdf(runs: list[Run], path: Path, seconds: Callable[[Run], list], title: str, xlabel: str, ylabel: str) -> Path:
     """One step curve per run of the values (in seconds) `seconds(run)` gives, drawn in ms."""
-    fig, ax = _plt().subplots(figsize=(7, 4.2))
+    ax = _axes(7)
     samples = [np.asarray(seconds(run), dtype=float) * 1000 for run in runs]
     for i, (run, values) in enumerate(zip(runs, samples)):
         values = values[np.isfinite(values)]
         if len(values):
             ax.ecdf(values, color=f"C{i}", label=f"{run.name} (p50 {np.median(values):.1f} ms, n={len(values)})")
     _log_if_wide(ax, pd.Series(np.concatenate(samples)))
-    return _save(fig, ax, path, title, xlabel, ylabel, loc="lower right")
+    return _save(ax, path, title, xlabel, ylabel, loc="lower right")
 
 
 def ttft_cdf(runs: list[Run], path: Path) -> Path:
@@ -63,7 +60,7 @@ def ttft_cdf(runs: list[Run], path: Path) -> Path:
 
 def ttft_over_time(runs: list[Run], path: Path) -> Path:
     """TTFT of each request against its start time."""
-    fig, ax = _plt().subplots(figsize=(8, 4.2))
+    ax = _axes()
     for i, run in enumerate(runs):
         frame = run.requests.dropna(subset=["ttft_s"]).sort_values("start_s")
         if len(frame):
@@ -71,7 +68,7 @@ def ttft_over_time(runs: list[Run], path: Path) -> Path:
             ax.plot(t, frame["ttft_s"].astype(float) * 1000, marker="o", markersize=3, linewidth=1, color=f"C{i}",
                     label=run.name)
     _log_if_wide(ax, pd.concat([r.requests["ttft_s"] for r in runs]).astype(float), axis="y")
-    return _save(fig, ax, path, "TTFT per request over time (spikes: prefixes recomputed)",
+    return _save(ax, path, "TTFT per request over time (spikes: prefixes recomputed)",
                  "request start (s since the first measured request)", "TTFT (ms)")
 
 
@@ -83,7 +80,7 @@ def itl(runs: list[Run], path: Path) -> Path:
 
 def throughput(runs: list[Run], path: Path) -> Path:
     """Output tokens per second of completed requests, in about 30 time bins."""
-    fig, ax = _plt().subplots(figsize=(8, 4.2))
+    ax = _axes()
     for i, run in enumerate(runs):
         frame = run.requests.dropna(subset=["start_s", "e2e_s", "output_tokens"])
         if frame.empty:
@@ -96,13 +93,13 @@ def throughput(runs: list[Run], path: Path) -> Path:
         tokens, _ = np.histogram(done, bins=edges, weights=frame["output_tokens"].astype(float))
         ax.step(edges[:-1], tokens / width, where="post", color=f"C{i}",
                 label=f"{run.name} ({frame['output_tokens'].sum() / span:,.1f} tok/s overall)")
-    return _save(fig, ax, path, "Output throughput over time", "time (s since the first measured request)",
+    return _save(ax, path, "Output throughput over time", "time (s since the first measured request)",
                  "output tokens/s (completed)")
 
 
 def hit_rates(runs: list[Run], path: Path) -> Path | None:
     """vLLM's prefix-cache hit rates (from its counters) and KVBM's windowed tier hit rates over time."""
-    fig, ax = _plt().subplots(figsize=(8, 4.2))
+    ax = _axes()
     styles = ["-", "--", ":", "-."]
     drawn = 0
     for c, run in enumerate(runs):  # a run without metrics.csv has empty series
@@ -118,10 +115,9 @@ def hit_rates(runs: list[Run], path: Path) -> Path | None:
                 ax.plot(values.index, values.values, linestyle=style, color=f"C{c}", label=f"{run.name}: {label}")
                 drawn += 1
     if not drawn:
-        _plt().close(fig)
         return None
     ax.set_ylim(-0.02, 1.02)
-    return _save(fig, ax, path, "Cache hit rates (vLLM prefix cache, KVBM tiers)",
+    return _save(ax, path, "Cache hit rates (vLLM prefix cache, KVBM tiers)",
                  "time (s since metrics collection started)", "hit rate", fontsize=7)
 
 
@@ -130,8 +126,7 @@ def tier_traffic(runs: list[Run], path: Path) -> Path | None:
     with_kvbm = [r for r in runs if r.metrics is not None and (r.metrics["name"].isin(list(TIER_PAIRS))).any()]
     if not with_kvbm:
         return None
-    fig, axes = _plt().subplots(len(with_kvbm), 1, figsize=(8, 3.0 * len(with_kvbm) + 0.6), squeeze=False,
-                                sharex=True)
+    axes = _axes(8, 3.0 * len(with_kvbm) + 0.6, nrows=len(with_kvbm), squeeze=False, sharex=True)
     for ax, run in zip(axes[:, 0], with_kvbm):
         for i, (name, label) in enumerate(TIER_PAIRS.items()):
             values = series(run, name)
@@ -141,7 +136,7 @@ def tier_traffic(runs: list[Run], path: Path) -> Path | None:
         ax.set(title=f"{run.name}: KVBM blocks moved per tier", ylabel="blocks (cumulative)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="upper left")
-    return _save(fig, axes[-1, 0], path, axes[-1, 0].get_title(), "time (s since metrics collection started)",
+    return _save(axes[-1, 0], path, axes[-1, 0].get_title(), "time (s since metrics collection started)",
                  "blocks (cumulative)", fontsize=7, loc="upper left")
 
 
@@ -161,7 +156,7 @@ def throughput_vs_hit_rate(runs: list[Run], path: Path) -> Path | None:
     points = throughput_points([r.summary for r in runs])
     if not points:
         return None
-    fig, ax = _plt().subplots(figsize=(8, 4.2))
+    ax = _axes()
     base = dict(next(iter(points.values())))
     for name, pts in points.items():
         xs, ys = [x for x, _ in pts], [y for _, y in pts]
@@ -171,7 +166,7 @@ def throughput_vs_hit_rate(runs: list[Run], path: Path) -> Path | None:
                 ax.annotate(f"{y / base[x]:.2f}x", (x, y), textcoords="offset points", xytext=(0, 6),
                             ha="center", fontsize=8)
     ax.set_ylim(bottom=0)
-    return _save(fig, ax, path, "Throughput against the hit rate (ratios: against the first configuration)",
+    return _save(ax, path, "Throughput against the hit rate (ratios: against the first configuration)",
                  "share of requests whose prefix was computed earlier and evicted from G1", "requests/s")
 
 

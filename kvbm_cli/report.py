@@ -118,8 +118,7 @@ def build_report(runs: list[Run], out_dir: str | Path, *, n_boot: int = 2000, se
     table = summary_table(runs, n_boot=n_boot, seed=seed)
     table.to_csv(out_path / "summary.csv", index=False)
     findings = notes(runs)
-    figures = [(title, fig(runs, out_path / name)) for title, name, fig in plots.PLOTS]
-    figures = [(t, p) for t, p in figures if p is not None]
+    figures = [(t, p) for t, name, fig in plots.PLOTS if (p := fig(runs, out_path / name)) is not None]
     explain = (f"Quantiles are Harrell-Davis estimates; a ratio is run / {runs[0].name} with a 95% bootstrap "
                f"interval ({n_boot} resamples, seed {seed}); 'better'/'worse' when the interval excludes 1. "
                "Warm-up and failed requests are left out.")

@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated, Optional
 from urllib.parse import urlparse
 
-import numpy as np
 import psutil
 import typer
 from pydantic import Field
@@ -34,6 +33,7 @@ from kvbm_cli._output import emit_json, err, out, table
 from kvbm_cli.bench.client import RequestSpec, send
 from kvbm_cli.bench.common import Keys, flags
 from kvbm_cli.httpclient import async_client, server_model
+from kvbm_cli.results import stats_of
 
 
 class SoakConfig(Keys):
@@ -95,12 +95,10 @@ def soak_prompts(cfg: SoakConfig) -> dict[str, list[int]]:
 def server_pid(url: str) -> Optional[int]:
     """The pid of the process listening on the URL's port, if it is on this machine and visible."""
     port = urlparse(url).port
-    try:
+    with contextlib.suppress(psutil.AccessDenied, OSError):
         for conn in psutil.net_connections(kind="tcp"):
             if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
                 return conn.pid
-    except (psutil.AccessDenied, OSError):
-        return None
     return None
 
 
@@ -167,15 +165,14 @@ def run_soak(url: str, model: str, cfg: SoakConfig, pid: Optional[int] = None, t
             await asyncio.gather(sampler(), *(client_loop(client) for _ in range(cfg.concurrency)))
 
     asyncio.run(main())
-    for row, values in zip(rows, ttfts):
-        if values:
-            row.ttft_p50_ms, row.ttft_p99_ms = (float(q) for q in np.percentile(values, [50, 99]))
+    for row, ttft in zip(rows, map(stats_of, ttfts)):  # no values: None
+        row.ttft_p50_ms, row.ttft_p99_ms = ttft.p50, ttft.p99
     result.rss_end_mb = tree_rss_mb(pid)
     return result
 
 
-def _fmt(x: Optional[float], digits: int = 0) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.0f}"
 
 
 @flags(SoakConfig)
